@@ -1,0 +1,53 @@
+"""Write sampled videos as .mp4 (H.264 through PyAV's bundled FFmpeg) and .gif (Pillow).
+
+Both writers go through a temporary file and a rename, so a crash never leaves half a video behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+
+def to_uint8_frames(frames: Tensor) -> np.ndarray:
+    """(T, 3, H, W) floats in [-1, 1] → (T, H, W, 3) uint8."""
+    pixels = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pad_to_even(frames: np.ndarray) -> np.ndarray:
+    """yuv420p needs even sides; repeat the last row/column where a side is odd."""
+    _, h, w, _ = frames.shape
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
+    """(T, H, W, 3) uint8 → H.264 mp4 at `fps`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frames = _pad_to_even(frames)
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(tmp, path)
+    return path
+
+
+def write_gif(frames: np.ndarray, path: str | Path, fps: float) -> Path:
+    """(T, H, W, 3) uint8 → looping GIF at `fps`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
+    os.replace(tmp, path)
+    return path
