@@ -18,7 +18,7 @@ $(PY):
 
 $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e .
+	$(PIP) install -e '.[local]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from svd.data.synthetic import moving_square
-from svd.diffusion.video_io import to_uint8_frames, write_gif, write_mp4
+from svd.data.video_io import to_uint8_frames, write_gif, write_mp4
 
 
 def decode(path) -> np.ndarray:

@@ -5,6 +5,7 @@ Both writers go through a temporary file and a rename, so a crash never leaves h
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -26,19 +27,26 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
-    """(T, H, W, 3) uint8 → H.264 mp4 at `fps`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 18, gop: int | None = None) -> bytes:
+    """(T, H, W, 3) uint8 → the bytes of an H.264 mp4 at `fps` (keyframe every `gop` frames if given)."""
     frames = _pad_to_even(frames)
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.options = {"crf": str(crf)} | ({"g": str(gop)} if gop else {})
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
+    """(T, H, W, 3) uint8 → H.264 mp4 file at `fps`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encode_mp4(frames, fps))
     os.replace(tmp, path)
     return path
 

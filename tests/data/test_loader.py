@@ -1,0 +1,266 @@
+"""The clip loader against a real S3 server (moto; radosgw for the integration test)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from svd.data.buckets import Bucket
+from svd.data.loader import ClipLoader, LoaderConfig, motion_bucket_id
+from svd.data.synthetic import synthetic_corpus
+from svd.data.table import write_clip_table
+
+VIDEO = Bucket(16, 24, frames=4, batch_size=2, fps=4)
+
+
+@pytest.fixture(scope="module")
+def corpus(moto_s3, tmp_path_factory):
+    """15 one-second clips of 5 videos (3 s, 8 fps, 32×48) on the S3 server, and their table."""
+    bucket = f"s3://{moto_s3.new_bucket()}"
+    rows = synthetic_corpus(f"{bucket}/raw", moto_s3.storage, videos=5, seconds=3.0, clip_seconds=1.0)
+    table = f"{bucket}/clips.lance"
+    write_clip_table(table, rows, moto_s3.storage)
+    return {"table": table, "rows": rows, "bucket": bucket, "cache": str(tmp_path_factory.mktemp("rows"))}
+
+
+def loader(corpus, moto_s3, *, rank=0, world_size=1, state=None, **cfg) -> ClipLoader:
+    config = LoaderConfig(
+        table=cfg.pop("table", corpus["table"]),
+        buckets=cfg.pop("buckets", (VIDEO,)),
+        num_workers=cfg.pop("num_workers", 0),
+        cache_dir=corpus["cache"],
+        **cfg,
+    )
+    return ClipLoader(config, rank=rank, world_size=world_size, storage=moto_s3.storage, state=state)
+
+
+def test_batches_are_real_clips_with_their_conditioning(corpus, moto_s3):
+    batch = next(iter(loader(corpus, moto_s3)))
+    assert batch["frames"].shape == (2, 4, 3, 16, 24)
+    assert batch["frames"].dtype == torch.uint8
+    assert batch["frames"].float().std() > 10  # real pixels, not a constant
+    assert torch.equal(batch["first_frame"], batch["frames"][:, 0])
+    assert batch["fps_id"].tolist() == [3.0, 3.0]  # sampled at 4 fps; the model is conditioned on fps − 1
+    for i, row in enumerate(batch["row"].tolist()):
+        expected = corpus["rows"][row]
+        assert batch["clip_id"][i] == expected["clip_id"]
+        assert batch["caption"][i] in expected["captions"]
+        assert batch["motion_bucket_id"][i].item() == motion_bucket_id(expected["motion_score"], 1.0)
+
+
+def rows_of_first_epoch(batches: list[dict], n: int) -> list[int]:
+    return [
+        row
+        for b in batches
+        for row, p in zip(b["row"].tolist(), b["position"].tolist(), strict=True)
+        if p < n
+    ]
+
+
+@pytest.mark.parametrize("new_world_size", [1, 3])
+def test_resuming_on_another_world_size_sees_every_row_exactly_once(corpus, moto_s3, new_world_size):
+    n = len(corpus["rows"])  # 15: not a multiple of any global batch here
+    seen, k = [], 2
+    first = [loader(corpus, moto_s3, rank=r, world_size=2) for r in range(2)]
+    for rank_loader in first:
+        seen += list(itertools.islice(iter(rank_loader), k))
+    states = [rank_loader.state_dict() for rank_loader in first]
+    assert states[0] == states[1]  # the state is global, not per rank
+    assert states[0]["consumed"] == [k * 2 * 2]
+
+    resumed = [
+        loader(corpus, moto_s3, rank=r, world_size=new_world_size, state=states[0])
+        for r in range(new_world_size)
+    ]
+    iterators = [iter(rank_loader) for rank_loader in resumed]
+    while resumed[0].state.consumed[0] < n:
+        seen += [next(it) for it in iterators]
+    assert sorted(rows_of_first_epoch(seen, n)) == list(range(n))
+
+
+def test_workers_deliver_the_same_batches_and_state_as_the_main_process(corpus, moto_s3):
+    in_process, with_workers = loader(corpus, moto_s3), loader(corpus, moto_s3, num_workers=2)
+    a = list(itertools.islice(iter(in_process), 3))
+    b = list(itertools.islice(iter(with_workers), 3))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["row"], y["row"])
+        assert torch.equal(x["frames"], y["frames"])
+    # workers had prefetched further, but the state counts only what was delivered
+    assert (
+        with_workers.state_dict()
+        == in_process.state_dict()
+        == {"consumed": [6], "seed": 0, "table_version": 1}
+    )
+
+
+@pytest.fixture(scope="module")
+def damaged_table(corpus, moto_s3):
+    """The good clips plus rows whose videos are truncated, garbage, or not there at all."""
+    fs, _ = moto_s3.storage.fsspec(corpus["bucket"])
+    good = corpus["rows"][0]
+    fs_path = good["video_uri"].removeprefix("s3://")
+    data = fs.cat_file(fs_path)
+    bad = {"truncated": data[: len(data) // 3], "garbage": np.random.default_rng(0).bytes(len(data))}
+    rows = list(corpus["rows"][:6])
+    for name, payload in bad.items():
+        uri = f"{corpus['bucket']}/bad/{name}.mp4"
+        fs.pipe_file(uri.removeprefix("s3://"), payload)
+        rows.append(good | {"clip_id": name, "video_uri": uri})
+    rows.append(good | {"clip_id": "missing", "video_uri": f"{corpus['bucket']}/bad/gone.mp4"})
+    table = f"{corpus['bucket']}/damaged.lance"
+    write_clip_table(table, rows, moto_s3.storage)
+    return table
+
+
+def test_damaged_inputs_are_skipped_counted_and_replaced_deterministically(corpus, moto_s3, damaged_table):
+    runs = []
+    for _ in range(2):
+        clip_loader = loader(corpus, moto_s3, table=damaged_table)
+        batches = list(itertools.islice(iter(clip_loader), 9))  # 18 positions: every row at least once
+        runs.append((batches, clip_loader.skipped))
+    (batches, skipped), (again, skipped_again) = runs
+    assert all(len(b["clip_id"]) == 2 for b in batches)  # every batch is full
+    assert not {"truncated", "garbage", "missing"} & {c for b in batches for c in b["clip_id"]}
+    assert skipped["corrupt"] >= 2
+    assert skipped["missing"] >= 1
+    assert skipped == skipped_again
+    assert [b["clip_id"] for b in batches] == [b["clip_id"] for b in again]
+
+
+@pytest.fixture(scope="module")
+def mixed_table(moto_s3, corpus):
+    """Landscape videos, portrait videos and images, with distinct motion scores."""
+    bucket = corpus["bucket"]
+    landscape = synthetic_corpus(f"{bucket}/land", moto_s3.storage, videos=3, size=(32, 48), clip_seconds=1.0)
+    portrait = synthetic_corpus(
+        f"{bucket}/port", moto_s3.storage, videos=2, size=(48, 32), clip_seconds=1.0, seed=1
+    )
+    portrait = [r | {"clip_id": "p" + r["clip_id"]} for r in portrait]
+    fs, _ = moto_s3.storage.fsspec(bucket)
+    images = []
+    for i in range(6):
+        png = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(png, format="PNG")
+        uri = f"{bucket}/img/{i}.png"
+        fs.pipe_file(uri.removeprefix("s3://"), png.getvalue())
+        images.append(
+            landscape[0]
+            | {
+                "clip_id": f"img{i}",
+                "video_uri": uri,
+                "start_s": 0.0,
+                "end_s": 0.0,
+                "num_frames": 1,
+                "fps": 0.0,
+                "width": 20,
+                "height": 20,
+            }
+        )
+    rows = landscape + portrait + images
+    table = f"{bucket}/mixed.lance"
+    write_clip_table(table, rows, moto_s3.storage)
+    return table, rows
+
+
+MIXED_BUCKETS = (
+    Bucket(16, 24, frames=4, batch_size=2, fps=4),
+    Bucket(24, 16, frames=3, batch_size=3, fps=4),
+    Bucket(8, 8, frames=1, batch_size=4),
+)
+
+
+def test_a_batch_never_mixes_buckets_and_all_ranks_agree_on_the_bucket(corpus, moto_s3, mixed_table):
+    table, rows = mixed_table
+    ranks = [
+        iter(loader(corpus, moto_s3, table=table, buckets=MIXED_BUCKETS, rank=r, world_size=2))
+        for r in range(2)
+    ]
+    seen_buckets = set()
+    for _ in range(12):
+        batches = [next(it) for it in ranks]
+        assert batches[0]["bucket"] == batches[1]["bucket"]
+        b = MIXED_BUCKETS[batches[0]["bucket"]]
+        seen_buckets.add(batches[0]["bucket"])
+        for batch in batches:
+            assert batch["frames"].shape == (b.batch_size, b.frames, 3, b.height, b.width)
+            for row in batch["row"].tolist():
+                kind = (
+                    "image"
+                    if rows[row]["num_frames"] == 1
+                    else ("portrait" if rows[row]["height"] > rows[row]["width"] else "landscape")
+                )
+                assert kind == (
+                    "image" if b.frames == 1 else "portrait" if b.height > b.width else "landscape"
+                )
+    assert seen_buckets == {0, 1, 2}
+
+
+def test_the_filter_is_applied_before_sampling(corpus, moto_s3, mixed_table):
+    table, rows = mixed_table
+    threshold = float(np.median([r["motion_score"] for r in rows[:9]]))
+    clip_loader = loader(
+        corpus, moto_s3, table=table, filter=f"motion_score > {threshold} AND num_frames > 1"
+    )
+    seen = {row for batch in itertools.islice(iter(clip_loader), 6) for row in batch["row"].tolist()}
+    assert seen
+    assert all(rows[r]["motion_score"] > threshold and rows[r]["num_frames"] > 1 for r in seen)
+
+
+def test_the_table_version_is_pinned_in_the_state(corpus, moto_s3):
+    table = f"{corpus['bucket']}/growing.lance"
+    write_clip_table(table, corpus["rows"][:4], moto_s3.storage)
+    first = loader(corpus, moto_s3, table=table)
+    next(iter(first))
+    state = first.state_dict()
+    write_clip_table(table, corpus["rows"][4:], moto_s3.storage, mode="append")
+    resumed = loader(corpus, moto_s3, table=table, state=state)
+    assert resumed.table_version == state["table_version"] == 1
+    assert resumed.sizes == (4,)
+    assert loader(corpus, moto_s3, table=table).sizes == (
+        len(corpus["rows"]),
+    )  # a fresh run takes the latest
+    with pytest.raises(ValueError, match="table version 1"):
+        loader(corpus, moto_s3, table=table).load_state_dict(state)
+
+
+def test_precomputed_latents_are_served_instead_of_frames(corpus, moto_s3):
+    table = f"{corpus['bucket']}/latents.lance"
+    rows = []
+    for i, row in enumerate(corpus["rows"][:3]):
+        buffer = io.BytesIO()
+        np.save(buffer, np.full((4, 4, 2, 3), i, np.float16))
+        rows.append(row | {"latents": buffer.getvalue()})
+    write_clip_table(table, rows, moto_s3.storage)
+    batch = next(iter(loader(corpus, moto_s3, table=table)))
+    assert "frames" not in batch
+    assert batch["latents"].shape == (2, 4, 4, 2, 3)
+    for i, row in enumerate(batch["row"].tolist()):
+        assert (batch["latents"][i] == row).all()
+
+
+def test_no_row_in_any_bucket_is_a_clear_error(corpus, moto_s3):
+    with pytest.raises(ValueError, match="passes filter 'motion_score > 1000'"):
+        loader(corpus, moto_s3, filter="motion_score > 1000")
+
+
+def test_a_state_for_other_buckets_is_refused(corpus, moto_s3):
+    with pytest.raises(ValueError, match="2 buckets"):
+        loader(corpus, moto_s3, state={"consumed": [0, 0], "seed": 0, "table_version": 1})
+
+
+def test_streaming_from_radosgw(radosgw, tmp_path):
+    bucket = f"s3://{radosgw.new_bucket()}"
+    rows = synthetic_corpus(f"{bucket}/raw", radosgw.storage, videos=2, clip_seconds=1.0)
+    write_clip_table(f"{bucket}/clips.lance", rows, radosgw.storage)
+    config = LoaderConfig(
+        table=f"{bucket}/clips.lance", buckets=(VIDEO,), num_workers=2, cache_dir=str(tmp_path)
+    )
+    batches = list(itertools.islice(iter(ClipLoader(config, storage=radosgw.storage)), 3))
+    assert [b["frames"].shape for b in batches] == [(2, 4, 3, 16, 24)] * 3
+    assert Counter(r for b in batches for r in b["row"].tolist()) == Counter(range(6))
