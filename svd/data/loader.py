@@ -323,10 +323,11 @@ class ClipDataset(torch.utils.data.Dataset):
                 raise DecodeError("missing", f"row {row} ({meta['clip_id']}) has no latents")
             latents = np.load(io.BytesIO(blob.read()))
             return sample | {"latents": torch.from_numpy(latents), "fps_id": fps_id(bucket.fps)}
+        source, start_s, end_s = self._source(row, meta)
         clip = decode_clip(
-            self._open(meta["video_uri"]),
-            start_s=meta["start_s"],
-            end_s=meta["end_s"],
+            source,
+            start_s=start_s,
+            end_s=end_s,
             num_frames=bucket.frames,
             fps=bucket.fps,
             size=(bucket.height, bucket.width),
@@ -343,6 +344,19 @@ class ClipDataset(torch.utils.data.Dataset):
             )
             weights = np.pad(weights, (0, len(captions) - len(weights)))
         return captions[int(rng.choice(len(captions), p=weights / weights.sum()))]
+
+    def _source(self, row: int, meta: dict[str, Any]) -> tuple[Any, float, float]:
+        """The clip's own encoded file when the table stores one (its timeline starts at 0), else a ranged
+        reader on the source video and the clip's time range in it."""
+        if self.has_clip_bytes:
+            blob = self.table.take_blobs("clip_bytes", indices=[row])[0]
+            if blob is not None:
+                return blob, 0.0, meta["end_s"] - meta["start_s"]
+        return self._open(meta["video_uri"]), meta["start_s"], meta["end_s"]
+
+    @property
+    def has_clip_bytes(self) -> bool:
+        return "clip_bytes" in self.table.schema.names
 
     def _open(self, uri: str):
         if scheme(uri) == "file":

@@ -38,7 +38,8 @@ REQUIRED = pa.schema(
 
 OPTIONAL = pa.schema(
     [
-        pa.field("clip_bytes", pa.large_binary(), metadata=BLOB),  # the clip's own encoded file
+        # The clip as its own encoded file, covering [start_s, end_s) of the source on a timeline from 0.
+        pa.field("clip_bytes", pa.large_binary(), metadata=BLOB),
         pa.field("latents", pa.large_binary(), metadata=BLOB),  # .npy bytes of (T, C, h, w) VAE latents
     ]
 )

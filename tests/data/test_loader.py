@@ -13,8 +13,9 @@ from PIL import Image
 
 from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig, motion_bucket_id
-from svd.data.synthetic import synthetic_corpus
+from svd.data.synthetic import moving_square, synthetic_corpus
 from svd.data.table import write_clip_table
+from svd.data.video_io import encode_mp4
 
 VIDEO = Bucket(16, 24, frames=4, batch_size=2, fps=4)
 
@@ -242,6 +243,18 @@ def test_precomputed_latents_are_served_instead_of_frames(corpus, moto_s3):
     assert batch["latents"].shape == (2, 4, 4, 2, 3)
     for i, row in enumerate(batch["row"].tolist()):
         assert (batch["latents"][i] == row).all()
+
+
+def test_clips_stored_as_blobs_are_decoded_from_the_table(corpus, moto_s3):
+    source = corpus["rows"][1]  # the second second of video 0
+    own_file = encode_mp4(moving_square(8, 32, 48, color=(0, 255, 0)), fps=8)  # a green clip, not the source
+    rows = [source | {"clip_bytes": own_file, "video_uri": f"{corpus['bucket']}/not/there.mp4"}]
+    table = f"{corpus['bucket']}/blobs.lance"
+    write_clip_table(table, rows * 2, moto_s3.storage)
+    batch = next(iter(loader(corpus, moto_s3, table=table)))
+    assert batch["frames"].shape == (2, 4, 3, 16, 24)
+    green = batch["frames"][:, :, 1].float().amax(dim=(2, 3))
+    assert (green > 200).all()  # the pixels came from the blob, not from the (missing) source video
 
 
 def test_no_row_in_any_bucket_is_a_clear_error(corpus, moto_s3):
