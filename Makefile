@@ -24,6 +24,7 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps 'scenedetect>=0.6'  # benchmark baseline; its opencv-python would clash
 	touch $@ $(VENV)/.installed-runtime
 
 demo: $(VENV)/.installed-runtime
@@ -42,6 +43,8 @@ test: lint
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/unet.py
+	$(PY) bench/loader.py
+	$(PY) bench/curate.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

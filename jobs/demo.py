@@ -1,18 +1,21 @@
-"""The end-to-end demo: raw video in a local object store → clip table → loader → training → sampled video.
+"""The end-to-end demo: raw video → curation → clip table → loader → training → sampled video.
 
     python jobs/demo.py                  # about 2 minutes on 2 CPU cores
     python jobs/demo.py --steps 1000     # longer training, cleaner video
 
-It starts an S3 server on 127.0.0.1 (moto, no root needed), uploads a generated clip of a square gliding
-over a gradient as H.264 and registers it in a Lance clip table there. The data loader streams the clip
-back from the server; the `tiny` VideoUNet trains on it with the EDM loss through the lossless
-`space_to_depth` autoencoder; the Euler EDM sampler then makes a 14-frame video, written as .mp4 and .gif
-under --out next to the training clip for comparison.
+It starts an S3 server on 127.0.0.1 (moto, no root needed) and uploads a generated raw video of two shots
+joined by a hard cut: a square gliding over a still background, then a camera pan over a texture.
+Curation cuts it into clips, scores their motion and writes them to a Lance clip table in the bucket.
+The data loader streams back the clips that pass a filter on those scores (dropping the pan); the `tiny`
+VideoUNet trains on them with the EDM loss through the lossless `space_to_depth` autoencoder, and the
+Euler EDM sampler makes a 14-frame video, written as .mp4 and .gif under --out next to the training clip.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from svd.curate.config import CurateConfig
+from svd.curate.pipeline import run
 from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig
 from svd.data.local_s3 import LocalS3
 from svd.data.storage import Storage
-from svd.data.synthetic import moving_square
-from svd.data.table import write_clip_table
+from svd.data.synthetic import moving_square, panning_texture, video_with_cuts
 from svd.data.video_io import encode_mp4, to_uint8_frames, write_gif, write_mp4
 from svd.diffusion.edm import Conditioning, Denoiser, NoiseDistribution, denoising_loss
 from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
@@ -33,6 +37,7 @@ from svd.model.autoencoder import SpaceToDepthAutoencoder
 from svd.model.video_unet import VideoUNet, preset
 
 BUCKET = "svd-demo"
+DEMO_FILTER = "camera_motion != 'pan_right'"  # curation names the second shot a pan: train on the square
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,34 +67,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def publish_clip(storage: Storage, args: argparse.Namespace) -> str:
-    """Uploads the generated clip as an mp4 and registers it in a clip table; returns the table URI."""
-    clip = moving_square(args.frames, args.size, args.size, velocity=(0.0, args.size / args.frames))
-    video_uri = f"s3://{BUCKET}/raw/square.mp4"
-    fs, path = storage.fsspec(video_uri)
-    fs.pipe_file(path, encode_mp4(clip, args.fps))
-    row = {
-        "clip_id": "square", "video_uri": video_uri, "start_s": 0.0, "end_s": args.frames / args.fps,
-        "fps": args.fps, "width": args.size, "height": args.size, "num_frames": args.frames,
-        "captions": ["a red square gliding to the right"], "motion_score": 0.5, "aesthetic_score": None,
-        "clip_score": None, "text_area": 0.0, "camera_motion": "static", "source": "demo", "split": "train",
-    }  # fmt: skip
-    table = f"s3://{BUCKET}/clips.lance"
-    write_clip_table(table, [row], storage)
-    return table
+def publish_raw_video(storage: Storage, args: argparse.Namespace) -> str:
+    """Uploads the generated raw video; returns its folder."""
+    side = 2 * args.size  # the raw video is larger than the training frames: the loader resizes
+    square = moving_square(args.frames + 1, side, side, velocity=(0.0, side / args.frames))
+    pan = panning_texture(round(3 * args.fps), side, side, velocity=(0.0, 3.0))
+    frames, _ = video_with_cuts([square, pan], [("cut", 0)])
+    fs, path = storage.fsspec(f"s3://{BUCKET}/raw/two_shots.mp4")
+    fs.pipe_file(path, encode_mp4(frames, args.fps))
+    return f"s3://{BUCKET}/raw/"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    with LocalS3() as s3:
+    with LocalS3() as s3, patched_env(s3.env()):
         s3.create_bucket(BUCKET)
-        table = publish_clip(s3.storage(), args)
-        print(f"object store: S3 server on {s3.endpoint}; clip table {table}")
+        raw = publish_raw_video(s3.storage(), args)
+        table = f"s3://{BUCKET}/clips.lance"
+        min_clip_s = args.frames / args.fps  # the square's shot is one frame longer than a training clip
+        summary = run(CurateConfig(input=raw, output=table, workers=0, min_clip_s=min_clip_s), progress=False)
+        print(f"object store: S3 server on {s3.endpoint}")
+        print(f"curation: {summary.curated} raw video → {summary.clips} clips in {table} (tag {summary.tag})")
         loader = ClipLoader(
             LoaderConfig(
                 table=table,
+                filter=DEMO_FILTER,
                 buckets=(Bucket(args.size, args.size, args.frames, args.batch, fps=args.fps),),
                 num_workers=0,
                 cache_dir=str(args.out / "row_index"),
@@ -98,7 +102,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             rank=0,
             world_size=1,
         )
+        print(f"loader: {loader.sizes[0]} clip passes the filter {DEMO_FILTER}")
         return train_and_sample(args, iter(loader))
+
+
+@contextlib.contextmanager
+def patched_env(values: dict[str, str]) -> Iterator[None]:
+    """The demo's S3 server in the environment, where curation (and Lance) look for it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def to_latents(autoencoder: SpaceToDepthAutoencoder, frames: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,10 @@
 Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so a job
 config never holds a secret, and `Storage` never prints one: its repr and every error show URIs only.
+
+Caveat (measured with pylance 14): Lance lets AWS_ENDPOINT_URL_S3 in the environment override the
+`aws_endpoint` passed in `storage_options`, so a process reaches one S3 endpoint through Lance — the one
+in its environment. `Storage.from_env()` keeps both the same.
 """
 
 from __future__ import annotations
@@ -87,6 +91,23 @@ class Storage:
             if self.endpoint_url.startswith("http://"):
                 options["allow_http"] = "true"
         return options
+
+    def local_copy(self, uri: str, cache_dir: str | os.PathLike) -> str:
+        """A local path for `uri`: itself when local, else a copy (file or folder) under `cache_dir`, made
+        once. Model weights live in object storage next to the data; libraries want local files."""
+        if scheme(uri) == "file":
+            return strip_scheme(uri)
+        import hashlib
+
+        target = os.path.join(
+            cache_dir, hashlib.sha256(uri.encode()).hexdigest()[:16], uri.rstrip("/").rsplit("/", 1)[-1]
+        )
+        if not os.path.exists(target):
+            fs, path = self.fsspec(uri)
+            tmp = f"{target}.partial"
+            fs.get(path, tmp, recursive=fs.isdir(path))
+            os.replace(tmp, target)
+        return target
 
 
 def scheme(uri: str) -> str:

@@ -47,15 +47,15 @@ def panning_texture(
     motion, so content moves the opposite way. Textured like natural footage, so it compresses and decodes
     like it. Returns (T, H, W, 3) uint8."""
     rng = np.random.default_rng(seed)
-    reach_h = int(abs(velocity[0]) * num_frames) + height + 1
-    reach_w = int(abs(velocity[1]) * num_frames) + width + 1
+    travel = [int(np.ceil(abs(v) * (num_frames - 1))) for v in velocity]  # how far the window moves
+    reach_h, reach_w = travel[0] + height + 1, travel[1] + width + 1
     coarse = rng.random((reach_h // 8 + 2, reach_w // 8 + 2, 3), dtype=np.float32)
     texture = np.kron(coarse, np.ones((8, 8, 1), np.float32))[:reach_h, :reach_w]  # blocky
     texture = (
         texture + np.roll(texture, 4, 0) + np.roll(texture, 4, 1) + np.roll(texture, (4, 4), (0, 1))
     ) / 4
     texture = (texture * 200 + rng.random(texture.shape, dtype=np.float32) * 40).astype(np.uint8)  # + grain
-    origin = (0 if velocity[0] >= 0 else reach_h - height - 1, 0 if velocity[1] >= 0 else reach_w - width - 1)
+    origin = [0 if v >= 0 else reach for v, reach in zip(velocity, travel, strict=True)]
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     for t in range(num_frames):
         top, left = round(origin[0] + velocity[0] * t), round(origin[1] + velocity[1] * t)
@@ -109,3 +109,54 @@ def synthetic_corpus(
                 }
             )
     return rows
+
+
+def zooming_texture(
+    num_frames: int, height: int, width: int, *, rate: float = 0.02, seed: int = 0
+) -> np.ndarray:
+    """A camera zoom on a random texture: `rate` > 0 zooms in (content grows by that fraction per frame),
+    < 0 zooms out. Returns (T, H, W, 3) uint8."""
+    import cv2
+
+    big = panning_texture(1, height * 2, width * 2, velocity=(0.0, 0.0), seed=seed)[0]
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        scale = (1 + rate) ** (t if rate > 0 else t - num_frames + 1)  # never crops outside the texture
+        h, w = round(height * 1.9 / scale), round(width * 1.9 / scale)
+        top, left = (2 * height - h) // 2, (2 * width - w) // 2
+        frames[t] = cv2.resize(
+            big[top : top + h, left : left + w], (width, height), interpolation=cv2.INTER_AREA
+        )
+    return frames
+
+
+def video_with_cuts(
+    segments: list[np.ndarray], transitions: list[tuple[str, int]]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Joins shots with transitions, each ("cut", 0), ("dissolve", n) or ("fade", n) — a fade goes through
+    black over n frames. Returns the frames and, per transition, the [first, last] frame it spans (a hard
+    cut spans the first frame of the next shot): the ground truth for cut detection."""
+    if len(transitions) != len(segments) - 1:
+        raise ValueError(
+            f"{len(segments)} shots need {len(segments) - 1} transitions, got {len(transitions)}"
+        )
+    out, truth = [segments[0]], []
+    for (kind, n), shot in zip(transitions, segments[1:], strict=True):
+        start = sum(len(s) for s in out)
+        if kind == "cut":
+            truth.append((start, start))
+        elif kind in ("dissolve", "fade"):
+            previous, out[-1] = out[-1][-n:], out[-1][:-n]
+            start -= n
+            weights = np.linspace(0, 1, n + 2)[1:-1, None, None, None]
+            if kind == "dissolve":
+                mixed = (1 - weights) * previous + weights * shot[:n]
+            else:  # fade out to black over the first half, in from black over the second
+                mixed = np.where(weights < 0.5, previous * (1 - 2 * weights), shot[:n] * (2 * weights - 1))
+            out.append(mixed.astype(np.uint8))
+            shot = shot[n:]
+            truth.append((start, start + n - 1))
+        else:
+            raise ValueError(f"unknown transition {kind!r}")
+        out.append(shot)
+    return np.concatenate(out), truth

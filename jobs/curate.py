@@ -1,0 +1,95 @@
+"""Curate raw videos into a scored clip table, report on a table, or compute a recipe's filter.
+
+    python jobs/curate.py input=s3://bucket/raw/ output=s3://bucket/lvd/clips.lance
+    python jobs/curate.py input=… output=… shard=3/16 workers=8 clip_model=s3://models/clip-vit-l-14
+    python jobs/curate.py output=s3://bucket/lvd/clips.lance recipe=datasets/lvd_f.yaml
+    python jobs/curate.py output=s3://bucket/lvd/clips.lance report=outputs/report recipe=datasets/lvd_f.yaml
+
+Settings are key=value (OmegaConf dotlist); object-storage credentials come from the AWS_* variables.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from svd.curate import config as config_module
+from svd.curate.config import CurateConfig
+
+
+def usage() -> str:
+    """The module docstring, then every setting with its default and the comment beside it in config.py."""
+    lines, defaults = [__doc__.strip(), "", "settings:"], CurateConfig()
+    for line in inspect.getsource(config_module.CurateConfig).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if match and hasattr(defaults, match.group(1)):
+            name, comment = match.groups()
+            lines.append(f"  {name}={getattr(defaults, name)!r}" + (f"  — {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> CurateConfig:
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ValueError(f"arguments are key=value; got {bad[0]!r} (see --help)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(CurateConfig), OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        raise ValueError(f"setting {key!r}: {str(e).splitlines()[0]}") from None
+    cfg = OmegaConf.to_object(merged)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        cfg = parse(argv)
+    except ValueError as e:
+        print(f"curate: {e}", file=sys.stderr)
+        return 2
+
+    from svd.curate.recipes import compute_filter, load_recipe, save
+    from svd.data.storage import Storage
+
+    storage = Storage.from_env()
+    recipe = load_recipe(cfg.recipe) if cfg.recipe else None
+    if cfg.report:
+        from svd.curate.report import write_report
+
+        print(f"wrote {write_report(cfg.output, cfg.report, storage, recipe)}")
+        return 0
+    if recipe and not cfg.input:
+        result = compute_filter(cfg.output, recipe, storage)
+        print(
+            f"recipe {result.recipe} on {result.table} (version {result.table_version}): "
+            f"kept {result.kept} of {result.total} clips"
+        )
+        print(f"filter: {result.filter}")
+        print(f"wrote {save(result, storage)}")
+        return 0
+
+    from svd.curate.pipeline import run
+
+    summary = run(cfg)
+    print(
+        f"shard {cfg.shard}: {summary.videos_in_shard} inputs, {summary.skipped_existing} already in the "
+        f"table, {summary.curated} curated → {summary.clips} clips"
+    )
+    for status, count in summary.status.most_common():
+        print(f"  {status}: {count}")
+    if summary.tag:
+        print(f"table {cfg.output} at version {summary.version}, tagged {summary.tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The curation job's settings, checked before any video is touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class CurateConfig:
+    input: str = ""  # folder (any URI) of raw videos and images, walked recursively
+    output: str = ""  # the clip table (Lance) to create or append to
+    shard: str = "0/1"  # i/n: this process curates the i-th of n deterministic parts of the input
+    workers: int = 2  # processes running the stages; 0 runs them in this process
+    commit_every: int = 8  # videos per Lance commit (a crash loses at most this many)
+    source: str = ""  # the `source` column; default: the input URI
+    split: str = "train"
+    # cut detection and clips
+    min_clip_s: float = 2.0
+    max_clip_s: float | None = None  # split longer clips into equal parts
+    max_video_s: float = 3600.0  # longer videos are rejected ("too_long")
+    # appearance (first, middle and last frame of each clip, `analysis_side` px on the short side)
+    analysis_side: int = 224
+    clip_model: str | None = None  # CLIP folder/URI (Hugging Face layout); None: no aesthetic/CLIP scores
+    aesthetic_head: str | None = None  # .safetensors/.pth of a LAION-style head on the CLIP embedding
+    text_detector: str | None = None  # TorchScript CRAFT-class model; None: the built-in detector
+    captioner: str | None = None  # image-to-text model folder/URI; sidecar .txt/.json are always read
+    # optional latents for training without the encoder
+    latents: bool = False
+    autoencoder: str = "kl_temporal"  # svd.model.autoencoder kinds
+    autoencoder_path: str | None = None  # None: tiny random weights (tests only)
+    latent_size: list[int] = field(default_factory=lambda: [320, 576])  # frames are cropped to H, W
+    latent_frames: int = 14
+    latent_fps: float = 8.0
+    cache_dir: str = str(Path.home() / ".cache" / "svd" / "models")  # local copies of remote weights
+    tag: str | None = None  # tag for the version this run produces; default curate-<time>-<shard>
+    # other modes of the same command
+    report: str | None = None  # write a report of the table `output` to this folder instead of curating
+    recipe: str | None = None  # dataset card (YAML) whose filter to compute on `output`
+
+    def validate(self) -> None:
+        if not self.output:
+            raise ValueError(
+                "output= is required: the URI of the clip table (e.g. s3://bucket/lvd/clips.lance)"
+            )
+        if not (self.input or self.report or self.recipe):
+            raise ValueError("input= is required: the folder of raw videos (e.g. s3://bucket/raw/)")
+        self.shard_index()  # raises on a malformed shard
+        if self.workers < 0 or self.commit_every < 1:
+            raise ValueError(f"workers={self.workers} must be ≥ 0 and commit_every={self.commit_every} ≥ 1")
+        if self.min_clip_s <= 0:
+            raise ValueError(f"min_clip_s={self.min_clip_s} must be > 0")
+        if self.aesthetic_head and not self.clip_model:
+            raise ValueError("aesthetic_head= needs clip_model=: the head scores CLIP embeddings")
+
+    def shard_index(self) -> tuple[int, int]:
+        try:
+            i, n = (int(x) for x in self.shard.split("/"))
+        except ValueError:
+            raise ValueError(f"shard={self.shard!r}: expected i/n, e.g. 0/4") from None
+        if not 0 <= i < n:
+            raise ValueError(f"shard={self.shard!r}: need 0 ≤ i < n")
+        return i, n

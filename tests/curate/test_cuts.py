@@ -1,0 +1,62 @@
+"""Cut detection on generated videos whose transitions are known frame by frame."""
+
+import io
+
+import numpy as np
+import pytest
+
+from svd.curate.cuts import CutConfig, Transition, clips_between, detect_transitions, match
+from svd.curate.scan import scan
+from svd.data.video_io import encode_mp4
+
+from .conftest import FPS, shots_video
+
+
+def transitions_of(frames: np.ndarray) -> list[Transition]:
+    return detect_transitions(scan(io.BytesIO(encode_mp4(frames, FPS))).thumbnails, FPS)
+
+
+# Shots: a pan over a texture, a zoom on another texture, a moving square. (A dissolve between the two
+# textures is invisible to any pixel-difference detector: same statistics, constant motion.)
+@pytest.mark.parametrize(
+    "transitions",
+    [
+        (("cut", 0), ("cut", 0)),
+        (("cut", 0), ("dissolve", 12)),
+        (("fade", 16), ("dissolve", 24)),
+        (("cut", 0), ("fade", 24)),
+    ],
+)
+def test_hard_cuts_dissolves_and_fades_are_found(transitions):
+    frames, truth = shots_video(transitions=transitions)
+    found = transitions_of(frames)
+    assert match(found, truth, tolerance=2) == (2, 0, 0)
+
+
+def test_a_hard_cut_is_placed_on_the_exact_frame():
+    frames, truth = shots_video(transitions=(("cut", 0), ("cut", 0)))
+    found = transitions_of(frames)
+    assert [t.first for t in found] == [start for start, _ in truth]
+    assert all(t.last == t.first - 1 for t in found)  # a hard cut occupies no frame
+
+
+def test_camera_motion_alone_is_not_a_cut():
+    frames, _ = shots_video(lengths=(240,), transitions=())
+    assert transitions_of(frames) == []
+
+
+def test_clips_lie_between_transitions_and_respect_the_minimum_length():
+    transitions = [Transition(48, 47), Transition(100, 111), Transition(130, 129)]
+    cfg = CutConfig(min_clip_s=1.0)
+    # [0, 48) 2 s, [48, 100) 2.2 s, [112, 130) 0.75 s (too short), [130, 240) 4.6 s
+    assert clips_between(transitions, 240, FPS, cfg) == [(0, 48), (48, 100), (130, 240)]
+
+
+def test_long_clips_are_split_evenly():
+    cfg = CutConfig(min_clip_s=1.0, max_clip_s=2.0)
+    assert clips_between([], 120, FPS, cfg) == [(0, 40), (40, 80), (80, 120)]
+
+
+def test_matching_counts_hits_misses_and_false_alarms():
+    detected = [Transition(10, 9), Transition(50, 60), Transition(200, 199)]
+    assert match(detected, [(10, 10), (52, 58), (100, 100)], tolerance=2) == (2, 1, 1)
