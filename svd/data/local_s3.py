@@ -14,7 +14,6 @@ never for benchmarks (those run on Ceph's radosgw, `infra/local/radosgw.sh`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import socket
 import subprocess
@@ -84,18 +83,10 @@ class LocalS3:
 
 
 def create_bucket(storage: Storage, name: str) -> None:
-    """Buckets are made with boto3: s3fs's mkdir sends a location constraint that local servers reject."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=storage.endpoint_url,
-        aws_access_key_id=storage.access_key,
-        aws_secret_access_key=storage.secret_key,
-        region_name=storage.region,
-    )
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-        client.create_bucket(Bucket=name)
+    """A bucket, made with a plain CreateBucket call (s3fs's `mkdir` sends a location constraint that local
+    servers reject). Creating a bucket one already owns succeeds."""
+    fs, _ = storage.fsspec(f"s3://{name}")
+    fs.call_s3("create_bucket", Bucket=name)
 
 
 def main() -> None:
