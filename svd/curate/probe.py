@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 import av
 
-from svd.data.video import DecodeError, _peek
+from svd.data.video import DecodeError, peek_header
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -39,7 +39,7 @@ def probe(
     Raises RejectionError with reason 'unreadable', 'no_video', 'too_short' or 'too_long'.
     """
     try:
-        head = _peek(source)
+        head = peek_header(source)
     except DecodeError as e:
         raise RejectionError("unreadable", str(e)) from None
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"RIFF")):

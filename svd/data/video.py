@@ -73,7 +73,7 @@ def decode_clip(
 
     The sampling rate is `fps`, or the source's own rate if that is lower (frames are never repeated).
     """
-    head = _peek(source)
+    head = peek_header(source)
     if head.startswith(_IMAGE_MAGIC):
         return _decode_image(source, num_frames, size)
     try:
@@ -113,7 +113,8 @@ def decode_clip(
     return Clip(np.stack(frames), fps)
 
 
-def _peek(source: str | BinaryIO) -> bytes:
+def peek_header(source: str | BinaryIO) -> bytes:
+    """The first 16 bytes of a file or file object (its position unchanged): enough to tell images apart."""
     if isinstance(source, str):
         try:
             with open(source, "rb") as f:
