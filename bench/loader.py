@@ -165,10 +165,9 @@ class ParquetClips(torch.utils.data.Dataset):
             pa_fs, path = self.storage.pyarrow(self.uri)
             self._dataset = pads.dataset(path, filesystem=pa_fs, format="parquet")
         meta = self._dataset.take(pa.array(self.sequence[i])).to_pylist()
-        fs, _ = self.storage.fsspec(self.uri)
         clips = []
         for row in meta:
-            with fs.open(row["video_uri"].removeprefix("s3://"), "rb", block_size=4 << 20) as f:
+            with self.storage.reader(row["video_uri"]) as f:
                 clips.append(torch.from_numpy(decode(f, row, self.bucket, 0.5)))
         return torch.stack(clips)
 
@@ -187,7 +186,6 @@ def time_breakdown(
 ) -> dict:
     """Where one in-process loader spends its time per clip: metadata take, opening the object, decoding."""
     table = open_table(lance_uri, storage)
-    fs, _ = storage.fsspec(lance_uri)
     spent = {"take": [], "open": [], "decode": []}
     for batch in sequence[: 8 * bucket.batch_size].reshape(-1, bucket.batch_size):
         t0 = time.perf_counter()
@@ -195,7 +193,7 @@ def time_breakdown(
         spent["take"].append((time.perf_counter() - t0) / len(batch))
         for meta in metas:
             t1 = time.perf_counter()
-            f = fs.open(meta["video_uri"].removeprefix("s3://"), "rb", block_size=4 << 20)
+            f = storage.reader(meta["video_uri"])
             t2 = time.perf_counter()
             decode(f, meta, bucket, 0.5)
             t3 = time.perf_counter()

@@ -133,10 +133,7 @@ class Stages:
         )
 
     def open(self, uri: str) -> str | BinaryIO:
-        if scheme(uri) == "file":
-            return uri.removeprefix("file://")
-        fs, path = self.storage.fsspec(uri)
-        return fs.open(path, "rb", block_size=8 << 20)
+        return self.storage.reader(uri, block_size=8 << 20)  # whole videos are read: larger requests
 
 
 @dataclass

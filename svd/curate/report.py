@@ -20,14 +20,7 @@ from svd.curate.pipeline import log_uri
 from svd.curate.recipes import SCORE_COLUMNS, Recipe, RecipeResult, compute_filter
 from svd.curate.scan import grab_frames
 from svd.data.schema import CAMERA_MOTIONS
-from svd.data.storage import Storage, scheme
-
-
-def _open(uri: str, storage: Storage):
-    if scheme(uri) == "file":
-        return uri.removeprefix("file://")
-    fs, path = storage.fsspec(uri)
-    return fs.open(path, "rb")
+from svd.data.storage import Storage
 
 
 def _histograms(columns: dict[str, np.ndarray], result: RecipeResult | None, path: Path) -> None:
@@ -69,7 +62,7 @@ def _contact_sheet(rows: list[dict], storage: Storage, path: Path) -> None:
             max(row["start_s"], row["end_s"] - 0.05),
         ]
         try:
-            frames = grab_frames(_open(row["video_uri"], storage), times, short_side=96)
+            frames = grab_frames(storage.reader(row["video_uri"]), times, short_side=96)
         except Exception as e:  # a report must not fail on one unreadable sample
             frames = [np.zeros((96, 96, 3), np.uint8)] * 3
             ax_row[0].set_title(f"unreadable: {type(e).__name__}", fontsize=7)

@@ -42,7 +42,7 @@ from svd.data import buckets as bucketing
 from svd.data import schema
 from svd.data.buckets import Bucket
 from svd.data.order import rank_positions, stream_indices
-from svd.data.storage import Storage, scheme
+from svd.data.storage import Storage
 from svd.data.video import DecodeError, decode_clip
 
 METADATA_COLUMNS = [
@@ -239,14 +239,18 @@ class ClipSampler(torch.utils.data.Sampler):
 class ClipDataset(torch.utils.data.Dataset):
     """Turns a BatchRequest into a batch. Picklable; opens its table, index and files lazily per process."""
 
-    def __init__(self, cfg: LoaderConfig, table_version: int, index_path: Path, serve: str, storage: Storage):
-        self.cfg, self.table_version, self.index_path, self.serve, self.storage = (
-            cfg,
-            table_version,
-            index_path,
-            serve,
-            storage,
-        )
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        table_version: int,
+        index_path: Path,
+        serve: str,
+        clip_bytes: bool,
+        storage: Storage,
+    ):
+        self.cfg, self.table_version, self.index_path, self.storage = cfg, table_version, index_path, storage
+        self.serve = serve
+        self.clip_bytes = clip_bytes  # the table stores clips as their own files (a blob column)
         self._table: lance.LanceDataset | None = None
         self._index: RowIndex | None = None
 
@@ -348,27 +352,20 @@ class ClipDataset(torch.utils.data.Dataset):
     def _source(self, row: int, meta: dict[str, Any]) -> tuple[Any, float, float]:
         """The clip's own encoded file when the table stores one (its timeline starts at 0), else a ranged
         reader on the source video and the clip's time range in it."""
-        if self.has_clip_bytes:
+        if self.clip_bytes:
             blob = self.table.take_blobs("clip_bytes", indices=[row])[0]
             if blob is not None:
                 return blob, 0.0, meta["end_s"] - meta["start_s"]
         return self._open(meta["video_uri"]), meta["start_s"], meta["end_s"]
 
-    @property
-    def has_clip_bytes(self) -> bool:
-        return "clip_bytes" in self.table.schema.names
-
     def _open(self, uri: str):
-        if scheme(uri) == "file":
-            path = uri.removeprefix("file://")
-            if not os.path.exists(path):
-                raise DecodeError("missing", uri)
-            return path
-        fs, path = self.storage.fsspec(uri)
         try:
-            return fs.open(path, "rb", block_size=4 << 20)
+            source = self.storage.reader(uri)
         except FileNotFoundError:
             raise DecodeError("missing", uri) from None
+        if isinstance(source, str) and not os.path.exists(source):
+            raise DecodeError("missing", uri)
+        return source
 
 
 def _collate(samples: list[dict[str, Any]], serve: str) -> dict[str, Any]:
@@ -413,6 +410,7 @@ class ClipLoader:
         table = open_table(cfg.table, self.storage, version)
         self.table_version = table.version
         self.serve = self._resolve_serve(table)
+        self.clip_bytes = "clip_bytes" in table.schema.names
         self.index = self._row_index(table)
         self.sizes = tuple(self.index.size(b) for b in range(len(cfg.buckets)))
         if not any(self.sizes):
@@ -459,7 +457,9 @@ class ClipLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         sampler = ClipSampler(self.sizes, self.cfg.buckets, self.rank, self.world_size, self.state)
-        dataset = ClipDataset(self.cfg, self.table_version, self.index.path, self.serve, self.storage)
+        dataset = ClipDataset(
+            self.cfg, self.table_version, self.index.path, self.serve, self.clip_bytes, self.storage
+        )
         workers = self.cfg.num_workers
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 noise
         loader = StatefulDataLoader(

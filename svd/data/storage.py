@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
@@ -91,6 +92,14 @@ class Storage:
             if self.endpoint_url.startswith("http://"):
                 options["allow_http"] = "true"
         return options
+
+    def reader(self, uri: str, block_size: int = 4 << 20) -> str | BinaryIO:
+        """Something PyAV, Pillow and Lance-free readers open: a local path as is, else a file object that
+        reads `block_size` bytes per ranged request."""
+        if scheme(uri) == "file":
+            return uri.removeprefix("file://")
+        fs, path = self.fsspec(uri)
+        return fs.open(path, "rb", block_size=block_size)
 
     def local_copy(self, uri: str, cache_dir: str | os.PathLike) -> str:
         """A local path for `uri`: itself when local, else a copy (file or folder) under `cache_dir`, made

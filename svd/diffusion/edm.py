@@ -8,7 +8,6 @@ P_mean from one stage to the next shifts training towards higher noise, as the p
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +74,6 @@ class Conditioning:
             concat=join([p.concat for p in parts]),
             image_only=join([p.image_only for p in parts]),
         )
-
-    def replace(self, **changes: object) -> Conditioning:
-        return dataclasses.replace(self, **changes)
 
 
 class Denoiser(nn.Module):
