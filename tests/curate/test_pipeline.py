@@ -179,12 +179,15 @@ def test_concurrent_shards_never_lose_a_commit(radosgw, tmp_path, monkeypatch):
     for key, value in radosgw.env.items():  # Lance takes the endpoint from the environment (storage.py)
         monkeypatch.setenv(key, value)
     bucket = f"s3://{radosgw.new_bucket()}"
-    for v in range(9):
-        upload(
-            radosgw.storage,
-            f"{bucket}/raw/{v}.mp4",
-            encode_mp4(moving_square(60, 36, 64, velocity=(0, v / 4)), FPS),
-        )
+    # Three videos per shard, so that every process commits three times while the others do.
+    per_shard: Counter = Counter()
+    for v in itertools.count():
+        uri = f"{bucket}/raw/{v}.mp4"
+        if per_shard[shard_of(uri, 3)] < 3:
+            per_shard[shard_of(uri, 3)] += 1
+            upload(radosgw.storage, uri, encode_mp4(moving_square(60, 36, 64, velocity=(0, v / 4)), FPS))
+        if sum(per_shard.values()) == 9:
+            break
     output = f"{bucket}/clips.lance"
     env = os.environ | radosgw.env
     argv = [
