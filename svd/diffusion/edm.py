@@ -51,8 +51,11 @@ class Conditioning:
 
     context: Tensor  # (B, L, D): text tokens (text-to-video) or the CLIP image embedding (image-to-video)
     micro: dict[str, Tensor]  # e.g. fps_id, motion_bucket_id, cond_aug: (B,) or (B, T)
-    concat: Tensor | None = None  # (B, C, h, w): conditioning-frame latent, copied over time (image-to-video)
+    # (B, C, h, w): the conditioning-frame latent, copied over time (image-to-video); or (B, T, C, h, w)
+    # per frame, with `frame_mask` saying which frames are given (interpolation)
+    concat: Tensor | None = None
     image_only: Tensor | None = None  # (B,) bool: stills that skip the temporal layers (Stage I)
+    frame_mask: Tensor | None = None  # (B, T) bool: frames whose concat latent is given
 
     def __len__(self) -> int:
         return self.context.shape[0]
@@ -73,15 +76,24 @@ class Conditioning:
             micro={k: torch.cat([p.micro[k] for p in parts]) for k in parts[0].micro},
             concat=join([p.concat for p in parts]),
             image_only=join([p.image_only for p in parts]),
+            frame_mask=join([p.frame_mask for p in parts]),
         )
 
 
 class Denoiser(nn.Module):
-    """Wraps the network F into the preconditioned denoiser D(x; σ, conditioning)."""
+    """Wraps the network F into the preconditioned denoiser D(x; σ, conditioning).
 
-    def __init__(self, network: nn.Module):
+    `missing_frame_channels` > 0 adds the learned embedding that stands in for the latent of frames that
+    are not given (interpolation, paper D.5); the network then also receives the binary frame mask as one
+    more input channel.
+    """
+
+    def __init__(self, network: nn.Module, missing_frame_channels: int = 0):
         super().__init__()
         self.network = network
+        self.missing_frame = (
+            nn.Parameter(torch.zeros(missing_frame_channels)) if missing_frame_channels else None
+        )
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """x: (B, T, C, h, w) noisy latents; sigma: (B,)."""
@@ -89,9 +101,22 @@ class Denoiser(nn.Module):
         net_in = (c_in * x).to(x.dtype)
         if cond.concat is not None:
             # The conditioning latent is appended unscaled, as in the released model.
-            net_in = torch.cat([net_in, cond.concat[:, None].expand(-1, x.shape[1], -1, -1, -1)], dim=2)
+            net_in = torch.cat([net_in, self._concat_input(cond, x.shape[1]).to(x.dtype)], dim=2)
         out = self.network(net_in, c_noise.flatten(), cond.context, cond.micro, cond.image_only)
         return (c_skip * x + c_out * out.float()).to(x.dtype)
+
+    def _concat_input(self, cond: Conditioning, frames: int) -> Tensor:
+        concat = cond.concat
+        if concat.ndim == 4:
+            concat = concat[:, None].expand(-1, frames, -1, -1, -1)
+        if cond.frame_mask is None:
+            return concat
+        if self.missing_frame is None:
+            raise ValueError("a frame mask needs Denoiser(missing_frame_channels=latent channels)")
+        given = cond.frame_mask[:, :, None, None, None]
+        missing = self.missing_frame.view(1, 1, -1, 1, 1).to(concat.dtype)
+        mask_channel = given.to(concat.dtype).expand(-1, -1, 1, *concat.shape[-2:])
+        return torch.cat([torch.where(given, concat, missing), mask_channel], dim=2)
 
 
 def denoising_loss(
@@ -104,7 +129,15 @@ def denoising_loss(
     """Mean over the batch of λ(σ)·‖D(x₀ + σ·n; σ) − x₀‖² (mean over elements), one σ per video."""
     sigma = noise.sample(latents.shape[0], generator, latents.device)
     eps = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    return weighted_denoising_error(denoiser, latents, cond, sigma, eps).mean()
+
+
+def weighted_denoising_error(
+    denoiser: Denoiser, latents: Tensor, cond: Conditioning, sigma: Tensor, eps: Tensor
+) -> Tensor:
+    """(B,) per-video λ(σ)·‖D(x₀ + σ·ε; σ) − x₀‖² for given σ and ε: the trainer draws them per sample, so
+    that a sample's loss does not depend on which rank or batch it lands in."""
     noisy = latents + sigma.view(-1, 1, 1, 1, 1) * eps
     denoised = denoiser(noisy, sigma, cond)
     per_video = (denoised.float() - latents.float()).square().flatten(1).mean(dim=1)
-    return (loss_weight(sigma) * per_video).mean()
+    return loss_weight(sigma) * per_video

@@ -308,7 +308,7 @@ class VideoUNet(nn.Module):
         emb = self.time_embed(time_features)[:, None] + self.micro_cond(micro, b, t)
         emb = emb.flatten(0, 1)  # (B·T, E)
 
-        h = self.conv_in(x.flatten(0, 1))
+        h = self.conv_in(x.flatten(0, 1).to(self.conv_in.weight.dtype))  # bf16 under mixed precision
         skips = [h]
         for stage in self.down_stages:
             h = stage(h, emb, context, frames, skips)

@@ -1,0 +1,348 @@
+"""The typed configuration of a training run, composed from `jobs/conf/` and `key=value` overrides.
+
+    cfg = compose(["stage=video_pretrain", "model=tiny", "nodes=1", "gpus_per_node=2", "train.lr=3e-5"])
+
+Composition follows Hydra's conventions without Hydra's runtime: the dataclass defaults, then one YAML file
+per config group (`stage/`, `model/`, `launcher/`, `cluster/`, chosen by `group=option`), then the
+`key=value` overrides, merged with OmegaConf onto the structured schema. The YAML chooses values, never
+classes. Every mistake is found here, before a process starts or a job is queued, and reported as one
+line that names the key: an unknown key (with the closest valid one), a value of the wrong type, a batch
+that does not divide, a URI that cannot be read.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "jobs" / "conf"
+GROUPS = ("stage", "model", "launcher", "cluster")
+DEFAULT_OPTIONS = {"stage": "video_pretrain", "model": "svd", "launcher": "local", "cluster": "default"}
+TASKS = ("image", "text_to_video", "image_to_video", "interpolation", "multiview")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, phrased as one line naming the key."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "video_pretrain"
+    # What the model learns: image (Stage I, stills through the image-only path), text_to_video,
+    # image_to_video (noise-augmented first frame + CLIP image embedding), interpolation (first and last
+    # frames given, a mask channel), multiview (orbit frames with camera micro-conditioning, SV3D layout).
+    task: str = "text_to_video"
+    iterations: int = 150_000  # the paper's length of the stage; train.steps defaults to it
+    # A previous stage's run (its latest checkpoint's EMA weights), one checkpoint step folder, or a
+    # diffusers UNet folder. Added, dropped and reshaped parameters are reported, not fatal.
+    init_from: str | None = None
+    trainable: str = "all"  # all | lora (camera-motion LoRA: only the adapters train)
+    lora_rank: int = 16
+    camera_motion: str | None = None  # camera_lora: the camera_motion subset trained on (e.g. zoom_in)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "svd"  # tiny | small | svd (svd.model.video_unet.PRESETS)
+    autoencoder: str = "kl_temporal"  # kl_temporal | kl | space_to_depth
+    autoencoder_path: str | None = None  # diffusers folder/URI of the VAE; None: tiny random (tests only)
+    autoencoder_factor: int = 2  # space_to_depth only: pixels per latent side
+    scale_factor: float = 0.18215
+    # Frozen encoders (Hugging Face CLIP folders or URIs). None: an empty context (unconditional).
+    text_encoder: str | None = None
+    image_encoder: str | None = None
+    micro_conditioning: str = "svd"  # svd: fps, motion bucket, cond_aug; sv3d: cond_aug, elevation, azimuth
+
+
+@dataclass
+class DiffusionConfig:
+    p_mean: float = -1.2  # ln σ ~ N(p_mean, p_std²) during training
+    p_std: float = 1.0
+    cond_dropout: float = 0.15  # share of samples trained without conditioning (classifier-free guidance)
+    cond_aug_mean: float = -3.0  # image-to-video: ln σ of the noise added to the conditioning frame
+    cond_aug_std: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    table: str = MISSING  # URI of the curated Lance clip table
+    filter: str | None = None  # Lance SQL predicate, e.g. a recipe's filter
+    version: str | None = None  # table version number or tag; None: the latest, pinned for the run
+    val_split: str = "val"  # rows with this `split` are held out for the validation loss
+    height: int = 256  # pixels
+    width: int = 384
+    frames: int = 14
+    fps: float = 8.0  # frame rate at which clips are sampled
+    micro_batch: int = 1  # samples per rank per forward/backward
+    num_workers: int = 4
+    serve: str = "auto"  # auto | frames | latents (auto: latents when the table has them)
+    motion_score_scale: float = 1.0
+    caption_weights: list[float] | None = None
+    elevation_deg: float = 10.0  # multiview: orbit elevation when the table gives none
+    cache_dir: str = str(Path.home() / ".cache" / "svd" / "row_index")
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # optimizer steps; None: stage.iterations
+    global_batch: int = 1536  # samples per optimizer step over all ranks (= dp × micro_batch × accumulation)
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 10  # progress line and metrics
+    val_every: int = 1000  # validation loss on the held-out split at fixed σ; 0 disables
+    val_batches: int = 2
+    val_sigmas: list[float] = field(default_factory=lambda: [0.05, 0.3, 1.0, 3.0, 10.0])
+    preview_every: int = 1000  # a video sampled with the EMA weights; 0 disables
+    preview_steps: int = 25  # Euler steps of the preview sampler
+    preview_guidance: list[float] = field(default_factory=lambda: [1.0, 2.5])  # first → last frame
+
+
+@dataclass
+class ParallelConfig:
+    sharding: str = "auto"  # auto (hsdp across nodes, fsdp within) | fsdp | hsdp | none
+    mixed_precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
+    activation_checkpointing: str = "none"  # none | full | every_n (with ac_every)
+    ac_every: int = 2
+    compile: bool = False  # torch.compile each block pair
+    meta_init: str = "auto"  # auto (meta device above 100M parameters) | on | off
+    collective_timeout_s: float = 600.0  # a dead rank fails the job after this, instead of hanging it
+
+
+@dataclass
+class CheckpointConfig:
+    run_dir: str = "outputs/runs/${job_name}"  # any URI: checkpoints, previews and the config go here
+    every: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class MetricsConfig:
+    port: int = 9400  # one Prometheus endpoint per node; 0: none
+    gpu: str | None = None  # key of gpu_peak_flops; None: detected from the device name
+    gpu_peak_flops: dict[str, float] = field(
+        default_factory=lambda: {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12}
+    )
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | slurm | ray
+    master_port: int = 0  # local: the rendezvous port; 0 picks a free one
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "default"
+
+
+@dataclass
+class RunConfig:
+    job_name: str = "${stage.name}"
+    nodes: int = 1
+    gpus_per_node: int = 1  # processes per node (one per GPU; CPU processes here)
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def steps(self) -> int:
+        return self.train.steps if self.train.steps is not None else self.stage.iterations
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.train.global_batch // (self.world_size * self.data.micro_batch)
+
+
+def options(group: str) -> list[str]:
+    """The choices of a config group: the YAML files in jobs/conf/<group>/."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def split_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(group choices, key=value overrides); anything that is not key=value is an error."""
+    choices, overrides = dict(DEFAULT_OPTIONS), []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"arguments are key=value or group=option; got {arg!r} (see --help)")
+        key, value = arg.split("=", 1)
+        if key in GROUPS:
+            if value not in options(key):
+                hint = _suggest(value, options(key))
+                raise ConfigError(f"{key}={value!r} is not an option; choose one of {options(key)}{hint}")
+            choices[key] = value
+        else:
+            overrides.append(arg)
+    return choices, overrides
+
+
+def compose(args: list[str], *, check_uris: bool = False) -> RunConfig:
+    """The run's configuration from `group=option` and `key=value` arguments, validated."""
+    choices, overrides = split_args(args)
+    merged: DictConfig = OmegaConf.structured(RunConfig)
+    try:
+        for group in GROUPS:
+            layer = OmegaConf.load(CONF_DIR / group / f"{choices[group]}.yaml")
+            merged = OmegaConf.merge(merged, layer)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(e)) from None
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} is required (e.g. {e.full_key}=s3://bucket/lvd/clips.lance)") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    validate(cfg, check_uris=check_uris)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved configuration, as `--cfg` prints it and the run directory keeps it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> RunConfig:
+    """Inverse of `to_yaml` (how a launched rank or a resumed run reads its configuration back)."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)
+
+
+def _unknown_key_message(e: ConfigKeyError) -> str:
+    full = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
+    parent, _, leaf = full.rpartition(".")
+    node: Any = RunConfig
+    for part in parent.split(".") if parent else []:
+        node = {f.name: f for f in fields(node)}[part].default_factory  # type: ignore[misc]
+    names = [f.name for f in fields(node)] if is_dataclass(node) else []
+    if not parent:
+        names += list(GROUPS)
+    return f"unknown key {full!r}{_suggest(leaf, names, prefix=f'{parent}.' if parent else '')}"
+
+
+def _suggest(word: str, candidates: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key}={value!r}: choose one of {list(allowed)}")
+
+
+def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
+    """Raises ConfigError naming the first impossible setting."""
+    from svd.model.autoencoder import KINDS
+    from svd.model.video_unet import PRESETS
+
+    _choice("stage.task", cfg.stage.task, TASKS)
+    _choice("stage.trainable", cfg.stage.trainable, ("all", "lora"))
+    _choice("model.preset", cfg.model.preset, tuple(PRESETS))
+    _choice("model.autoencoder", cfg.model.autoencoder, KINDS)
+    _choice("model.micro_conditioning", cfg.model.micro_conditioning, ("svd", "sv3d"))
+    _choice("data.serve", cfg.data.serve, ("auto", "frames", "latents"))
+    _choice("train.schedule", cfg.train.schedule, ("constant", "cosine"))
+    _choice("parallel.sharding", cfg.parallel.sharding, ("auto", "fsdp", "hsdp", "none"))
+    _choice("parallel.mixed_precision", cfg.parallel.mixed_precision, ("auto", "bf16", "fp32"))
+    _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ("none", "full", "every_n"))
+    _choice("parallel.meta_init", cfg.parallel.meta_init, ("auto", "on", "off"))
+    _choice("launcher.name", cfg.launcher.name, ("local", "slurm", "ray"))
+    for key, value in [
+        ("nodes", cfg.nodes),
+        ("gpus_per_node", cfg.gpus_per_node),
+        ("data.micro_batch", cfg.data.micro_batch),
+        ("data.height", cfg.data.height),
+        ("data.width", cfg.data.width),
+        ("data.frames", cfg.data.frames),
+        ("train.global_batch", cfg.train.global_batch),
+        ("train.log_every", cfg.train.log_every),
+        ("checkpoint.keep", cfg.checkpoint.keep),
+        ("checkpoint.every", cfg.checkpoint.every),
+        ("stage.lora_rank", cfg.stage.lora_rank),
+    ]:
+        _check(value >= 1, f"{key}={value} must be ≥ 1")
+    for key, value in [
+        ("data.num_workers", cfg.data.num_workers),
+        ("train.warmup_steps", cfg.train.warmup_steps),
+        ("train.grad_clip", cfg.train.grad_clip),
+        ("train.val_every", cfg.train.val_every),
+        ("train.preview_every", cfg.train.preview_every),
+        ("metrics.port", cfg.metrics.port),
+    ]:
+        _check(value >= 0, f"{key}={value} must be ≥ 0")
+    _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")
+    _check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
+    _check(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1)")
+    _check(0 <= cfg.diffusion.cond_dropout <= 1, f"diffusion.cond_dropout={cfg.diffusion.cond_dropout} not in [0, 1]")
+    _check(cfg.diffusion.p_std > 0, f"diffusion.p_std={cfg.diffusion.p_std} must be > 0")
+    _check(cfg.data.fps > 0, f"data.fps={cfg.data.fps} must be > 0")
+    _check(len(cfg.train.betas) == 2, f"train.betas={cfg.train.betas} must have two values")
+    _check(len(cfg.train.preview_guidance) == 2, "train.preview_guidance must be [first, last]")
+    _check(cfg.train.preview_steps >= 1, f"train.preview_steps={cfg.train.preview_steps} must be ≥ 1")
+    per_step = cfg.world_size * cfg.data.micro_batch
+    _check(
+        cfg.train.global_batch % per_step == 0,
+        f"train.global_batch={cfg.train.global_batch} is not divisible by data-parallel size {cfg.world_size} "
+        f"(nodes={cfg.nodes} × gpus_per_node={cfg.gpus_per_node}) × data.micro_batch={cfg.data.micro_batch}",
+    )
+    if cfg.stage.task == "image":
+        _check(cfg.data.frames == 1, f"data.frames={cfg.data.frames}: stage.task=image trains on stills (1)")
+    else:
+        _check(cfg.data.frames >= 2, f"data.frames={cfg.data.frames}: a video task needs ≥ 2 frames")
+    if cfg.stage.task == "interpolation":
+        _check(cfg.data.frames >= 3, "data.frames must be ≥ 3 for interpolation (first, last and between)")
+    if cfg.stage.task == "multiview":
+        _check(cfg.model.micro_conditioning == "sv3d", "stage.task=multiview needs model.micro_conditioning=sv3d")
+    if cfg.model.autoencoder == "space_to_depth":
+        for key in ("height", "width"):
+            value = getattr(cfg.data, key)
+            _check(
+                value % cfg.model.autoencoder_factor == 0,
+                f"data.{key}={value} is not a multiple of model.autoencoder_factor={cfg.model.autoencoder_factor}",
+            )
+    if check_uris:
+        _check_uris(cfg)
+
+
+def _check_uris(cfg: RunConfig) -> None:
+    """Every URI the run reads must be readable now, not after the job waited in a queue."""
+    from svd.data.storage import Storage
+
+    storage = Storage.from_env()
+    readable = [("data.table", cfg.data.table), ("stage.init_from", cfg.stage.init_from)]
+    readable += [(f"model.{k}", getattr(cfg.model, k)) for k in ("autoencoder_path", "text_encoder", "image_encoder")]
+    for key, uri in readable:
+        if not uri:
+            continue
+        try:
+            fs, path = storage.fsspec(uri)
+            exists = fs.exists(path)
+        except Exception as e:  # any client error is a reason the run cannot start
+            raise ConfigError(f"{key}={uri}: cannot be read ({type(e).__name__}: {e})") from None
+        _check(exists, f"{key}={uri}: does not exist")
