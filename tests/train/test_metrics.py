@@ -1,0 +1,262 @@
+"""Metrics: real rank processes writing multiprocess files, one node endpoint scraped over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from svd.train.metrics import (
+    ENV_DIR,
+    PEAK_FLOPS,
+    MetricsConfig,
+    ProgressLine,
+    TrainMetrics,
+    flops_per_sample,
+    match_peak_flops,
+    prepare_multiprocess_dir,
+    serve_node_metrics,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = {"job": "j1", "stage": "video", "rank": "0", "node": "n0"}
+
+# One rank: records one step, skips and a checkpoint, then exits (its values stay in its mmap file).
+RANK = textwrap.dedent(
+    """
+    import sys
+    from svd.train.metrics import MetricsConfig, TrainMetrics
+    rank, loss, skipped = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+    m = TrainMetrics(MetricsConfig(gpu="H100"), job="j1", stage="video", rank=rank, node="n0",
+                     flops_per_sample=2e12)
+    m.observe_step(step=7, loss=loss, grad_norm=0.25, lr=1e-4, step_seconds=2.0, data_wait_seconds=0.5,
+                   samples=4)
+    m.observe_skipped({"decode": skipped})
+    m.observe_checkpoint(12.0)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_rank(rank: int, loss: float, skipped: int) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(loss), str(skipped)], env=env)
+
+
+def scrape(port: int) -> dict[str, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def by_rank(samples: list, name: str) -> dict[str, float]:
+    return {s.labels["rank"]: s.value for s in samples if s.name == name}
+
+
+@pytest.mark.slow
+def test_node_endpoint_serves_every_rank_with_its_labels_and_a_restarted_rank_replaces_its_gauges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_DIR, raising=False)  # restored after the test: prepare exports it
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    (folder / "gauge_mostrecent_999.db").write_bytes(b"stale values of an earlier run")
+    prepare_multiprocess_dir(folder)
+    assert os.environ[ENV_DIR] == str(folder)
+    assert list(folder.iterdir()) == []
+
+    ranks = [start_rank(0, 0.5, 1), start_rank(1, 1.5, 2)]
+    assert [p.wait(timeout=120) for p in ranks] == [0, 0]
+    port = free_port()
+    with serve_node_metrics(port, folder, addr="127.0.0.1") as server:
+        first = scrape(server.port)
+        assert start_rank(0, 0.75, 3).wait(timeout=120) == 0  # rank 0 restarts and reports again
+        second = scrape(server.port)
+
+    loss = first["svd_loss"]
+    assert {frozenset(s.labels.items()) for s in loss} == {
+        frozenset((LABELS | {"rank": r}).items()) for r in ("0", "1")
+    }  # exactly the four labels: no pid label splits a rank's series
+    assert by_rank(loss, "svd_loss") == {"0": 0.5, "1": 1.5}
+    assert by_rank(first["svd_grad_norm"], "svd_grad_norm") == {"0": 0.25, "1": 0.25}
+    assert by_rank(first["svd_learning_rate"], "svd_learning_rate") == {"0": 1e-4, "1": 1e-4}
+    assert by_rank(first["svd_samples_per_second"], "svd_samples_per_second") == {"0": 2.0, "1": 2.0}
+    assert by_rank(first["svd_mfu"], "svd_mfu") == {"0": 2e12 * 2.0 / 989e12, "1": 2e12 * 2.0 / 989e12}
+    assert by_rank(first["svd_data_skipped"], "svd_data_skipped_total") == {"0": 1.0, "1": 2.0}
+    assert by_rank(first["svd_step_seconds"], "svd_step_seconds_sum") == {"0": 2.0, "1": 2.0}
+    assert by_rank(first["svd_data_wait_seconds"], "svd_data_wait_seconds_sum") == {"0": 0.5, "1": 0.5}
+    assert by_rank(first["svd_checkpoint_save_seconds"], "svd_checkpoint_save_seconds_count") == {
+        "0": 1.0,
+        "1": 1.0,
+    }
+    rss = [s for s in first["svd_memory_bytes"] if s.labels["kind"] == "rss_max"]
+    assert len(rss) == 2
+    assert all(s.value > 1 << 20 for s in rss)
+
+    assert by_rank(second["svd_loss"], "svd_loss") == {"0": 0.75, "1": 1.5}  # newest value wins
+    assert by_rank(second["svd_samples"], "svd_samples_total") == {"0": 8.0, "1": 4.0}  # totals continue
+    assert by_rank(second["svd_data_skipped"], "svd_data_skipped_total") == {"0": 4.0, "1": 2.0}
+
+    with pytest.raises(
+        urllib.error.URLError, match="refused"
+    ):  # closed: nothing listens on the port any more
+        scrape(port)
+
+
+def test_a_rank_refuses_to_start_when_prometheus_client_was_imported_in_single_process_mode(
+    tmp_path: Path,
+) -> None:
+    code = "import prometheus_client\n" + textwrap.dedent(
+        """
+        from svd.train.metrics import MetricsConfig, TrainMetrics
+        TrainMetrics(MetricsConfig(multiproc_dir=sys.argv[1]), job="j", stage="s", rank=0, node="n0")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != ENV_DIR} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + code, str(tmp_path / "prom")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert f"prometheus_client was imported before {ENV_DIR} was set" in done.stderr.splitlines()[-1]
+
+
+def test_serving_on_a_port_already_in_use_names_the_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"metrics.port={port}"):
+            serve_node_metrics(port, tmp_path, addr="127.0.0.1")
+
+
+def test_port_zero_means_no_endpoint_and_no_multiprocess_files(tmp_path: Path) -> None:
+    cfg = MetricsConfig(port=0, multiproc_dir=str(tmp_path / "prom"))
+    metrics = TrainMetrics(cfg, job="j1", stage="video", rank=0, node="n0")
+    metrics.observe_step(1, 0.5, 1.0, 1e-4, 1.0, 0.1, 2)
+    assert metrics.directory is None
+    assert serve_node_metrics(cfg.port, metrics.directory) is None
+    assert not (tmp_path / "prom").exists()
+    assert metrics.registry.get_sample_value("svd_loss", LABELS) == 0.5
+
+
+def test_mfu_is_flops_per_sample_times_samples_per_second_over_the_configured_peak() -> None:
+    metrics = TrainMetrics(
+        MetricsConfig(port=0, gpu="A100"), job="j1", stage="video", rank=0, node="n0", flops_per_sample=3e9
+    )
+    metrics.observe_step(5, 0.5, 1.0, 1e-4, step_seconds=0.5, data_wait_seconds=0.0, samples=8)
+    assert metrics.registry.get_sample_value("svd_samples_per_second", LABELS) == 16.0
+    assert metrics.registry.get_sample_value("svd_mfu", LABELS) == 3e9 * 16.0 / 312e12
+
+
+def test_no_mfu_series_on_cpu_without_a_configured_gpu() -> None:
+    metrics = TrainMetrics(
+        MetricsConfig(port=0), job="j1", stage="video", rank=0, node="n0", flops_per_sample=3e9
+    )
+    metrics.observe_step(5, 0.5, 1.0, 1e-4, step_seconds=0.5, data_wait_seconds=0.0, samples=8)
+    assert metrics.peak_flops is None
+    assert metrics.registry.get_sample_value("svd_mfu", LABELS) is None
+
+
+def test_skipped_counter_adds_only_what_is_new_in_the_loaders_running_totals() -> None:
+    metrics = TrainMetrics(MetricsConfig(port=0), job="j1", stage="video", rank=0, node="n0")
+
+    def skipped(reason: str) -> float | None:
+        return metrics.registry.get_sample_value("svd_data_skipped_total", LABELS | {"reason": reason})
+
+    metrics.observe_skipped({"decode": 2})
+    metrics.observe_skipped({"decode": 5, "timeout": 1})
+    metrics.observe_skipped({"decode": 5, "timeout": 1})  # nothing new
+    assert (skipped("decode"), skipped("timeout")) == (5.0, 1.0)
+    metrics.observe_skipped({"decode": 1})  # a new loader counts from zero again
+    assert (skipped("decode"), skipped("timeout")) == (6.0, 1.0)
+
+
+def test_memory_on_cpu_is_the_process_peak_rss() -> None:
+    metrics = TrainMetrics(MetricsConfig(port=0), job="j1", stage="video", rank=0, node="n0")
+    before = metrics.registry.get_sample_value("svd_memory_bytes", LABELS | {"kind": "rss_max"})
+    big = torch.ones(64 << 20, dtype=torch.uint8)  # touched: 64 MiB resident
+    metrics.observe_step(1, 0.5, 1.0, 1e-4, 1.0, 0.1, 2)
+    rss = metrics.registry.get_sample_value("svd_memory_bytes", LABELS | {"kind": "rss_max"})
+    assert before is None
+    assert rss >= big.numel()
+    assert (
+        metrics.registry.get_sample_value("svd_memory_bytes", LABELS | {"kind": "cuda_max_allocated"}) is None
+    )
+
+
+def test_flop_counter_equals_the_hand_count_of_forward_and_backward_per_sample() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)  # the data needs no gradient: the first layer's backward is weight-grad only
+
+    def fwd_bwd(batch: torch.Tensor) -> None:
+        model(batch).square().mean().backward()
+
+    # forward 2·B·in·out per layer; backward 2·B·in·out (weight grad) + 2·B·in·out (input grad, not layer 1)
+    hand = (2 + 2) * 3 * 8 * 16 + (2 + 4) * 3 * 16 * 4
+    assert flops_per_sample(fwd_bwd, x) == hand
+    assert flops_per_sample(fwd_bwd, x, samples=3) == hand / 3
+
+
+def test_gpu_names_match_the_longest_table_entry() -> None:
+    assert match_peak_flops("NVIDIA H100 80GB HBM3", PEAK_FLOPS) == 989e12
+    assert match_peak_flops("NVIDIA H100 PCIe", PEAK_FLOPS) == 756e12
+    assert match_peak_flops("NVIDIA A100-SXM4-80GB", PEAK_FLOPS) == 312e12
+    assert match_peak_flops("NVIDIA L40S", PEAK_FLOPS) == 362e12
+    assert match_peak_flops("NVIDIA L4", PEAK_FLOPS) == 121e12
+    assert match_peak_flops("NVIDIA GeForce GTX 1080", PEAK_FLOPS) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 70000}, "metrics.port=70000"),
+        ({"progress_every": 0}, "metrics.progress_every=0"),
+        ({"gpu": "TPUv9"}, "metrics.gpu='TPUv9'"),
+        ({"peak_flops": {"X": 0.0}}, r"metrics.peak_flops\['X'\]=0.0"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MetricsConfig(**kwargs)
+
+
+def test_progress_line_averages_the_window_and_estimates_the_rest_from_its_step_times() -> None:
+    lines: list[str] = []
+    progress = ProgressLine(total_steps=1000, every=10, write=lines.append)
+    for step in range(111, 121):
+        loss = 0.1 if step % 2 else 0.2
+        progress.update(
+            step, loss, samples=4, step_seconds=0.25 if step % 2 else 0.75, data_wait_seconds=0.02
+        )
+    # window: loss 0.15, 40 samples / 5 s, 0.2 s of 5 s waiting, 880 steps × 0.5 s = 440 s
+    assert lines == ["step 120/1000  loss 0.1500  8.0 samples/s  data 4%  ETA 0:07:20"]
+
+
+def test_progress_line_writes_on_the_last_step_and_counts_hours_past_a_day() -> None:
+    lines: list[str] = []
+    progress = ProgressLine(total_steps=100_003, every=100, write=lines.append)
+    assert progress.update(100, 1.0, samples=2, step_seconds=1.0, data_wait_seconds=0.0) is not None
+    assert lines[-1].endswith("ETA 27:45:03")  # 99,903 s
+    progress.update(100_003, 1.0, samples=2, step_seconds=1.0, data_wait_seconds=0.0)
+    assert lines[-1] == "step 100003/100003  loss 1.0000  2.0 samples/s  data 0%  ETA 0:00:00"
+    assert len(lines) == 2
