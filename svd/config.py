@@ -130,10 +130,9 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     port: int = 9400  # one Prometheus endpoint per node; 0: none
-    gpu: str | None = None  # key of gpu_peak_flops; None: detected from the device name
-    gpu_peak_flops: dict[str, float] = field(
-        default_factory=lambda: {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12}
-    )
+    gpu: str | None = None  # key of the peak-FLOP/s table; None: matched to the device name
+    # bf16 dense peak FLOP/s by GPU name, added to (or replacing entries of) svd.train.metrics.PEAK_FLOPS
+    gpu_peak_flops: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

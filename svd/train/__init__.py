@@ -1,0 +1,16 @@
+"""Training: `svd.train.run(cfg)` is the one entry point of every rank, whichever launcher started it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from svd.config import RunConfig
+    from svd.train.trainer import TrainResult
+
+
+def run(cfg: RunConfig) -> TrainResult:
+    """Joins the process group described by the environment, trains the configured stage, leaves."""
+    from svd.train.trainer import run as run_rank
+
+    return run_rank(cfg)

@@ -1,0 +1,88 @@
+"""Train a stage of the paper, on this host, on Slurm or on Ray, through one code path.
+
+    python jobs/launch.py stage=video_pretrain data.table=s3://bucket/lvd/clips.lance nodes=32 gpus_per_node=8
+    python jobs/launch.py stage=i2v_finetune model=tiny data.table=… gpus_per_node=2 launcher=local
+    python jobs/launch.py stage=video_pretrain data.table=… --cfg        # print the resolved configuration
+    python jobs/launch.py --help                                          # groups, options and settings
+
+Arguments are `group=option` (a YAML file of jobs/conf/<group>/) and `key=value` overrides of any setting
+(svd/config.py says what each means). Object-storage credentials come from the AWS_* variables.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from svd.config import GROUPS, ConfigError, RunConfig, compose, options, to_yaml
+
+FLAGS = ("--help", "-h", "--cfg", "--dry-run")
+
+
+def usage() -> str:
+    lines = [__doc__.strip(), "", "groups (default first):"]
+    from svd.config import DEFAULT_OPTIONS
+
+    for group in GROUPS:
+        choices = options(group)
+        default = DEFAULT_OPTIONS[group]
+        lines.append(f"  {group}: {default}" + "".join(f" | {c}" for c in choices if c != default))
+    lines += ["", "settings (key=value), with their defaults before the groups apply:"]
+    lines += ["  " + line for line in to_yaml(RunConfig(data=_placeholder_data())).splitlines()]
+    lines += ["", "flags: --cfg (print the resolved configuration), --dry-run (show what would start)"]
+    return "\n".join(lines)
+
+
+def _placeholder_data():
+    from svd.config import DataConfig
+
+    return DataConfig(table="<required>")
+
+
+def describe(cfg: RunConfig) -> str:
+    """What `--dry-run` prints: where the ranks would start."""
+    return (
+        f"launcher={cfg.launcher.name}: {cfg.world_size} rank(s) = nodes {cfg.nodes} × {cfg.gpus_per_node}; "
+        f"stage {cfg.stage.name} ({cfg.stage.task}), model {cfg.model.preset}, {cfg.steps} steps of "
+        f"global batch {cfg.train.global_batch} (micro-batch {cfg.data.micro_batch} × accumulation "
+        f"{cfg.grad_accumulation}); run directory {cfg.checkpoint.run_dir}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return 0
+    flags = {a for a in argv if a.startswith("--")}
+    unknown = flags - set(FLAGS)
+    if unknown:
+        print(f"launch: unknown flag {sorted(unknown)[0]}; flags are {list(FLAGS)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = compose([a for a in argv if not a.startswith("--")], check_uris=not flags)
+    except ConfigError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 2
+    if "--cfg" in flags:
+        print(to_yaml(cfg), end="")
+        return 0
+    if "--dry-run" in flags:
+        print(describe(cfg))
+        return 0
+    if cfg.launcher.name != "local":
+        print(f"launch: launcher={cfg.launcher.name} is not available yet; use launcher=local", file=sys.stderr)
+        return 2
+    from svd.launch.local import launch_local
+
+    print(describe(cfg), flush=True)
+    try:
+        result = launch_local(cfg)
+    except Exception as e:  # a rank failed: the elastic agent already stopped the others
+        print(f"launch: training failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Processes on this host: `gpus_per_node` ranks found through a rendezvous on 127.0.0.1.
+
+One rank runs in this process (no start-up cost: the demo and quick runs). Several are started by
+PyTorch's elastic agent (what `torchrun` uses): it sets the torch.distributed environment of each rank,
+and when one rank dies it stops the others and reports the failure, so a broken run ends instead of
+hanging. Every rank then calls `svd.train.run`, like under Slurm or Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from svd.config import RunConfig, from_yaml, to_yaml
+from svd.train import run
+from svd.train.parallel import free_port
+from svd.train.trainer import TrainResult
+
+
+def _rank_main(config_yaml: str) -> TrainResult:
+    return run(from_yaml(config_yaml))
+
+
+def launch_local(cfg: RunConfig) -> TrainResult:
+    if cfg.nodes != 1:
+        raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
+    if cfg.metrics.port:
+        from svd.train.metrics import MetricsConfig, prepare_multiprocess_dir
+
+        prepare_multiprocess_dir(MetricsConfig(port=cfg.metrics.port).directory(cfg.job_name))
+    if cfg.gpus_per_node == 1:
+        return run(cfg)
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    port = cfg.launcher.master_port or free_port()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: ranks share the host's cores
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.gpus_per_node,
+        run_id=f"svd-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    results = elastic_launch(launch, _rank_main)(to_yaml(cfg))
+    return results[0]
