@@ -5,6 +5,8 @@ Every block here works on tensors only; how frames are grouped into videos is pa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,9 +15,15 @@ GROUPS = 32  # GroupNorm groups of the released model (sgm `normalization`)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
-    """Zero a layer's parameters so a residual branch starts as the identity (as sgm initialises)."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
+    """Mark a layer to start at zero, so its residual branch starts as the identity (as sgm initialises).
+
+    The mark, not the zeros, is what matters: `init_weights` reads it whenever the model is
+    (re)initialised, e.g. after a meta-device build. The layer is also zeroed now, for standalone use.
+    """
+    module.init_zero = True
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
     return module
 
 
@@ -32,10 +40,14 @@ class TemporalConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 1, 1))
         self.bias = nn.Parameter(torch.empty(out_channels))
-        reference = nn.Conv3d(in_channels, out_channels, (3, 1, 1))  # PyTorch's default initialisation
-        with torch.no_grad():
-            self.weight.copy_(reference.weight)
-            self.bias.copy_(reference.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default Conv3d initialisation (the same calls in the same order as `nn.Conv3d`)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)  # C_in·3, as for the Conv3d
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.conv2d(x.flatten(3), self.weight.squeeze(-1), self.bias, padding=(1, 0))
@@ -84,7 +96,12 @@ class AlphaBlender(nn.Module):
 
     def __init__(self, merge_factor: float = 0.5):
         super().__init__()
-        self.mix_factor = nn.Parameter(torch.tensor([merge_factor]))
+        self.merge_factor = merge_factor
+        self.mix_factor = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.mix_factor, self.merge_factor)
 
     def forward(self, spatial: Tensor, temporal: Tensor, image_mask: Tensor | None) -> Tensor:
         """`image_mask` is None (all videos) or a bool tensor broadcastable to the inputs."""
@@ -145,3 +162,30 @@ class EmbeddingMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# Layers that own parameters, each initialised by its own `reset_parameters` (PyTorch's defaults for the
+# torch layers). A subclass (e.g. a LoRA linear layer) inherits its base's rule.
+_RESETTABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, TemporalConv, AlphaBlender)
+
+
+@torch.no_grad()
+def init_weights(root: nn.Module) -> None:
+    """(Re)initialise every parameter under `root`, in place, visiting modules in `root.modules()` order.
+
+    Layers marked by `zero_init` become zero (drawing no random numbers); every other layer gets its
+    `reset_parameters` initialisation. Only in-place `nn.init` ops are used, so this works after
+    `to_empty()` of a meta-device build and on sharded (DTensor) parameters. A layer type without a
+    rule is an error rather than silently left uninitialised.
+    """
+    for module in root.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if getattr(module, "init_zero", False):
+            for p in own:
+                nn.init.zeros_(p)
+        elif isinstance(module, _RESETTABLE):
+            module.reset_parameters()
+        else:
+            raise TypeError(f"init_weights has no rule for {type(module).__name__}, which owns parameters")

@@ -22,7 +22,16 @@ from torch import Tensor, nn
 
 from svd.model.attention import SpatialTransformerBlock, TemporalTransformerBlock
 from svd.model.conditioning import MicroConditioning, sinusoidal_embedding
-from svd.model.layers import GROUPS, AlphaBlender, Downsample, EmbeddingMLP, ResBlock, Upsample, zero_init
+from svd.model.layers import (
+    GROUPS,
+    AlphaBlender,
+    Downsample,
+    EmbeddingMLP,
+    ResBlock,
+    Upsample,
+    init_weights,
+    zero_init,
+)
 
 SVD_MICRO_CONDITIONING = (("fps_id", 256), ("motion_bucket_id", 256), ("cond_aug", 256))
 
@@ -241,8 +250,19 @@ class VideoUNet(nn.Module):
     """ε-free network F of the EDM denoiser: F(c_in·x, c_noise, context, micro-conditioning)."""
 
     def __init__(self, cfg: VideoUNetConfig):
+        """Built on the default device (honouring `with torch.device(...)`) and initialised; under
+        `torch.device("meta")` the layers are only declared: call `to_empty(device=…)` then
+        `init_weights()` (after sharding, if any) to get the same weights as a direct build."""
         super().__init__()
         self.cfg = cfg
+        device = torch.get_default_device()
+        with torch.device("meta"):  # declare only: no memory, and not one random number drawn
+            self._declare_layers(cfg)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
+
+    def _declare_layers(self, cfg: VideoUNetConfig) -> None:
         mc, emb_dim = cfg.model_channels, cfg.emb_dim
         self.time_embed = EmbeddingMLP(mc, emb_dim)
         self.micro_cond = MicroConditioning(cfg.micro_conditioning, emb_dim)
@@ -285,6 +305,15 @@ class VideoUNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(GROUPS, ch, eps=1e-5)
         self.conv_out = zero_init(nn.Conv2d(ch, cfg.out_channels, kernel_size=3, padding=1))
+
+    def init_weights(self) -> None:
+        """Initialise every parameter in place, in a fixed order: PyTorch's default initialisation per
+        layer, zeros for the output layer of each residual branch, α = merge_factor for the blenders.
+
+        Same seed, same weights, whether the model was built directly or on `meta` then `to_empty`;
+        works on sharded (DTensor) parameters too.
+        """
+        init_weights(self)
 
     def forward(
         self,
