@@ -12,10 +12,17 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from svd.model.transfer import describe_shape_mismatches, name_some
 from svd.model.video_unet import SVD_MICRO_CONDITIONING, VideoUNet, VideoUNetConfig
+
+
+class CheckpointError(ValueError):
+    """A weights folder that cannot be loaded; the message names the file and what is wrong with it."""
+
 
 # (our name, diffusers name) for each renamed segment run; every other segment is shared.
 _RENAMES: tuple[tuple[str, str], ...] = (
@@ -101,9 +108,27 @@ def to_diffusers_config(cfg: VideoUNetConfig, num_frames: int = 25) -> dict:
     }
 
 
+_CONFIG_KEYS = (
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "layers_per_block",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "num_attention_heads",
+)
+
+
 def from_diffusers_config(config: dict, micro_names: tuple[str, ...] | None = None) -> VideoUNetConfig:
     """Our architecture for a diffusers config; `micro_names` name the `added_time_ids` columns in order
     (default: SVD's fps_id, motion_bucket_id, cond_aug)."""
+    missing = [key for key in _CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"diffusers config lacks {', '.join(missing)}")
     channels = list(config["block_out_channels"])
     heads = config["num_attention_heads"]
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
@@ -142,30 +167,79 @@ def from_diffusers_config(config: dict, micro_names: tuple[str, ...] | None = No
 _WEIGHTS = "diffusion_pytorch_model"
 
 
-def _read_safetensors(folder: Path, variant: str | None) -> dict[str, Tensor]:
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as error:  # e.g. a truncated download: the library omits the path
+        raise CheckpointError(f"{file}: cannot read safetensors ({error})") from error
+
+
+def _read_safetensors(folder: Path, variant: str | None) -> tuple[dict[str, Tensor], Path]:
+    """The state dict in diffusers names, and the file to name in messages (the index if sharded)."""
     stem = f"{_WEIGHTS}.{variant}" if variant else _WEIGHTS
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.exists():
-        return load_file(single)
+        return _load_safetensors(single), single
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as error:
+            raise CheckpointError(
+                f"{index}: not a safetensors index with a weight_map ({error!r})"
+            ) from error
+        return {k: v for shard in shards for k, v in _load_safetensors(folder / shard).items()}, index
     raise FileNotFoundError(f"no {single.name} or {index.name} in {folder}")
+
+
+def _read_config(config_file: Path, micro_names: tuple[str, ...] | None) -> VideoUNetConfig:
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: expected a diffusers UNet folder")
+    try:
+        return from_diffusers_config(json.loads(config_file.read_text()), micro_names)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{config_file}: {error}") from error
+
+
+def _check_fits(state: dict[str, Tensor], model: VideoUNet, weights_file: Path, config_file: Path) -> None:
+    """At most five lines naming both files, the counts and the first few differences (in the file's
+    own names), instead of `load_state_dict`'s line per tensor."""
+    expected = {k: tuple(v.shape) for k, v in to_diffusers_state_dict(model.state_dict()).items()}
+    mismatched = [
+        (k, tuple(v.shape), expected[k]) for k, v in state.items() if k in expected and v.shape != expected[k]
+    ]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if not (mismatched or missing or unexpected):
+        return
+    lines = [
+        f"{weights_file} does not match {config_file}: {len(mismatched)} tensors differ in shape, "
+        f"{len(missing)} missing from the file, {len(unexpected)} not in the model"
+    ]
+    if mismatched:
+        lines.append(describe_shape_mismatches(mismatched, ("file", "config")))
+    names = [f"missing: {name_some(missing)}"] if missing else []
+    names += [f"not in the model: {name_some(unexpected)}"] if unexpected else []
+    if names:
+        lines.append("; ".join(names))
+    raise CheckpointError("\n".join(lines))
 
 
 def load_diffusers_unet(
     path: str | Path, *, variant: str | None = None, micro_names: tuple[str, ...] | None = None
 ) -> VideoUNet:
-    """A VideoUNet from a diffusers UNet folder (e.g. the `unet/` of stabilityai/stable-video-diffusion-*)."""
+    """A VideoUNet from a diffusers UNet folder (e.g. the `unet/` of stabilityai/stable-video-diffusion-*).
+
+    A missing file raises FileNotFoundError; an unreadable file, a config without a needed key, or
+    weights that do not fit the config raise CheckpointError naming the file.
+    """
     folder = Path(path)
     config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: expected a diffusers UNet folder")
-    cfg = from_diffusers_config(json.loads(config_file.read_text()), micro_names)
-    state = from_diffusers_state_dict(_read_safetensors(folder, variant))
+    cfg = _read_config(config_file, micro_names)
+    state, weights_file = _read_safetensors(folder, variant)
     with torch.device("meta"):
         model = VideoUNet(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
+    _check_fits(state, model, weights_file, config_file)
+    model.load_state_dict(from_diffusers_state_dict(state), strict=True, assign=True)
     return model
 
 

@@ -165,3 +165,58 @@ def test_per_field_widths_cannot_be_exported_to_diffusers():
     sv3d = preset("svd", micro_conditioning=(("cond_aug", 256), ("polars_rad", 512), ("azimuths_rad", 512)))
     with pytest.raises(ValueError, match="one width"):
         to_diffusers_config(sv3d)
+
+
+def saved_small(folder) -> VideoUNet:
+    torch.manual_seed(0)
+    model = VideoUNet(SMALL)
+    save_diffusers_unet(model, folder)
+    return model
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    saved_small(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors: cannot read") as error:
+        load_diffusers_unet(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_a_config_missing_a_key_names_the_file_and_the_key(tmp_path):
+    saved_small(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["layers_per_block"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json.*layers_per_block"):
+        load_diffusers_unet(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config_give_one_short_message(tmp_path):
+    saved_small(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["block_out_channels"] = [64, 128, 128]  # twice the channels of the saved weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tensors differ in shape") as error:
+        load_diffusers_unet(tmp_path)
+    message = str(error.value)
+    assert len(message.splitlines()) <= 5
+    assert "diffusion_pytorch_model.safetensors" in message
+    assert "config.json" in message
+    # the first mismatched tensors (in the file's order), with the file's shape and the config's
+    assert "add_embedding.linear_1.weight: file (128, 96), config (256, 96)" in message
+
+
+def test_weights_missing_a_tensor_name_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    saved_small(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["conv_out.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"conv_out\.bias") as error:
+        load_diffusers_unet(tmp_path)
+    assert "extra.weight" in str(error.value)
