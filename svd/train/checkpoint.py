@@ -154,8 +154,14 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # finish the save in flight, but let the error that ended the block be the one raised
+            self.close()
+        except CheckpointError as e:
+            log.error("the checkpoint in flight failed too: %s", e)
 
     def latest_step(self) -> int | None:
         """The step the marker names, None when there is no marker (a fresh run)."""
@@ -198,7 +204,10 @@ class Checkpointer:
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "world_size": self._world,
         }
-        _write_atomically(self._fs, f"{self._path}/{MARKER}", json.dumps(marker).encode())
+        try:
+            _write_atomically(self._fs, f"{self._path}/{MARKER}", json.dumps(marker).encode())
+        except OSError as e:
+            raise CheckpointError(f"writing {join(self.uri, MARKER)} failed: {_one_line(e)}") from e
         log.info("checkpoint %s committed", self._step_uri(step))
         self._prune(step)
 

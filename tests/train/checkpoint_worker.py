@@ -1,11 +1,11 @@
-"""One rank of a real multi-process checkpoint test (started by tests/train/test_checkpoint.py with RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT and the S3 server's AWS_* variables set).
+"""Real multi-process checkpoint runs for tests/train/test_checkpoint.py (the S3 server in AWS_*).
 
-    python checkpoint_worker.py save RUN_URI OUT   # train a tiny FSDP2 model 4 steps, checkpoint 1–3 async
-    python checkpoint_worker.py load RUN_URI OUT   # a differently seeded model resumes from RUN_URI
+    python checkpoint_worker.py WORLD save RUN_URI OUT   # a tiny FSDP2 model trains 4 steps, checkpoints 1–3
+    python checkpoint_worker.py WORLD load RUN_URI OUT   # a differently seeded one resumes from RUN_URI
 
-Rank 0 writes the full (consolidated) state it saved or loaded to OUT with torch.save, for the test to
-compare across world sizes.
+WORLD ranks are forked from this process after torch is imported (importing it once, not per rank, saves
+seconds per rank on a busy machine; nothing has run in torch before the fork). Rank 0 writes the full
+(consolidated) state it saved or loaded to OUT with torch.save, for the test to compare across world sizes.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from svd.data.local_s3 import free_port
 from svd.data.storage import Storage
 from svd.train.checkpoint import Checkpointer, ModelOptimizerState
 
@@ -58,9 +60,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: di
             ema[name].lerp_(param, 0.5)
 
 
-def main(mode: str, run_uri: str, out: str) -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    world = dist.get_world_size()
+def rank_main(rank: int, world: int, port: int, mode: str, run_uri: str, out: str) -> None:
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     model = tiny_model(seed=0 if mode == "save" else 99, world=world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     ema = {
@@ -88,6 +90,14 @@ def main(mode: str, run_uri: str, out: str) -> None:
     if dist.get_rank() == 0:
         torch.save({**result, "data": data, "seed": seed}, out)
     dist.destroy_process_group()
+
+
+def main(world: str, mode: str, run_uri: str, out: str) -> None:
+    torch.set_num_threads(1)
+    port = free_port()
+    mp.start_processes(
+        rank_main, (int(world), port, mode, run_uri, out), nprocs=int(world), start_method="fork"
+    )
 
 
 if __name__ == "__main__":
