@@ -43,6 +43,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -108,6 +109,9 @@ class Checkpointer:
         else:
             self._pg, self._rank, self._world = None, 0, 1
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        # One stager for the run: it keeps its CPU copy of each tensor between saves (pinned when a GPU
+        # trains), so a save after the first copies into warm memory instead of faulting in fresh pages.
+        self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
         self._pending: Future[None] | None = None
         self._last_step: int | None = None
         self._probe_writable()
@@ -127,7 +131,11 @@ class Checkpointer:
         writer = _Writer(self._fs, self._step_path(step), sync_files=_is_local(self._fs))
         if self.async_save:
             future = dcp.async_save(
-                state, storage_writer=writer, process_group=self._pg, no_dist=self._pg is None
+                state,
+                storage_writer=writer,
+                process_group=self._pg,
+                async_stager=self._stager,
+                no_dist=self._pg is None,
             )
             self._pending = self._executor.submit(self._commit_when_written, future, step)
         else:
@@ -150,6 +158,7 @@ class Checkpointer:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self._stager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
