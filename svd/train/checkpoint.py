@@ -102,8 +102,7 @@ class Checkpointer:
         self.async_save = async_save
         self.prune_failures = 0  # old checkpoints that could not be deleted (retried at the next commit)
         self._fs, self._path = (storage or Storage.from_env()).fsspec(self.uri)
-        self._distributed = dist.is_available() and dist.is_initialized()
-        if self._distributed:
+        if dist.is_available() and dist.is_initialized():
             self._pg = process_group or dist.new_group(backend="gloo")
             self._rank, self._world = dist.get_rank(self._pg), dist.get_world_size(self._pg)
         else:
@@ -114,7 +113,7 @@ class Checkpointer:
         self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
         self._pending: Future[None] | None = None
         self._last_step: int | None = None
-        self._probe_writable()
+        self._probe_storage()
 
     def save(self, step: int, parts: Mapping[str, Part]) -> float:
         """Checkpoint `parts` as of `step`; returns the seconds it blocked the caller. In async mode it waits
@@ -250,16 +249,35 @@ class Checkpointer:
     def _step_uri(self, step: int) -> str:
         return join(self.uri, f"step-{step:08d}")
 
-    def _probe_writable(self) -> None:
-        """Fail at start, in one line naming the URI, rather than at the first save hours later."""
-        probe = f"{self._path}/.write-probe-rank{self._rank}"
+    def _probe_storage(self) -> None:
+        """Fail at start, on every rank and in one line naming the URI, rather than at the first save hours
+        later: each rank writes a probe there, and each must see rank 0's (a local path on several nodes
+        would scatter one checkpoint over their disks)."""
+        probe = f"{self._path}/.probe-rank{{}}"
         try:
             if _is_local(self._fs):
                 self._fs.makedirs(self._path, exist_ok=True)
-            self._fs.pipe_file(probe, b"")
-            self._fs.rm_file(probe)
+            self._fs.pipe_file(probe.format(self._rank), b"")
+            error = None
         except OSError as e:
-            raise CheckpointError(f"cannot write checkpoints to {self.uri}: {_one_line(e)}") from e
+            error = f"cannot write checkpoints to {self.uri}: {_one_line(e)}"
+        self._raise_on_every_rank(error)
+        self._fs.invalidate_cache(self._path)
+        shared = self._fs.exists(probe.format(0))
+        self._raise_on_every_rank(
+            None if shared else f"rank {self._rank} does not see rank 0's files in {self.uri}"
+        )
+        self._fs.rm_file(probe.format(self._rank))
+
+    def _raise_on_every_rank(self, error: str | None) -> None:
+        """One rank's failure raised on all of them, so none waits for the others in a later collective."""
+        errors = [error]
+        if self._pg is not None:
+            errors = [None] * self._world
+            dist.all_gather_object(errors, error, group=self._pg)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise CheckpointError(first)
 
 
 def read_full_state(uri: str, prefix: str, storage: Storage | None = None) -> dict[str, torch.Tensor]:

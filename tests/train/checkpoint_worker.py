@@ -2,6 +2,7 @@
 
     python checkpoint_worker.py WORLD save RUN_URI OUT   # a tiny FSDP2 model trains 4 steps, checkpoints 1–3
     python checkpoint_worker.py WORLD load RUN_URI OUT   # a differently seeded one resumes from RUN_URI
+    python checkpoint_worker.py WORLD unshared DIR OUT   # each rank gets its own folder: every rank must fail
 
 WORLD ranks are forked from this process after torch is imported (importing it once, not per rank, saves
 seconds per rank on a busy machine; nothing has run in torch before the fork). Rank 0 writes the full
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from svd.data.local_s3 import free_port
 from svd.data.storage import Storage
-from svd.train.checkpoint import Checkpointer, ModelOptimizerState
+from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
 
 
 def tiny_model(seed: int, world: int) -> torch.nn.Module:
@@ -63,6 +65,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: di
 def rank_main(rank: int, world: int, port: int, mode: str, run_uri: str, out: str) -> None:
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    if mode == "unshared":  # like one local path on several nodes, each with its own disk
+        try:
+            Checkpointer(f"{run_uri}/rank{rank}")
+        except CheckpointError as e:
+            Path(f"{out}.rank{rank}").write_text(str(e))
+        return
     model = tiny_model(seed=0 if mode == "save" else 99, world=world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     ema = {

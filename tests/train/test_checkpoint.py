@@ -414,3 +414,11 @@ def test_fsdp_checkpoint_resumes_into_a_plain_model_without_a_process_group(save
         {k: saved[k] for k in ("model", "optim", "ema")},
     )
     assert (data, seed) == (saved["data"], saved["seed"])
+
+
+@pytest.mark.slow
+def test_a_path_that_ranks_do_not_share_fails_on_every_rank_instead_of_hanging(tmp_path):
+    run_ranks(2, "unshared", str(tmp_path / "node-local"), str(tmp_path / "error"), env={})
+    for rank in (0, 1):
+        error = (tmp_path / f"error.rank{rank}").read_text()
+        assert error == f"rank 1 does not see rank 0's files in {tmp_path}/node-local/rank1/checkpoints"
