@@ -29,8 +29,9 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -139,7 +140,8 @@ class Checkpointer:
             self._pending = self._executor.submit(self._commit_when_written, future, step)
         else:
             try:
-                dcp.save(state, storage_writer=writer, process_group=self._pg, no_dist=self._pg is None)
+                with _single_process_is_intended():
+                    dcp.save(state, storage_writer=writer, process_group=self._pg, no_dist=self._pg is None)
             except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
                 raise CheckpointError(f"saving {self._step_uri(step)} failed: {_one_line(e)}") from e
             self._commit(step)
@@ -187,7 +189,8 @@ class Checkpointer:
         state = _to_dcp(parts)
         _check_keys(state, reader.read_metadata(), self._step_uri(step))
         try:
-            dcp.load(state, storage_reader=reader, process_group=self._pg, no_dist=self._pg is None)
+            with _single_process_is_intended():
+                dcp.load(state, storage_reader=reader, process_group=self._pg, no_dist=self._pg is None)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"loading {self._step_uri(step)} failed: {_one_line(e)}") from e
         _from_dcp(state, parts)
@@ -301,8 +304,7 @@ def read_full_state(uri: str, prefix: str, storage: Storage | None = None) -> di
         raise CheckpointError(f"{uri} has no tensors under {prefix!r}")
     state = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in entries.items()}
     try:
-        with warnings.catch_warnings():  # DCP warns that it assumes a single process: that is the intent
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        with _single_process_is_intended():
             dcp.load(state, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"loading {uri} failed: {_one_line(e)}") from e
@@ -420,6 +422,15 @@ def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
         fs.mv(f"{path}.tmp", path)
     else:
         fs.pipe_file(path, data)
+
+
+@contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process; here that is the intent.
+    (The async save's thread still warns: warning filters are per process, not per thread.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
