@@ -101,7 +101,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # progress line and metrics
     val_every: int = 1000  # validation loss on the held-out split at fixed σ; 0 disables
-    val_batches: int = 2
+    val_samples: int = 8  # held-out samples per validation (over all ranks)
     val_sigmas: list[float] = field(default_factory=lambda: [0.05, 0.3, 1.0, 3.0, 10.0])
     preview_every: int = 1000  # a video sampled with the EMA weights; 0 disables
     preview_steps: int = 25  # Euler steps of the preview sampler
@@ -281,6 +281,7 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         ("data.frames", cfg.data.frames),
         ("train.global_batch", cfg.train.global_batch),
         ("train.log_every", cfg.train.log_every),
+        ("train.val_samples", cfg.train.val_samples),
         ("checkpoint.keep", cfg.checkpoint.keep),
         ("checkpoint.every", cfg.checkpoint.every),
         ("stage.lora_rank", cfg.stage.lora_rank),

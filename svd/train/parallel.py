@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from svd.config import ParallelConfig
@@ -126,6 +127,9 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh | No
             block.compile()
     if mesh is None:
         return model
+    # With one video per rank a block's output is a view of its blend; no block changes its input in
+    # place, which is the case this warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     dtype = param_dtype(cfg.mixed_precision, device)
     block_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # The root keeps its inputs (σ, noisy latents) in fp32: the EDM scalings need them exact.
@@ -134,3 +138,11 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh | No
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(model, mesh=mesh, mp_policy=root_policy)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Back to sharded parameters. FSDP2 keeps the root unsharded after a forward (its backward would
+    need it at once); code that then reads or replaces the parameters (the EMA swap) needs the shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -60,7 +60,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.loader = self._build_loader(state=None)
         self.checkpointer = Checkpointer(
-            join(cfg.checkpoint.run_dir, "checkpoints"),
+            cfg.checkpoint.run_dir,
             self.storage,
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
@@ -282,8 +282,10 @@ class Trainer:
             return {}
         sigmas = self.cfg.train.val_sigmas
         sums = torch.zeros(len(sigmas) + 1, device=self.device)
+        parallel.reshard(self.model)
         with self.ema.applied(self.model):
-            for _, batch in zip(range(self.cfg.train.val_batches), loader, strict=False):
+            per_step = self.env.world_size * self.cfg.data.micro_batch
+            for _, batch in zip(range(-(-self.cfg.train.val_samples // per_step)), loader, strict=False):
                 latents = self.task.latents(batch)
                 frame_shape = tuple(batch["frames"].shape[2:]) if "frames" in batch else (3, 1, 1)
                 randoms = self.task.draw(batch, tuple(latents.shape[1:]), frame_shape, self.cfg.train.seed + 1)
@@ -316,6 +318,7 @@ class Trainer:
             for dropped in (False, True)
         )
         sampler = EulerEDMSampler(SamplerConfig(num_steps=self.cfg.train.preview_steps, guidance_min=lo, guidance_max=hi))
+        parallel.reshard(self.model)
         with self.ema.applied(self.model):
             sample = sampler.sample(self.model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.device)
         if self.env.is_main:
