@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import time
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from svd.config import RunConfig, compose
 from svd.curate.config import CurateConfig
 from svd.curate.pipeline import run
 from svd.data.buckets import Bucket
@@ -32,10 +32,12 @@ from svd.data.local_s3 import LocalS3
 from svd.data.storage import Storage
 from svd.data.synthetic import moving_square, panning_texture, video_with_cuts
 from svd.data.video_io import encode_mp4, to_uint8_frames, write_gif, write_mp4
-from svd.diffusion.edm import Conditioning, Denoiser, NoiseDistribution, denoising_loss
+from svd.diffusion.edm import Denoiser
 from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
-from svd.model.autoencoder import SpaceToDepthAutoencoder
-from svd.model.video_unet import VideoUNet, preset
+from svd.launch.local import launch_local
+from svd.model.video_unet import VideoUNet
+from svd.train.task import SampleRandoms, Task, unet_config
+from svd.train.weights import initial_weights
 
 BUCKET = "svd-demo"
 DEMO_FILTER = "camera_motion != 'pan_right'"  # curation names the second shot a pan: train on the square
@@ -68,7 +70,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=Path("outputs/demo"), help="output folder (default: %(default)s)"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "frames", "size", "sample_steps", "factor"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be ≥ 1")
+    for name in ("lr", "fps", "p_std"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema={args.ema} must be in [0, 1)")
+    if args.size % args.factor:
+        p.error(f"--size={args.size} must be a multiple of --factor={args.factor}")
+    return args
 
 
 def publish_raw_video(storage: Storage, args: argparse.Namespace) -> str:
@@ -107,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             world_size=1,
         )
         print(f"loader: {loader.sizes[0]} clip passes the filter {DEMO_FILTER}")
-        return train_and_sample(args, iter(loader))
+        first = next(iter(loader))
+        cfg, losses = train(args, table)
+        summary = sample(args, cfg, first)
+        return summary | {"first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:]))}
 
 
 @contextlib.contextmanager
@@ -125,70 +141,65 @@ def patched_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def to_latents(autoencoder: SpaceToDepthAutoencoder, frames: torch.Tensor) -> torch.Tensor:
-    """(B, T, 3, H, W) uint8 from the loader → latents."""
-    return autoencoder.encode(frames.float() / 127.5 - 1.0)
+def train(args: argparse.Namespace, table: str) -> tuple[RunConfig, list[float]]:
+    """Trains through `svd.train`, exactly as `jobs/launch.py stage=video_pretrain model=tiny` would. The
+    run directory starts empty: a previous demo's checkpoints would otherwise be resumed."""
+    shutil.rmtree(args.out / "run", ignore_errors=True)
+    cfg = compose(
+        [
+            "stage=video_pretrain",
+            "model=tiny",
+            f"data.table={table}",
+            f"data.filter={DEMO_FILTER}",
+            f"data.height={args.size}",
+            f"data.width={args.size}",
+            f"data.frames={args.frames}",
+            f"data.fps={args.fps}",
+            f"data.micro_batch={args.batch}",
+            f"data.cache_dir={args.out / 'row_index'}",
+            f"model.autoencoder_factor={args.factor}",
+            f"train.steps={args.steps}",
+            f"train.global_batch={args.batch}",
+            f"train.lr={args.lr}",
+            "train.weight_decay=0",
+            "train.grad_clip=0",
+            f"train.ema_decay={args.ema}",
+            f"train.seed={args.seed}",
+            "train.log_every=50",
+            # The demo overfits one clip: a wide band of noise levels, so that every sampling step was trained.
+            f"diffusion.p_mean={args.p_mean}",
+            f"diffusion.p_std={args.p_std}",
+            "diffusion.cond_dropout=0",
+            "parallel.sharding=none",
+            f"checkpoint.run_dir={(args.out / 'run').resolve()}",
+            f"checkpoint.every={args.steps}",
+        ]
+    )
+    losses = launch_local(cfg).losses
+    print(f"trained {args.steps} steps; loss {np.mean(losses[:10]):.3f} → {np.mean(losses[-10:]):.3f}")
+    return cfg, losses
 
 
-def conditioning(batch: dict, context_dim: int) -> Conditioning:
-    """The model's conditioning from a loader batch (no text encoder in the demo: an empty context)."""
-    n = len(batch["clip_id"])
-    micro = {
-        "fps_id": batch["fps_id"],
-        "motion_bucket_id": batch["motion_bucket_id"],
-        "cond_aug": torch.zeros(n),
-    }
-    return Conditioning(context=torch.zeros(n, 1, context_dim), micro=micro)
-
-
-def train_and_sample(args: argparse.Namespace, batches: Iterator[dict]) -> dict[str, float]:
-    autoencoder = SpaceToDepthAutoencoder(factor=args.factor)
-    first = next(batches)
+def sample(args: argparse.Namespace, cfg: RunConfig, first: dict) -> dict[str, float]:
+    """Samples a video with the run's EMA weights and compares it with the training clip."""
+    task = Task.build(cfg, torch.device("cpu"))
+    denoiser = Denoiser(VideoUNet(unet_config(cfg, task.latent_channels)))
+    denoiser.load_state_dict(initial_weights(cfg.checkpoint.run_dir, Storage.from_env()))
     clip = first["frames"][0].permute(0, 2, 3, 1).numpy()  # (T, H, W, 3) uint8, as decoded from the store
-    cfg = preset("tiny", in_channels=autoencoder.latent_channels, out_channels=autoencoder.latent_channels)
-    denoiser = Denoiser(VideoUNet(cfg))
-    n_params = sum(p.numel() for p in denoiser.parameters())
-    latent_shape = tuple(to_latents(autoencoder, first["frames"][:1]).shape)
-    print(
-        f"model: tiny VideoUNet, {n_params / 1e6:.2f}M parameters; clip {tuple(clip.shape)} → latents "
-        f"{latent_shape[1:]} through space_to_depth"
+    one = {key: first[key][:1] for key in ("frames", "fps_id", "motion_bucket_id", "caption")}
+    latents = task.latents(one)
+    randoms = SampleRandoms(
+        dropped=torch.zeros(1, dtype=torch.bool),
+        sigma=torch.ones(1),
+        eps=torch.zeros_like(latents),
+        cond_sigma=torch.zeros(1),
+        cond_noise=None,
     )
-
-    # The demo overfits one clip: a wide band of noise levels, so that every sampling step was trained.
-    noise = NoiseDistribution(p_mean=args.p_mean, p_std=args.p_std)
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=args.lr, weight_decay=0.0)
-    # Samples come from an exponential moving average of the weights, as in every diffusion training run:
-    # it smooths out the last steps' noise (measured here: 17.4 dB against 17.1 without, at 300 steps).
-    ema = AveragedModel(denoiser, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
-    generator = torch.Generator().manual_seed(args.seed)
-    start, losses, batch = time.perf_counter(), [], first
-    for step in range(1, args.steps + 1):
-        loss = denoising_loss(
-            denoiser,
-            to_latents(autoencoder, batch["frames"]),
-            conditioning(batch, cfg.context_dim),
-            noise,
-            generator,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema.update_parameters(denoiser)
-        losses.append(loss.item())
-        if step == 1 or step % 50 == 0 or step == args.steps:
-            recent = np.mean(losses[-50:])
-            print(f"step {step:4d}/{args.steps}  loss {recent:.4f}  ({time.perf_counter() - start:.0f} s)")
-        batch = next(batches)
-    train_seconds = time.perf_counter() - start
-
     sampler = EulerEDMSampler(SamplerConfig(num_steps=args.sample_steps, guidance_min=1.0, guidance_max=1.0))
-    denoiser = ema.module.eval()
-    one_clip = {key: first[key][:1] for key in ("clip_id", "fps_id", "motion_bucket_id")}
-    sample = sampler.sample(
-        denoiser, latent_shape, conditioning(one_clip, cfg.context_dim), seed=args.seed, progress=True
+    out = sampler.sample(
+        denoiser.eval(), tuple(latents.shape), task.conditioning(one, latents, randoms), seed=args.seed, progress=True
     )
-    video = to_uint8_frames(autoencoder.decode(sample)[0])
-
+    video = to_uint8_frames(task.autoencoder.decode(out)[0])
     mse = np.mean((video.astype(np.float64) - clip.astype(np.float64)) ** 2)
     psnr = 10 * np.log10(255.0**2 / max(mse, 1e-10))
     paths = [
@@ -197,19 +208,11 @@ def train_and_sample(args: argparse.Namespace, batches: Iterator[dict]) -> dict[
         write_gif(clip, args.out / "training_clip.gif", args.fps),
     ]
     print(
-        f"trained {args.steps} steps in {train_seconds:.0f} s; loss {np.mean(losses[:10]):.3f} → "
-        f"{np.mean(losses[-10:]):.3f}"
-    )
-    print(
-        f"sampled {args.frames} frames in {args.sample_steps} Euler steps; PSNR against the training clip "
-        f"{psnr:.1f} dB"
+        f"sampled {args.frames} frames in {args.sample_steps} Euler steps with the EMA weights; PSNR against the "
+        f"training clip {psnr:.1f} dB"
     )
     print("wrote " + ", ".join(str(p) for p in paths))
-    return {
-        "psnr": float(psnr),
-        "first_loss": float(np.mean(losses[:10])),
-        "last_loss": float(np.mean(losses[-10:])),
-    }
+    return {"psnr": float(psnr)}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,24 @@ def test_demo_trains_samples_and_writes_the_video(tmp_path):
     assert (tmp_path / "training_clip.gif").stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "-1"], "--steps=-1 must be ≥ 1"),
+        (["--batch", "0"], "--batch=0 must be ≥ 1"),
+        (["--fps", "0"], "--fps=0.0 must be > 0"),
+        (["--sample-steps", "0"], "--sample-steps=0 must be ≥ 1"),
+    ],
+)
+def test_demo_refuses_bad_arguments_before_any_work(args, message):
+    out = subprocess.run(
+        [sys.executable, "jobs/demo.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "curation" not in out.stdout
+
+
 def test_demo_explains_itself():
     out = subprocess.run([sys.executable, "jobs/demo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
