@@ -45,6 +45,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) bench/unet.py
 	$(PY) bench/loader.py
 	$(PY) bench/curate.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -14,7 +14,27 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameter: check stage.trainable")
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    init_state(optimizer)
+    return optimizer
+
+
+def init_state(optimizer: torch.optim.AdamW) -> None:
+    """AdamW's per-parameter state, made now exactly as its first step would make it (step 0, zero moments).
+
+    Some parameters never get a gradient — with a single context token (the CLIP image embedding) attention
+    needs no query or key, so `to_q`/`to_k` of cross-attention stay unused — and AdamW creates no state for
+    them. Checkpoints must not depend on that: every parameter has its state from the start, so a checkpoint
+    holds the same keys at every step and loads into a fresh optimizer. (PyTorch's own helper for this takes
+    an optimizer step with zero gradients, which would shift AdamW's bias correction by one step.)
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:

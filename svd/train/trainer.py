@@ -45,6 +45,11 @@ class TrainResult:
     steps: int  # optimizer steps completed in the run directory (including earlier runs)
     resumed_from: int | None
     losses: list[float] = field(default_factory=list)  # global mean loss per step of this process's run
+    step_seconds: list[float] = field(default_factory=list)
+    data_wait_seconds: list[float] = field(default_factory=list)  # of each step, waiting for batches
+    peak_memory_bytes: int = 0  # of the device (CUDA), else of the process (max RSS)
+    flops_per_sample: float | None = None  # forward + backward, counted when MFU is reported
+    peak_flops: float | None = None  # of the device, from the metrics table
     validation: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -66,6 +71,8 @@ class Trainer:
             async_save=cfg.checkpoint.async_save,
         )
         self.metrics: TrainMetrics | None = None
+        self.flops: float | None = None
+        self.peak_flops: float | None = None
         self.progress = ProgressLine(cfg.steps, cfg.train.log_every) if env.is_main else None
 
     # ---- build -------------------------------------------------------------------------------------
@@ -178,6 +185,8 @@ class Trainer:
                 step += 1
                 seconds = time.perf_counter() - started
                 result.losses.append(loss)
+                result.step_seconds.append(seconds)
+                result.data_wait_seconds.append(wait)
                 self._observe(step, loss, seconds, wait)
                 if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                     blocked = self.checkpointer.save(step, self._parts(step))
@@ -188,6 +197,8 @@ class Trainer:
                 if cfg.train.preview_every and step % cfg.train.preview_every == 0:
                     self.preview(step, preview_batch)
             result.steps = step
+            result.peak_memory_bytes = peak_memory(self.device)
+            result.flops_per_sample, result.peak_flops = self.flops, self.peak_flops
         finally:
             self.checkpointer.close()
             if server is not None:
@@ -236,7 +247,9 @@ class Trainer:
             gpu=m.gpu,
             peak_flops=dict(PEAK_FLOPS) | dict(m.gpu_peak_flops),
         )
-        flops = self._flops_per_sample() if config.device_peak_flops(self.device) else None
+        self.peak_flops = config.device_peak_flops(self.device)
+        flops = self._flops_per_sample() if self.peak_flops else None
+        self.flops = flops
         self.metrics = TrainMetrics(
             config,
             job=self.cfg.job_name,
@@ -361,6 +374,14 @@ class Trainer:
         fs, path = self.storage.fsspec(join(self.cfg.checkpoint.run_dir, name))
         old = fs.cat_file(path).decode() if fs.exists(path) else ""
         fs.pipe_file(path, (old + line + "\n").encode())
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run(cfg: RunConfig) -> TrainResult:

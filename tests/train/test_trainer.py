@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +17,8 @@ from svd.config import compose
 from svd.launch.local import launch_local
 from svd.train.checkpoint import read_full_state
 from svd.train.trainer import TrainResult
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def settings(train_table: dict, run: str, *extra: str) -> list[str]:
@@ -93,3 +103,53 @@ def test_a_run_writes_previews_validation_and_its_config(train_table, s3_env, mo
     assert {"checkpoints/latest", "checkpoints/step-00000002/.metadata"} <= names
     assert set(result.validation[0]) == {"sigma_0.05", "sigma_0.3", "sigma_1", "sigma_3", "sigma_10", "mean"}
     assert all(v > 0 for v in result.validation[0].values())
+
+
+def _rank_processes(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the ranks the launcher started (its children whose environment has RANK)."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != launcher_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for entry in environ:
+            if entry.startswith(b"RANK="):
+                ranks[int(entry[5:])] = int(stat.parent.name)
+    return ranks
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_cleanly_and_a_restart_resumes_from_the_last_checkpoint(
+    train_table, s3_env, moto_s3
+):
+    args = settings(train_table, "killed", "gpus_per_node=2", "train.steps=200", "parallel.collective_timeout_s=30")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    fs, marker = moto_s3.storage.fsspec(f"{train_table['bucket']}/runs/killed/checkpoints/latest")
+    try:
+        deadline = time.monotonic() + 300
+        while not fs.exists(marker):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+        os.kill(_rank_processes(process.pid)[1], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)  # the other rank is stopped, not left hanging
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1
+    assert "training failed" in stderr
+    saved = json.loads(fs.cat_file(marker))["step"]
+    resumed = train(train_table, "killed", "gpus_per_node=2", f"train.steps={saved + 2}")
+    assert resumed.resumed_from == saved >= 2
+    assert resumed.steps == saved + 2 and len(resumed.losses) == 2

@@ -1,0 +1,77 @@
+"""Every stage of the paper trains through `jobs/launch.py … launcher=local`, each starting from the one
+before it (`stage.init_from`), and the results export for inference."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+launch = runpy.run_path(str(ROOT / "jobs" / "launch.py"), run_name="launch")["main"]
+export = runpy.run_path(str(ROOT / "jobs" / "export.py"), run_name="export")["main"]
+
+
+def run_stage(train_table: dict, stage: str, *extra: str) -> str:
+    run_dir = f"{train_table['bucket']}/stages/{stage}"
+    code = launch(
+        [
+            f"stage={stage}",
+            "model=tiny",
+            "launcher=local",
+            "nodes=1",
+            "gpus_per_node=1",
+            f"data.table={train_table['table']}",
+            f"checkpoint.run_dir={run_dir}",
+            "train.steps=2",
+            "train.global_batch=2",
+            "data.fps=4",
+            *extra,
+        ]
+    )
+    assert code == 0
+    return run_dir
+
+
+@pytest.mark.slow
+def test_every_stage_trains_from_the_previous_one_and_exports(train_table, s3_env, tiny_clip_encoder, tmp_path, capsys):
+    text, image = f"model.text_encoder={tiny_clip_encoder}", f"model.image_encoder={tiny_clip_encoder}"
+    images = run_stage(train_table, "image_pretrain", text)
+    video = run_stage(train_table, "video_pretrain", text, "data.frames=4", f"stage.init_from={images}")
+    assert "added (fresh init)" in capsys.readouterr().out  # the temporal layers joined the image model
+    hr = run_stage(train_table, "video_pretrain_hr", text, "data.frames=4", f"stage.init_from={video}")
+    run_stage(train_table, "video_finetune_hq", text, "data.frames=4", f"stage.init_from={hr}")
+    i2v = run_stage(train_table, "i2v_finetune", image, "data.frames=4", f"stage.init_from={hr}")
+    out = capsys.readouterr().out
+    assert "1 reshaped" in out and "network.conv_in.weight" in out  # 12 → 24 input channels
+    run_stage(train_table, "interpolation", text, "data.frames=5", f"stage.init_from={hr}")
+    lora = run_stage(train_table, "camera_lora", image, "data.frames=4", f"stage.init_from={i2v}")
+    run_stage(train_table, "multiview", image, "data.frames=4")
+
+    assert export([f"run={i2v}", f"out={tmp_path / 'unet'}"]) == 0
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path / "unet")
+    assert unet.config.in_channels == 24 and unet.config.cross_attention_dim == 32
+
+    assert export([f"run={lora}", f"out={tmp_path / 'zoom.safetensors'}", "format=lora"]) == 0
+    from safetensors.torch import load_file
+
+    adapters = load_file(tmp_path / "zoom.safetensors")
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_b" in k)  # the adapters trained
+
+
+def test_camera_lora_trains_only_the_adapters(train_table, s3_env):
+    base = run_stage(train_table, "i2v_finetune", "data.frames=4")
+    from svd.train.checkpoint import read_full_state
+
+    before = read_full_state(base, "ema.weights")
+    lora = run_stage(train_table, "camera_lora", "data.frames=4", f"stage.init_from={base}", "train.lr=1e-2")
+    model = read_full_state(lora, "model.model")
+    ema = read_full_state(lora, "ema.weights")
+    assert ema and all(".lora_" in k for k in ema)  # only the adapters are trained (and averaged)
+    frozen = [k for k in before if "temporal_blocks" in k and "attn.to_q.weight" in k]
+    assert frozen and all(torch.equal(model[k], before[k]) for k in frozen)
