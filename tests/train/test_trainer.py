@@ -105,21 +105,18 @@ def test_a_run_writes_previews_validation_and_its_config(train_table, s3_env, mo
     assert all(v > 0 for v in result.validation[0].values())
 
 
-def _rank_processes(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the ranks the launcher started (its children whose environment has RANK)."""
-    ranks = {}
+def _rank_processes(launcher_pid: int) -> list[int]:
+    """The pids of the ranks the launcher started: its spawned children (not multiprocessing's tracker)."""
+    ranks = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != launcher_pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        for entry in environ:
-            if entry.startswith(b"RANK="):
-                ranks[int(entry[5:])] = int(stat.parent.name)
-    return ranks
+        if ppid == launcher_pid and b"spawn_main" in command and b"resource_tracker" not in command:
+            ranks.append(int(stat.parent.name))
+    return sorted(ranks)
 
 
 @pytest.mark.slow
@@ -141,7 +138,9 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_restart_resumes_from_the_last
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
-        os.kill(_rank_processes(process.pid)[1], signal.SIGKILL)
+        ranks = _rank_processes(process.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGKILL)
         _, stderr = process.communicate(timeout=120)  # the other rank is stopped, not left hanging
     finally:
         if process.poll() is None:
