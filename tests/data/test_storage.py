@@ -24,8 +24,40 @@ def test_storage_comes_from_the_standard_aws_variables():
         "aws_secret_access_key": "very-secret-value",
         "aws_endpoint": "http://127.0.0.1:9",
         "allow_http": "true",
+        "connect_timeout": "5000ms",
+        "timeout": "30000ms",
+        "client_max_retries": "2",
+        "client_retry_timeout": "105",
     }
     assert storage.lance_options("/local/t.lance") == {}
+
+
+def test_deadlines_come_from_the_environment_and_reach_every_client():
+    env = ENV | {
+        "SVD_STORAGE_CONNECT_TIMEOUT": "0.5",
+        "SVD_STORAGE_READ_TIMEOUT": "2",
+        "SVD_STORAGE_MAX_ATTEMPTS": "4",
+    }
+    storage = Storage.from_env(env)
+    assert (storage.connect_timeout, storage.read_timeout, storage.max_attempts) == (0.5, 2.0, 4)
+    options = storage.lance_options("s3://b/t.lance")
+    assert (options["connect_timeout"], options["timeout"], options["client_max_retries"]) == (
+        "500ms",
+        "2000ms",
+        "3",
+    )
+    fs, _ = storage.fsspec("s3://b/k")
+    assert fs.retries == 4
+    config = fs.config_kwargs
+    assert (config["connect_timeout"], config["read_timeout"], config["retries"]["max_attempts"]) == (
+        0.5,
+        2.0,
+        4,
+    )
+    with pytest.raises(ValueError, match="SVD_STORAGE_MAX_ATTEMPTS='many'"):
+        Storage.from_env(ENV | {"SVD_STORAGE_MAX_ATTEMPTS": "many"})
+    with pytest.raises(ValueError, match="max_attempts=0"):
+        Storage(max_attempts=0)
 
 
 def test_credentials_never_appear_in_the_repr():
