@@ -378,22 +378,22 @@ def run(cfg: CurateConfig, *, progress: bool = True) -> RunSummary:
         logs.clear()
 
     started = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="video", desc=f"curating shard {index}/{shards}", disable=not progress)
-    for result in _results(cfg, todo, stages):
-        rows += result.rows
-        logs.append(result.log)
-        summary.curated += 1
-        summary.clips += len(result.rows)
-        summary.status[result.log["status"]] += 1
-        if result.log["status"] == TRANSIENT:
-            summary.errors.append(f"{result.log['video_uri']}: {result.log['detail'].split(' | ')[0]}")
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(clips=summary.clips, clips_per_s=f"{summary.clips / elapsed:.1f}", refresh=False)
-        bar.update()
-        if len(logs) >= cfg.commit_every:
-            flush()
-    flush()
-    bar.close()
+    desc = f"curating shard {index}/{shards}"
+    with tqdm(total=len(todo), unit="video", desc=desc, disable=not progress) as bar:  # closed before errors
+        for result in _results(cfg, todo, stages):
+            rows += result.rows
+            logs.append(result.log)
+            summary.curated += 1
+            summary.clips += len(result.rows)
+            summary.status[result.log["status"]] += 1
+            if result.log["status"] == TRANSIENT:
+                summary.errors.append(f"{result.log['video_uri']}: {result.log['detail'].split(' | ')[0]}")
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(clips=summary.clips, clips_per_s=f"{summary.clips / elapsed:.1f}", refresh=False)
+            bar.update()
+            if len(logs) >= cfg.commit_every:
+                flush()
+        flush()
     if summary.version is not None:
         summary.tag = cfg.tag or default_tag(cfg.shard)
         tag_version(cfg.output, storage, summary.tag, summary.version)
