@@ -25,6 +25,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -379,8 +380,10 @@ def run(cfg: CurateConfig, *, progress: bool = True) -> RunSummary:
 
     started = time.perf_counter()
     desc = f"curating shard {index}/{shards}"
-    with tqdm(total=len(todo), unit="video", desc=desc, disable=not progress) as bar:  # closed before errors
-        for result in _results(cfg, todo, stages):
+    results = _results(cfg, todo, stages)
+    # closing(): an interrupt stops the pool at once, not when the generator is collected at exit
+    with closing(results), tqdm(total=len(todo), unit="video", desc=desc, disable=not progress) as bar:
+        for result in results:
             rows += result.rows
             logs.append(result.log)
             summary.curated += 1
