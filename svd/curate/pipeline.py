@@ -58,6 +58,7 @@ from svd.model.autoencoder import Autoencoder, AutoencoderConfig, build_autoenco
 
 MOTION_FPS = 2.0
 MOTION_SIDE = 16
+MAX_ERROR_LINES = 20  # transient errors a summary spells out; all are counted and logged in the table
 
 
 class InputError(Exception):
@@ -102,8 +103,7 @@ def _build(setting: str, make: Callable[[], Any]) -> Any:
     try:
         return make()
     except Exception as e:  # whatever a model library raises for a bad folder: name the setting instead
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise StageError(f"{setting}: cannot be loaded: {type(e).__name__}: {first}") from None
+        raise StageError(f"{setting}: cannot be loaded: {_one_line(e)}") from None
 
 
 @dataclass
@@ -325,9 +325,9 @@ def _curate_in_worker(uri: str) -> VideoResult:
     return curate_video(uri, _worker_stages)
 
 
-def _results(cfg: CurateConfig, todo: list[str], stages: Stages) -> Iterator[VideoResult]:
-    """`stages` were built here first, so a stage that cannot load fails once, before the pool starts."""
-    if cfg.workers == 0:
+def _results(cfg: CurateConfig, todo: list[str], stages: Stages | None) -> Iterator[VideoResult]:
+    """In this process with `stages` (workers=0), else in a pool whose workers build their own."""
+    if stages is not None:
         yield from (curate_video(uri, stages) for uri in todo)
         return
     context = multiprocessing.get_context("spawn")  # Lance, s3fs and torch are not fork-safe
@@ -342,7 +342,7 @@ class RunSummary:
     curated: int = 0
     clips: int = 0
     status: Counter = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)  # one line per video that ended in a transient error
+    errors: list[str] = field(default_factory=list)  # a line for each of the first transient errors
     version: int | None = None
     tag: str | None = None
 
@@ -365,7 +365,9 @@ def run(cfg: CurateConfig, *, progress: bool = True) -> RunSummary:
     summary = RunSummary(videos_in_shard=len(mine), skipped_existing=len(mine) - len(todo))
     if not todo:
         return summary
-    stages = Stages.build(cfg)
+    stages = Stages.build(cfg)  # here first: a stage that cannot load fails once, before any pool starts
+    results = _results(cfg, todo, stages if cfg.workers == 0 else None)
+    del stages  # with workers, each builds its own: this copy would only hold memory
     optional = ["latents"] if cfg.latents else []
     rows: list[dict[str, Any]] = []
     logs: list[dict[str, Any]] = []
@@ -380,7 +382,6 @@ def run(cfg: CurateConfig, *, progress: bool = True) -> RunSummary:
 
     started = time.perf_counter()
     desc = f"curating shard {index}/{shards}"
-    results = _results(cfg, todo, stages)
     # closing(): an interrupt stops the pool at once, not when the generator is collected at exit
     with closing(results), tqdm(total=len(todo), unit="video", desc=desc, disable=not progress) as bar:
         for result in results:
@@ -389,7 +390,7 @@ def run(cfg: CurateConfig, *, progress: bool = True) -> RunSummary:
             summary.curated += 1
             summary.clips += len(result.rows)
             summary.status[result.log["status"]] += 1
-            if result.log["status"] == TRANSIENT:
+            if result.log["status"] == TRANSIENT and len(summary.errors) < MAX_ERROR_LINES:
                 summary.errors.append(f"{result.log['video_uri']}: {result.log['detail'].split(' | ')[0]}")
             elapsed = time.perf_counter() - started
             bar.set_postfix(clips=summary.clips, clips_per_s=f"{summary.clips / elapsed:.1f}", refresh=False)
