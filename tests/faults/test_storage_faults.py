@@ -90,6 +90,16 @@ def test_an_input_on_a_silent_endpoint_is_an_error_not_an_empty_input(silent_end
     assert str(raised).startswith("input=s3://bucket/raw/: cannot be listed: ")
 
 
+def test_s3fs_and_pyarrow_give_up_on_a_silent_endpoint_within_seconds(silent_endpoint):
+    storage = silent_storage(silent_endpoint)
+    fs, path = storage.fsspec("s3://bucket/raw/a.mp4")
+    assert isinstance(finishes_within(30, lambda: fs.info(path)), OSError)
+    pa_fs, pa_path = storage.pyarrow("s3://bucket/raw/a.mp4")
+    raised = finishes_within(30, lambda: pa_fs.get_file_info(pa_path))
+    assert isinstance(raised, OSError)
+    assert "Timeout was reached" in str(raised)
+
+
 @pytest.mark.slow
 def test_a_table_on_a_silent_endpoint_is_unreadable_never_absent(silent_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", silent_endpoint)  # Lance prefers it to storage_options
