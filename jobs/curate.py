@@ -121,8 +121,8 @@ def _run(cfg: CurateConfig, storage: Storage) -> int:
         for line in summary.errors[:5]:
             print(f"curate: error: {line}", file=sys.stderr)
         print(
-            f"curate: {summary.transient} videos failed for a transient reason (storage, models); "
-            "rerun the same command to retry them",
+            f"curate: {summary.transient} videos failed for a reason a rerun may not meet again (storage, "
+            "models, sidecar files); rerun the same command to retry them",
             file=sys.stderr,
         )
         return 1
