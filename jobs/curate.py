@@ -5,13 +5,21 @@
     python jobs/curate.py output=s3://bucket/lvd/clips.lance recipe=datasets/lvd_f.yaml
     python jobs/curate.py output=s3://bucket/lvd/clips.lance report=outputs/report recipe=datasets/lvd_f.yaml
 
-Settings are key=value (OmegaConf dotlist); object-storage credentials come from the AWS_* variables.
+Settings are key=value (OmegaConf dotlist); object-storage credentials come from the AWS_* variables, and
+storage deadlines from SVD_STORAGE_CONNECT_TIMEOUT, SVD_STORAGE_READ_TIMEOUT, SVD_STORAGE_MAX_ATTEMPTS.
+
+Exit status: 0 done; 1 a problem with the input, the output, storage or a model (one line on stderr), or
+videos that failed for a transient reason (rerun the same command to retry them); 2 bad settings.
+SIGTERM stops the run like Ctrl-C: the uncommitted batch is redone by the next run.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
+import os
 import re
+import signal
 import sys
 
 from omegaconf import OmegaConf
@@ -19,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from svd.curate import config as config_module
 from svd.curate.config import CurateConfig
+from svd.data.storage import Storage
 
 
 def usage() -> str:
@@ -53,14 +62,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = parse(argv)
+        storage = Storage.from_env()  # its settings (SVD_STORAGE_*) are settings too
     except ValueError as e:
         print(f"curate: {e}", file=sys.stderr)
         return 2
 
-    from svd.curate.recipes import compute_filter, load_recipe, save
-    from svd.data.storage import Storage
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(cfg, storage)
+    except KeyboardInterrupt:
+        print("curate: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    except Exception as e:  # input, output, storage, models: known before curating, one line each
+        from svd.curate.ledger import OutputError
+        from svd.curate.pipeline import InputError, StageError
 
-    storage = Storage.from_env()
+        if not isinstance(e, InputError | OutputError | StageError | OSError):
+            raise
+        print(f"curate: {e}", file=sys.stderr)
+        return 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run(cfg: CurateConfig, storage: Storage) -> int:
+    from svd.curate.recipes import compute_filter, load_recipe, save
+
     recipe = load_recipe(cfg.recipe) if cfg.recipe else None
     if cfg.report:
         from svd.curate.report import write_report
@@ -88,8 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {status}: {count}")
     if summary.tag:
         print(f"table {cfg.output} at version {summary.version}, tagged {summary.tag}")
+    if summary.transient:
+        for line in summary.errors[:5]:
+            print(f"curate: error: {line}", file=sys.stderr)
+        print(
+            f"curate: {summary.transient} videos failed for a reason a rerun may not meet again (storage, "
+            "models, sidecar files); rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 130:  # stopped: skip the ~1 s teardown of torch and Lance; the tables are already safe
+        gc.collect()  # but release the stopped pool's semaphores, or the resource tracker warns of leaks
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -52,6 +52,25 @@ def radosgw() -> ObjectStore:
     return ObjectStore(Storage.from_env(env), env)
 
 
+@pytest.fixture(scope="session")
+def avi_bytes() -> bytes:
+    """2 s of a moving square, MPEG-4 Part 2 in AVI (a RIFF container, like WebP): written by PyAV."""
+    import io
+
+    import av
+
+    from svd.data.synthetic import moving_square
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in moving_square(48, 48, 64, velocity=(0.0, 2.0)):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def s3_bucket(moto_s3: ObjectStore) -> str:
     """A fresh bucket on the moto server, as an s3:// prefix."""

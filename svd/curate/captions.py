@@ -59,7 +59,11 @@ class SidecarCaptioner:
             text = fs.cat_file(path).decode("utf-8")
             if suffix == ".txt":
                 return [line.strip() for line in text.splitlines() if line.strip()]
-            return _from_json(json.loads(text), start_s, end_s)
+            try:
+                data = json.loads(text)
+            except ValueError as e:  # the caller retries it on the next run, once the file is fixed
+                raise ValueError(f"caption sidecar {stem}{suffix} is not valid JSON: {e}") from None
+            return _from_json(data, start_s, end_s)
         return []
 
 

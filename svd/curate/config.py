@@ -39,6 +39,8 @@ class CurateConfig:
     recipe: str | None = None  # dataset card (YAML) whose filter to compute on `output`
 
     def validate(self) -> None:
+        """Raises ValueError naming the first bad setting. A setting that would fail every video must fail
+        here, once: a failure inside the stages is retried on every rerun, never fixed by one."""
         if not self.output:
             raise ValueError(
                 "output= is required: the URI of the clip table (e.g. s3://bucket/lvd/clips.lance)"
@@ -48,10 +50,30 @@ class CurateConfig:
         self.shard_index()  # raises on a malformed shard
         if self.workers < 0 or self.commit_every < 1:
             raise ValueError(f"workers={self.workers} must be ≥ 0 and commit_every={self.commit_every} ≥ 1")
-        if self.min_clip_s <= 0:
+        if not self.min_clip_s > 0:
             raise ValueError(f"min_clip_s={self.min_clip_s} must be > 0")
+        if self.max_clip_s is not None and not self.max_clip_s >= self.min_clip_s:
+            raise ValueError(f"max_clip_s={self.max_clip_s} must be ≥ min_clip_s={self.min_clip_s} (or null)")
+        if not self.max_video_s >= self.min_clip_s:
+            raise ValueError(f"max_video_s={self.max_video_s} must be ≥ min_clip_s={self.min_clip_s}")
+        if self.analysis_side < 16:
+            raise ValueError(f"analysis_side={self.analysis_side} must be ≥ 16 pixels")
         if self.aesthetic_head and not self.clip_model:
             raise ValueError("aesthetic_head= needs clip_model=: the head scores CLIP embeddings")
+        if self.latents:
+            self._validate_latents()
+
+    def _validate_latents(self) -> None:
+        from svd.model.autoencoder import KINDS
+
+        if self.autoencoder not in KINDS:
+            raise ValueError(f"autoencoder={self.autoencoder!r}; choose one of {KINDS}")
+        if len(self.latent_size) != 2 or min(self.latent_size) < 8:
+            raise ValueError(f"latent_size={list(self.latent_size)} must be [height, width], each ≥ 8")
+        if self.latent_frames < 1 or not self.latent_fps > 0:
+            raise ValueError(
+                f"latent_frames={self.latent_frames} must be ≥ 1 and latent_fps={self.latent_fps} > 0"
+            )
 
     def shard_index(self) -> tuple[int, int]:
         try:

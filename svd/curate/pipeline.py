@@ -6,10 +6,15 @@ aesthetic and similarity scores, text area (→ optional latents). The main proc
 to the table every `commit_every` videos and records every video it finished — with its clips, or with
 the reason it was rejected — in a log table beside it (`<table>.videos.lance`).
 
-Resumable: a rerun skips videos found in either table, so a crash loses at most the uncommitted batch.
-Shardable: `shard=i/n` takes the videos whose URI hashes to i mod n, so n processes (or a Slurm array)
-curate disjoint parts into one table; Lance's commit protocol (conditional writes on object storage)
-keeps concurrent appends from losing one another.
+Resumable: a rerun skips videos that are done (`svd.curate.ledger`: clips in the table, or a final
+record in the log), so a crash loses at most the uncommitted batch; videos that failed for a transient
+reason (storage, model loading) are retried, and such a run ends with `RunSummary.transient` > 0.
+Shardable: `shard=i/n` takes the videos whose canonical URI hashes to i mod n, so n processes (or a Slurm
+array) curate disjoint parts into one table; commits merge on `clip_id`, so concurrent or repeated runs
+of one shard never add a clip twice.
+
+Everything that can be checked before the first video is: settings, the input (exists, has media), the
+output (reachable, writable, schema, tag) and every stage (models load), once, in this process.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ import multiprocessing
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-import lance
 import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -33,49 +38,60 @@ from svd.curate.captions import Captioner, ModelCaptioner, SidecarCaptioner
 from svd.curate.config import CurateConfig
 from svd.curate.cuts import CutConfig, clips_between, detect_transitions
 from svd.curate.latents import encode_clip
+from svd.curate.ledger import (
+    TRANSIENT,
+    VIDEO_LOG,
+    already_processed,
+    check_output,
+    commit,
+    default_tag,
+    tag_version,
+)
 from svd.curate.motion import measure_motion
 from svd.curate.ocr import LearnedTextDetector, MorphologicalTextDetector, TextDetector, text_area
 from svd.curate.probe import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, RejectionError, VideoInfo, probe
 from svd.curate.scan import grab_frames, scan
-from svd.data.storage import Storage, scheme
+from svd.data.storage import Storage, canonical_uri, scheme
 from svd.data.table import to_arrow
 from svd.data.video import DecodeError
 from svd.model.autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
 
 MOTION_FPS = 2.0
 MOTION_SIDE = 16
-
-VIDEO_LOG = pa.schema(
-    [
-        pa.field("video_uri", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "ok" or the reason it was rejected
-        pa.field("clips", pa.int32()),
-        pa.field("duration_s", pa.float64()),
-        pa.field("fps", pa.float32()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("codec", pa.string()),
-        pa.field("seconds", pa.float32()),  # processing time
-        pa.field("detail", pa.string()),
-    ]
-)
+MAX_ERROR_LINES = 20  # transient errors a summary spells out; all are counted and logged in the table
 
 
-def log_uri(table_uri: str) -> str:
-    return table_uri.rstrip("/").removesuffix(".lance") + ".videos.lance"
+class InputError(Exception):
+    """The input holds nothing to curate; the message is one line naming it."""
+
+
+class StageError(Exception):
+    """A stage that cannot be built (a model that does not load); the message names its setting."""
 
 
 def list_inputs(input_uri: str, storage: Storage) -> list[str]:
-    """Every video and image under `input_uri`, as URIs, in a stable order."""
-    fs, root = storage.fsspec(input_uri)
-    prefix = f"{scheme(input_uri)}://" if "://" in input_uri else ""
-    paths = [fs._strip_protocol(root)] if fs.isfile(root) else fs.find(root)
+    """Every video and image under `input_uri`, as canonical URIs, in a stable order. An input with no
+    file at all raises InputError: a mistyped prefix must not look like a finished run."""
+    root = canonical_uri(input_uri)
+    fs, path = storage.fsspec(root)
+    try:
+        paths = [fs._strip_protocol(path)] if fs.isfile(path) else fs.find(path)
+    except FileNotFoundError:
+        paths = []
+    except Exception as e:  # endpoint down, credentials, permissions: whatever the client raises
+        raise InputError(f"input={input_uri}: cannot be listed: {_one_line(e)}") from None
+    if not paths:
+        raise InputError(f"input={input_uri}: no such file or folder, or nothing in it")
+    prefix = "" if scheme(root) == "file" else f"{scheme(root)}://"
     media = [p for p in paths if p.lower().endswith(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)]
-    return sorted(prefix + p for p in media)
+    if not media:
+        kinds = ", ".join(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)
+        raise InputError(f"input={input_uri}: {len(paths)} files, none a video or image ({kinds})")
+    return sorted(canonical_uri(prefix + p) for p in media)
 
 
 def shard_of(uri: str, shards: int) -> int:
-    """Stable across listings and machines: a hash of the URI, not its position in a list."""
+    """Stable across listings and machines: a hash of the (canonical) URI, not its position in a list."""
     return int(hashlib.sha1(uri.encode()).hexdigest()[:12], 16) % shards
 
 
@@ -83,16 +99,11 @@ def clip_id(video_uri: str, index: int) -> str:
     return f"{hashlib.sha1(video_uri.encode()).hexdigest()[:16]}-{index:04d}"
 
 
-def already_processed(table_uri: str, storage: Storage) -> set[str]:
-    """Videos with clips in the table or a record in its log: a rerun skips them."""
-    done: set[str] = set()
-    for uri in (table_uri, log_uri(table_uri)):
-        try:
-            table = lance.dataset(uri, storage_options=storage.lance_options(uri))
-        except (ValueError, OSError):
-            continue  # not written yet
-        done |= set(table.to_table(columns=["video_uri"]).column("video_uri").unique().to_pylist())
-    return done
+def _build(setting: str, make: Callable[[], Any]) -> Any:
+    try:
+        return make()
+    except Exception as e:  # whatever a model library raises for a bad folder: name the setting instead
+        raise StageError(f"{setting}: cannot be loaded: {_one_line(e)}") from None
 
 
 @dataclass
@@ -109,27 +120,50 @@ class Stages:
 
     @staticmethod
     def build(cfg: CurateConfig) -> Stages:
+        """Raises StageError naming the setting of the first stage that cannot be built."""
         storage = Storage.from_env()
 
         def local(uri: str | None) -> str | None:
             return storage.local_copy(uri, cfg.cache_dir) if uri else None
 
-        captioners: list[Captioner] = [ModelCaptioner(local(cfg.captioner))] if cfg.captioner else []
+        captioners: list[Captioner] = []
+        if cfg.captioner:
+            model = _build(f"captioner={cfg.captioner}", lambda: ModelCaptioner(local(cfg.captioner)))
+            captioners.append(model)
         captioners.append(SidecarCaptioner(storage))
+        text: TextDetector = (
+            _build(
+                f"text_detector={cfg.text_detector}", lambda: LearnedTextDetector(local(cfg.text_detector))
+            )
+            if cfg.text_detector
+            else MorphologicalTextDetector()
+        )
+        clip = (
+            _build(
+                f"clip_model={cfg.clip_model}, aesthetic_head={cfg.aesthetic_head}",
+                lambda: ClipScorer(local(cfg.clip_model), local(cfg.aesthetic_head)),
+            )
+            if cfg.clip_model
+            else None
+        )
+        autoencoder = (
+            _build(
+                f"autoencoder={cfg.autoencoder}, autoencoder_path={cfg.autoencoder_path}",
+                lambda: build_autoencoder(
+                    AutoencoderConfig(kind=cfg.autoencoder, pretrained=local(cfg.autoencoder_path))
+                ),
+            )
+            if cfg.latents
+            else None
+        )
         return Stages(
             cfg=cfg,
             storage=storage,
             cuts=CutConfig(min_clip_s=cfg.min_clip_s, max_clip_s=cfg.max_clip_s),
-            text=LearnedTextDetector(local(cfg.text_detector))
-            if cfg.text_detector
-            else MorphologicalTextDetector(),
+            text=text,
             captioners=captioners,
-            clip=ClipScorer(local(cfg.clip_model), local(cfg.aesthetic_head)) if cfg.clip_model else None,
-            autoencoder=build_autoencoder(
-                AutoencoderConfig(kind=cfg.autoencoder, pretrained=local(cfg.autoencoder_path))
-            )
-            if cfg.latents
-            else None,
+            clip=clip,
+            autoencoder=autoencoder,
         )
 
     def open(self, uri: str) -> str | BinaryIO:
@@ -143,7 +177,8 @@ class VideoResult:
 
 
 def curate_video(uri: str, stages: Stages) -> VideoResult:
-    """All stages for one video (or image); never raises: failures become a log record with a reason."""
+    """All stages for one video (or image); never raises: failures become a log record with a reason,
+    final for a rejection of the input itself, TRANSIENT (retried by the next run) for anything else."""
     start = time.perf_counter()
     info: VideoInfo | None = None
     try:
@@ -154,9 +189,9 @@ def curate_video(uri: str, stages: Stages) -> VideoResult:
         status, detail = ("ok", "") if rows else ("no_clips", "no segment between cuts is long enough")
     except RejectionError as e:
         rows, status, detail = [], e.reason, str(e)
-    except Exception as e:  # one bad video must not stop a run of millions: record it with its traceback
-        rows, status = [], "error"
-        detail = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3)!r}"
+    except Exception as e:  # one failure must not stop a run of millions: record it, retry it next run
+        rows, status = [], TRANSIENT
+        detail = f"{_one_line(e)} | {traceback.format_exc(limit=3)!r}"
     log = {
         "video_uri": uri,
         "status": status,
@@ -261,22 +296,38 @@ def _latents(uri: str, start_s: float, end_s: float, stages: Stages) -> bytes | 
         return None  # too short for the latent frame count: the loader skips it when serving latents
 
 
-_worker_stages: Stages | None = None  # one per worker process, set by its initializer
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def _transient(uri: str, detail: str) -> VideoResult:
+    log = dict.fromkeys(VIDEO_LOG.names) | {"video_uri": uri, "status": TRANSIENT, "clips": 0}
+    log["detail"] = detail
+    return VideoResult([], log)
+
+
+_worker_stages: Stages | str | None = None  # per worker process: its stages, or why they failed to build
 
 
 def _init_worker(cfg: CurateConfig) -> None:
     global _worker_stages
-    _worker_stages = Stages.build(cfg)
+    try:
+        _worker_stages = Stages.build(cfg)
+    except Exception as e:  # raising here would make the pool respawn this worker forever
+        _worker_stages = f"stages failed to build in a worker: {_one_line(e)}"
 
 
 def _curate_in_worker(uri: str) -> VideoResult:
     assert _worker_stages is not None, "worker used before its initializer ran"
+    if isinstance(_worker_stages, str):
+        return _transient(uri, _worker_stages)
     return curate_video(uri, _worker_stages)
 
 
-def _results(cfg: CurateConfig, todo: list[str]) -> Iterator[VideoResult]:
-    if cfg.workers == 0:
-        stages = Stages.build(cfg)
+def _results(cfg: CurateConfig, todo: list[str], stages: Stages | None) -> Iterator[VideoResult]:
+    """In this process with `stages` (workers=0), else in a pool whose workers build their own."""
+    if stages is not None:
         yield from (curate_video(uri, stages) for uri in todo)
         return
     context = multiprocessing.get_context("spawn")  # Lance, s3fs and torch are not fork-safe
@@ -291,63 +342,63 @@ class RunSummary:
     curated: int = 0
     clips: int = 0
     status: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)  # a line for each of the first transient errors
     version: int | None = None
     tag: str | None = None
 
-
-def _append(uri: str, table: pa.Table, storage: Storage) -> int:
-    """Appends a commit (creating the table on the first); returns the new version."""
-    options = storage.lance_options(uri)
-    try:
-        lance.dataset(uri, storage_options=options)
-        mode = "append"
-    except (ValueError, OSError):
-        mode = "create"
-    try:
-        return lance.write_dataset(table, uri, mode=mode, storage_options=options).version
-    except (ValueError, OSError):
-        if mode != "create":
-            raise
-        # another shard created it between our check and our commit: append like everyone else
-        return lance.write_dataset(table, uri, mode="append", storage_options=options).version
+    @property
+    def transient(self) -> int:
+        """Videos to retry: a run with any exits non-zero."""
+        return self.status[TRANSIENT]
 
 
 def run(cfg: CurateConfig, *, progress: bool = True) -> RunSummary:
+    """Raises ValueError (settings), InputError, OutputError, TableUnreadableError or StageError, each
+    with one line, before any video is curated."""
     cfg.validate()
     storage = Storage.from_env()
     index, shards = cfg.shard_index()
     mine = [uri for uri in list_inputs(cfg.input, storage) if shard_of(uri, shards) == index]
+    check_output(cfg.output, storage, latents=cfg.latents, tag=cfg.tag)
     done = already_processed(cfg.output, storage)
     todo = [uri for uri in mine if uri not in done]
     summary = RunSummary(videos_in_shard=len(mine), skipped_existing=len(mine) - len(todo))
+    if not todo:
+        return summary
+    stages = Stages.build(cfg)  # here first: a stage that cannot load fails once, before any pool starts
+    results = _results(cfg, todo, stages if cfg.workers == 0 else None)
+    del stages  # with workers, each builds its own: this copy would only hold memory
+    optional = ["latents"] if cfg.latents else []
     rows: list[dict[str, Any]] = []
     logs: list[dict[str, Any]] = []
 
-    def commit() -> None:
-        if rows:  # clips first: a crash between the two commits leaves the video skipped, not doubled
-            summary.version = _append(cfg.output, to_arrow(rows), storage)
-        if logs:
-            _append(log_uri(cfg.output), pa.Table.from_pylist(logs, schema=VIDEO_LOG), storage)
+    def flush() -> None:
+        version = commit(
+            cfg.output, to_arrow(rows, optional), pa.Table.from_pylist(logs, schema=VIDEO_LOG), storage
+        )
+        summary.version = version if version is not None else summary.version
         rows.clear()
         logs.clear()
 
     started = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="video", desc=f"curating shard {index}/{shards}", disable=not progress)
-    for result in _results(cfg, todo):
-        rows += result.rows
-        logs.append(result.log)
-        summary.curated += 1
-        summary.clips += len(result.rows)
-        summary.status[result.log["status"]] += 1
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(clips=summary.clips, clips_per_s=f"{summary.clips / elapsed:.1f}", refresh=False)
-        bar.update()
-        if len(logs) >= cfg.commit_every:
-            commit()
-    commit()
-    bar.close()
+    desc = f"curating shard {index}/{shards}"
+    # closing(): an interrupt stops the pool at once, not when the generator is collected at exit
+    with closing(results), tqdm(total=len(todo), unit="video", desc=desc, disable=not progress) as bar:
+        for result in results:
+            rows += result.rows
+            logs.append(result.log)
+            summary.curated += 1
+            summary.clips += len(result.rows)
+            summary.status[result.log["status"]] += 1
+            if result.log["status"] == TRANSIENT and len(summary.errors) < MAX_ERROR_LINES:
+                summary.errors.append(f"{result.log['video_uri']}: {result.log['detail'].split(' | ')[0]}")
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(clips=summary.clips, clips_per_s=f"{summary.clips / elapsed:.1f}", refresh=False)
+            bar.update()
+            if len(logs) >= cfg.commit_every:
+                flush()
+        flush()
     if summary.version is not None:
-        summary.tag = cfg.tag or f"curate-{time.strftime('%Y%m%d-%H%M%S')}-shard{index}of{shards}"
-        table = lance.dataset(cfg.output, storage_options=storage.lance_options(cfg.output))
-        table.tags.create(summary.tag, summary.version)
+        summary.tag = cfg.tag or default_tag(cfg.shard)
+        tag_version(cfg.output, storage, summary.tag, summary.version)
     return summary

@@ -1,16 +1,22 @@
-"""Probe: what a file is (duration, frame rate, size, codec) before any work is spent on it."""
+"""Probe: what a file is (duration, frame rate, size, codec) before any work is spent on it.
+
+A rejection is final (the input itself is at fault) only when the bytes were read and judged; a failure to
+read them (storage down, time-out) propagates as it is, for the run to retry (DESIGN decision 7).
+"""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import av
 
-from svd.data.video import DecodeError, peek_header
+from svd.data.video import DecodeError, is_image, peek_header
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+REJECTIONS = ("unreadable", "no_video", "too_short", "too_long")  # final: rerunning cannot change them
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ def probe(
         head = peek_header(source)
     except DecodeError as e:
         raise RejectionError("unreadable", str(e)) from None
-    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"RIFF")):
+    if is_image(head):
         return _probe_image(source)
     try:
         with av.open(source) as container:
@@ -63,7 +69,7 @@ def probe(
                 stream.codec_context.height,
                 stream.codec_context.name,
             )
-    except (av.FFmpegError, ValueError, OSError) as e:
+    except av.FFmpegError as e:  # FFmpeg judged the bytes; an OSError of the reader itself propagates
         raise RejectionError("unreadable", str(e)) from None
     if info.fps <= 0 or info.width <= 0 or info.height <= 0:
         raise RejectionError("unreadable", f"no frame rate or size ({info})")
@@ -77,8 +83,9 @@ def probe(
 def _probe_image(source: str | BinaryIO) -> VideoInfo:
     from PIL import Image, UnidentifiedImageError
 
+    data = source if isinstance(source, str) else io.BytesIO(source.read())  # read errors are not judged
     try:
-        with Image.open(source) as image:
+        with Image.open(data) as image:
             return VideoInfo(
                 0.0, 0.0, image.width, image.height, (image.format or "image").lower(), is_image=True
             )

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt
 import numpy as np
 
-from svd.curate.pipeline import log_uri
+from svd.curate.ledger import log_uri
 from svd.curate.recipes import SCORE_COLUMNS, Recipe, RecipeResult, compute_filter
 from svd.curate.scan import grab_frames
 from svd.data.schema import CAMERA_MOTIONS

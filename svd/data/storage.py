@@ -9,6 +9,14 @@ Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID
 AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so a job
 config never holds a secret, and `Storage` never prints one: its repr and every error show URIs only.
 
+Every remote call has a deadline (DESIGN decision 8): `connect_timeout`, `read_timeout` and `max_attempts`
+are mapped onto each client (Lance/object_store, s3fs/botocore, pyarrow/AWS SDK), so an endpoint that
+accepts connections and never answers fails a call in bounded time instead of hanging a job. Override
+them with SVD_STORAGE_CONNECT_TIMEOUT, SVD_STORAGE_READ_TIMEOUT (seconds) and SVD_STORAGE_MAX_ATTEMPTS.
+Worst cases, measured with pylance 14: Lance wraps each listing in its own outer retry loop (6 tries), so
+opening a table on a dead endpoint takes up to about 6 · max_attempts · read_timeout plus ~4 s of backoff;
+s3fs retries a failed call `max_attempts` times around botocore's own `max_attempts`.
+
 Caveat (measured with pylance 14): Lance lets AWS_ENDPOINT_URL_S3 in the environment override the
 `aws_endpoint` passed in `storage_options`, so a process reaches one S3 endpoint through Lance — the one
 in its environment. `Storage.from_env()` keeps both the same.
@@ -16,13 +24,24 @@ in its environment. `Storage.from_env()` keeps both the same.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import re
+import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
+
+TIMEOUT_VARIABLES = {
+    "connect_timeout": "SVD_STORAGE_CONNECT_TIMEOUT",
+    "read_timeout": "SVD_STORAGE_READ_TIMEOUT",
+    "max_attempts": "SVD_STORAGE_MAX_ATTEMPTS",
+}
 
 
 @dataclass(frozen=True)
@@ -32,16 +51,37 @@ class Storage:
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
+    connect_timeout: float = 5.0  # seconds to open a connection
+    read_timeout: float = 30.0  # seconds a request may wait for its response (Lance: the whole request)
+    max_attempts: int = 3  # tries per call, the first included
+
+    def __post_init__(self) -> None:
+        if not (self.connect_timeout > 0 and self.read_timeout > 0):
+            raise ValueError(
+                f"storage timeouts must be > 0 s: connect_timeout={self.connect_timeout}, "
+                f"read_timeout={self.read_timeout}"
+            )
+        if self.max_attempts < 1:
+            raise ValueError(f"storage max_attempts={self.max_attempts} must be ≥ 1")
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Storage:
         env = os.environ if env is None else env
+        limits: dict[str, float | int] = {}
+        for name, variable in TIMEOUT_VARIABLES.items():
+            if env.get(variable):
+                kind = int if name == "max_attempts" else float
+                try:
+                    limits[name] = kind(env[variable])
+                except ValueError:
+                    raise ValueError(f"{variable}={env[variable]!r} is not a {kind.__name__}") from None
         return Storage(
             endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             access_key=env.get("AWS_ACCESS_KEY_ID"),
             secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
             session_token=env.get("AWS_SESSION_TOKEN"),
+            **limits,
         )
 
     def fsspec(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -56,7 +96,13 @@ class Storage:
                 token=self.session_token,
                 endpoint_url=self.endpoint_url,
                 client_kwargs={"region_name": self.region},
+                config_kwargs={
+                    "connect_timeout": self.connect_timeout,
+                    "read_timeout": self.read_timeout,
+                    "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+                },
             )
+            fs.retries = self.max_attempts  # s3fs's own loop around botocore's (a class attribute, default 5)
             return fs, strip_scheme(uri)
         fs, path = fsspec.core.url_to_fs(uri)
         return fs, path
@@ -74,6 +120,9 @@ class Storage:
                 region=self.region,
                 endpoint_override=endpoint.netloc if endpoint else None,
                 scheme=endpoint.scheme if endpoint else "https",
+                connect_timeout=self.connect_timeout,
+                request_timeout=self.read_timeout,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
             )
             return fs, strip_scheme(uri)
         return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
@@ -91,7 +140,13 @@ class Storage:
             options["aws_endpoint"] = self.endpoint_url
             if self.endpoint_url.startswith("http://"):
                 options["allow_http"] = "true"
-        return options
+        retry_budget = math.ceil(self.max_attempts * (self.connect_timeout + self.read_timeout))
+        return options | {
+            "connect_timeout": f"{round(self.connect_timeout * 1000)}ms",
+            "timeout": f"{round(self.read_timeout * 1000)}ms",
+            "client_max_retries": str(self.max_attempts - 1),
+            "client_retry_timeout": str(retry_budget),  # seconds
+        }
 
     def reader(self, uri: str, block_size: int = 4 << 20) -> str | BinaryIO:
         """Something PyAV, Pillow and Lance-free readers open: a local path as is, else a file object that
@@ -103,29 +158,59 @@ class Storage:
 
     def local_copy(self, uri: str, cache_dir: str | os.PathLike) -> str:
         """A local path for `uri`: itself when local, else a copy (file or folder) under `cache_dir`, made
-        once. Model weights live in object storage next to the data; libraries want local files."""
+        once. Model weights live in object storage next to the data; libraries want local files.
+
+        Safe for many processes on one node with a cold cache: each downloads into its own temporary name
+        and renames it into place (atomic); a process that finds the place taken keeps the winner's copy.
+        """
         if scheme(uri) == "file":
             return strip_scheme(uri)
-        import hashlib
-
-        target = os.path.join(
-            cache_dir, hashlib.sha256(uri.encode()).hexdigest()[:16], uri.rstrip("/").rsplit("/", 1)[-1]
-        )
-        if not os.path.exists(target):
-            fs, path = self.fsspec(uri)
-            tmp = f"{target}.partial"
+        folder = os.path.join(cache_dir, hashlib.sha256(uri.encode()).hexdigest()[:16])
+        target = os.path.join(folder, uri.rstrip("/").rsplit("/", 1)[-1])
+        if os.path.exists(target):
+            return target
+        os.makedirs(folder, exist_ok=True)
+        fs, path = self.fsspec(uri)
+        tmp = f"{target}.partial-{uuid.uuid4().hex}"
+        try:
             fs.get(path, tmp, recursive=fs.isdir(path))
-            os.replace(tmp, target)
+            os.rename(tmp, target)  # a file replaces an equal copy; a folder refuses a non-empty one
+        except OSError:
+            if not os.path.exists(target):
+                raise
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif os.path.exists(tmp):
+                os.remove(tmp)
         return target
 
 
 def scheme(uri: str) -> str:
     """'s3', 'gs', 'file', … ('file' for plain paths)."""
-    return uri.split("://", 1)[0] if "://" in uri else "file"
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
 def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per object, so that identities hashed from URIs (clip ids, shards, the done-log) do
+    not depend on how a user typed the input.
+
+    Local files become absolute normalised paths without a scheme (`file:///x/./a.mp4`, `/x//a.mp4` and
+    `x/a.mp4` run from `/` are all `/x/a.mp4`): plain absolute paths, the common spelling, keep the ids
+    they always had. Object-store URIs get a lower-case scheme, and repeated slashes in the key collapse.
+    A trailing slash is dropped.
+    """
+    protocol = scheme(uri)
+    if protocol == "file":
+        path = re.sub("/+", "/", strip_scheme(uri))  # POSIX keeps a leading '//' apart; we do not
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+    bucket, _, key = strip_scheme(uri).partition("/")
+    key = re.sub("/+", "/", key).strip("/")
+    return f"{protocol}://{bucket}/{key}" if key else f"{protocol}://{bucket}"
 
 
 def join(base: str, *parts: str) -> str:

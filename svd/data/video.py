@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 REASONS = ("missing", "corrupt", "too_short")
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8")
 
 
 class DecodeError(Exception):
@@ -73,8 +73,7 @@ def decode_clip(
 
     The sampling rate is `fps`, or the source's own rate if that is lower (frames are never repeated).
     """
-    head = peek_header(source)
-    if head.startswith(_IMAGE_MAGIC):
+    if is_image(peek_header(source)):
         return _decode_image(source, num_frames, size)
     try:
         container = av.open(source, mode="r")
@@ -111,6 +110,12 @@ def decode_clip(
     if len(frames) < num_frames:
         raise DecodeError("too_short", f"stream ended after {len(frames)} of {num_frames} frames")
     return Clip(np.stack(frames), fps)
+
+
+def is_image(head: bytes) -> bool:
+    """PNG, JPEG, GIF or WebP, from a file's first 12 bytes. RIFF is only a container: WebP says `WEBP` at
+    byte 8, AVI says `AVI `, WAV says `WAVE`."""
+    return head.startswith(_IMAGE_MAGIC) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
 
 
 def peek_header(source: str | BinaryIO) -> bytes:

@@ -17,7 +17,8 @@ from PIL import Image
 
 from svd.curate import pipeline
 from svd.curate.config import CurateConfig
-from svd.curate.pipeline import list_inputs, log_uri, run, shard_of
+from svd.curate.ledger import log_uri
+from svd.curate.pipeline import list_inputs, run, shard_of
 from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig
 from svd.data.synthetic import moving_square

@@ -24,6 +24,14 @@ def test_probe_reads_duration_rate_size_and_codec(video):
     assert not info.is_image
 
 
+def test_an_avi_is_probed_as_a_video_not_as_a_webp_image(avi_bytes):
+    assert (avi_bytes[:4], avi_bytes[8:12]) == (b"RIFF", b"AVI ")
+    info = probe(io.BytesIO(avi_bytes))
+    assert not info.is_image
+    assert (info.fps, info.width, info.height, info.codec) == (24, 64, 48, "mpeg4")
+    assert info.duration_s == pytest.approx(2.0, abs=0.05)
+
+
 def test_probe_recognises_images():
     png = io.BytesIO()
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(png, format="PNG")
@@ -31,6 +39,10 @@ def test_probe_recognises_images():
     info = probe(png)
     assert info.is_image
     assert (info.width, info.height) == (40, 30)
+    webp = io.BytesIO()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(webp, format="WEBP")
+    webp.seek(0)
+    assert probe(webp).is_image
 
 
 @pytest.mark.parametrize(

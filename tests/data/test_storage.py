@@ -1,3 +1,9 @@
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import lance
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -6,6 +12,7 @@ import pytest
 from svd.data.loader import open_table
 from svd.data.storage import Storage, join, scheme
 
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {
     "AWS_ACCESS_KEY_ID": "AKIA-TEST",
     "AWS_SECRET_ACCESS_KEY": "very-secret-value",
@@ -24,8 +31,40 @@ def test_storage_comes_from_the_standard_aws_variables():
         "aws_secret_access_key": "very-secret-value",
         "aws_endpoint": "http://127.0.0.1:9",
         "allow_http": "true",
+        "connect_timeout": "5000ms",
+        "timeout": "30000ms",
+        "client_max_retries": "2",
+        "client_retry_timeout": "105",
     }
     assert storage.lance_options("/local/t.lance") == {}
+
+
+def test_deadlines_come_from_the_environment_and_reach_every_client():
+    env = ENV | {
+        "SVD_STORAGE_CONNECT_TIMEOUT": "0.5",
+        "SVD_STORAGE_READ_TIMEOUT": "2",
+        "SVD_STORAGE_MAX_ATTEMPTS": "4",
+    }
+    storage = Storage.from_env(env)
+    assert (storage.connect_timeout, storage.read_timeout, storage.max_attempts) == (0.5, 2.0, 4)
+    options = storage.lance_options("s3://b/t.lance")
+    assert (options["connect_timeout"], options["timeout"], options["client_max_retries"]) == (
+        "500ms",
+        "2000ms",
+        "3",
+    )
+    fs, _ = storage.fsspec("s3://b/k")
+    assert fs.retries == 4
+    config = fs.config_kwargs
+    assert (config["connect_timeout"], config["read_timeout"], config["retries"]["max_attempts"]) == (
+        0.5,
+        2.0,
+        4,
+    )
+    with pytest.raises(ValueError, match="SVD_STORAGE_MAX_ATTEMPTS='many'"):
+        Storage.from_env(ENV | {"SVD_STORAGE_MAX_ATTEMPTS": "many"})
+    with pytest.raises(ValueError, match="max_attempts=0"):
+        Storage(max_attempts=0)
 
 
 def test_credentials_never_appear_in_the_repr():
@@ -76,3 +115,33 @@ def test_a_missing_table_is_named_without_credentials(moto_s3, s3_bucket):
     with pytest.raises(FileNotFoundError, match=r"nothing\.lance") as raised:
         open_table(f"{s3_bucket}/nothing.lance", storage)
     assert storage.secret_key not in str(raised.value)
+
+
+COPY_AT = """
+import sys, time
+from svd.data.storage import Storage
+start, uri, cache = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+time.sleep(max(0.0, start - time.time()))
+print(Storage.from_env().local_copy(uri, cache))
+"""
+
+
+@pytest.mark.slow
+def test_a_cold_cache_gives_many_processes_one_complete_copy(moto_s3, s3_bucket, tmp_path):
+    """Four processes on one node ask for the same model folder at the same moment."""
+    fs, path = moto_s3.storage.fsspec(f"{s3_bucket}/models/clip")
+    for i in range(6):
+        fs.pipe_file(f"{path}/part{i}.bin", bytes([i]) * 300_000)
+    start = time.time() + 3  # after every interpreter has started
+    argv = [sys.executable, "-c", COPY_AT, str(start), f"{s3_bucket}/models/clip", str(tmp_path)]
+    env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT)}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    processes = [subprocess.Popen(argv, env=env, **pipes) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, [err.decode()[-500:] for _, err in results]
+    copies = {out.decode().strip() for out, _ in results}
+    assert len(copies) == 1
+    copy = Path(copies.pop())
+    assert sorted(p.name for p in copy.iterdir()) == [f"part{i}.bin" for i in range(6)]
+    assert all((copy / f"part{i}.bin").read_bytes() == bytes([i]) * 300_000 for i in range(6))
+    assert [p.name for p in copy.parent.iterdir()] == ["clip"]  # no temporary copy left behind

@@ -90,6 +90,14 @@ def test_a_missing_file_is_reported_as_missing(tmp_path):
     assert raised.value.reason == "missing"
 
 
+def test_an_avi_is_decoded_as_a_video(tmp_path, avi_bytes):
+    path = tmp_path / "v.avi"
+    path.write_bytes(avi_bytes)  # starts with RIFF, like a WebP image
+    clip = decode_clip(str(path), start_s=0.5, end_s=2.0, num_frames=4, fps=8, size=(H, W))
+    assert clip.frames.shape == (4, H, W, 3)
+    assert clip.fps == 8
+
+
 def test_sample_times_fit_the_window():
     np.testing.assert_allclose(sample_times(1.0, 3.0, 3, 2.0, offset=0.5), [1.5, 2.0, 2.5])
 
