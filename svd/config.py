@@ -115,7 +115,9 @@ class ParallelConfig:
     activation_checkpointing: str = "none"  # none | full | every_n (with ac_every)
     ac_every: int = 2
     compile: bool = False  # torch.compile each block pair
-    meta_init: str = "auto"  # auto (meta device above 100M parameters) | on | off
+    # Where the model is built: meta (then sharded and initialised shard by shard), direct (on the device),
+    # or auto (meta above 100M parameters)
+    init_device: str = "auto"
     collective_timeout_s: float = 600.0  # a dead rank fails the job after this, instead of hanging it
 
 
@@ -270,7 +272,7 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     _choice("parallel.sharding", cfg.parallel.sharding, ("auto", "fsdp", "hsdp", "none"))
     _choice("parallel.mixed_precision", cfg.parallel.mixed_precision, ("auto", "bf16", "fp32"))
     _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ("none", "full", "every_n"))
-    _choice("parallel.meta_init", cfg.parallel.meta_init, ("auto", "on", "off"))
+    _choice("parallel.init_device", cfg.parallel.init_device, ("auto", "meta", "direct"))
     _choice("launcher.name", cfg.launcher.name, ("local", "slurm", "ray"))
     for key, value in [
         ("nodes", cfg.nodes),

@@ -37,7 +37,7 @@ from svd.train.parallel import DistEnv
 from svd.train.task import SampleRandoms, Task, unet_config
 from svd.train.weights import initial_weights, load_initial_weights
 
-META_INIT_PARAMS = 100_000_000  # parallel.meta_init=auto: build on `meta` above this many parameters
+META_INIT_PARAMS = 100_000_000  # parallel.init_device=auto: build on `meta` above this many parameters
 
 
 @dataclass
@@ -82,7 +82,8 @@ class Trainer:
         missing = self.task.latent_channels if cfg.stage.task == "interpolation" else 0
         with torch.device("meta"):
             size = sum(p.numel() for p in VideoUNet(unet_cfg).parameters())
-        on_meta = cfg.parallel.meta_init == "on" or (cfg.parallel.meta_init == "auto" and size > META_INIT_PARAMS)
+        init = cfg.parallel.init_device
+        on_meta = init == "meta" or (init == "auto" and size > META_INIT_PARAMS)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and world size
         with torch.device("meta" if on_meta else self.device):
             model = Denoiser(VideoUNet(unet_cfg), missing_frame_channels=missing)

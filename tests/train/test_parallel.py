@@ -40,7 +40,7 @@ def test_activation_checkpointing_and_sharding_leave_the_losses_unchanged(train_
 
 
 def test_a_model_built_on_the_meta_device_trains(train_table, s3_env):
-    result = run(train_table, "meta", "parallel.meta_init=on")
+    result = run(train_table, "meta", "parallel.init_device=meta")
     assert len(result.losses) == 2 and all(math.isfinite(loss) for loss in result.losses)
 
 
