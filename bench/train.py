@@ -27,7 +27,9 @@ def make_table(folder: Path, videos: int, size: tuple[int, int], seconds: float)
     from svd.data.synthetic import synthetic_corpus
     from svd.data.table import write_clip_table
 
-    rows = synthetic_corpus(str(folder / "raw"), Storage(), videos=videos, seconds=seconds, size=size, clip_seconds=seconds)
+    rows = synthetic_corpus(
+        str(folder / "raw"), Storage(), videos=videos, seconds=seconds, size=size, clip_seconds=seconds
+    )
     table = str(folder / "clips.lance")
     write_clip_table(table, rows, Storage())
     return table
@@ -72,7 +74,10 @@ def cpu_scaling(args: argparse.Namespace, folder: Path) -> None:
         seconds = sum(result.step_seconds[1:])
         rates[processes] = args.batch * (len(result.step_seconds) - 1) / seconds
         waits[processes] = sum(result.data_wait_seconds[1:]) / seconds
-    print(f"\n{args.preset}, {frames}×{side}×{side}, global batch {args.batch}, {args.steps} steps (first left out)")
+    print(
+        f"\n{args.preset}, {frames}×{side}×{side}, global batch {args.batch}, "
+        f"{args.steps} steps (first left out)"
+    )
     print("| processes | samples/s | data wait share |\n|---|---|---|")
     for p in (1, 2):
         print(f"| {p} | {rates[p]:.2f} | {waits[p]:.0%} |")
@@ -106,7 +111,10 @@ def gpu_step(args: argparse.Namespace, folder: Path) -> None:
     )
     steps = np.array(result.step_seconds[1:])
     print(f"svd preset, 14×320×576, bf16, FSDP2 + full activation checkpointing, {len(steps)} timed steps")
-    print(f"step time {steps.mean():.3f} s (min {steps.min():.3f}); peak memory {result.peak_memory_bytes / 2**30:.1f} GiB")
+    print(
+        f"step time {steps.mean():.3f} s (min {steps.min():.3f}); "
+        f"peak memory {result.peak_memory_bytes / 2**30:.1f} GiB"
+    )
     if result.flops_per_sample and result.peak_flops:
         mfu = result.flops_per_sample / steps.mean() / result.peak_flops
         print(f"{result.flops_per_sample / 1e12:.1f} TFLOP per sample (forward + backward); MFU {mfu:.1%}")

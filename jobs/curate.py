@@ -22,9 +22,7 @@ import re
 import signal
 import sys
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from svd.config import parse_settings
 from svd.curate import config as config_module
 from svd.curate.config import CurateConfig
 from svd.data.storage import Storage
@@ -42,15 +40,7 @@ def usage() -> str:
 
 
 def parse(argv: list[str]) -> CurateConfig:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ValueError(f"arguments are key=value; got {bad[0]!r} (see --help)")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(CurateConfig), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        raise ValueError(f"setting {key!r}: {str(e).splitlines()[0]}") from None
-    cfg = OmegaConf.to_object(merged)
+    cfg = parse_settings(CurateConfig, argv)
     cfg.validate()
     return cfg
 

@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         first = next(iter(loader))
         cfg, losses = train(args, table)
         summary = sample(args, cfg, first)
-        return summary | {"first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:]))}
+        return summary | {
+            "first_loss": float(np.mean(losses[:10])),
+            "last_loss": float(np.mean(losses[-10:])),
+        }
 
 
 @contextlib.contextmanager
@@ -166,7 +169,7 @@ def train(args: argparse.Namespace, table: str) -> tuple[RunConfig, list[float]]
             f"train.ema_decay={args.ema}",
             f"train.seed={args.seed}",
             "train.log_every=50",
-            # The demo overfits one clip: a wide band of noise levels, so that every sampling step was trained.
+            # The demo overfits one clip: a wide band of noise levels, so every sampling step was trained.
             f"diffusion.p_mean={args.p_mean}",
             f"diffusion.p_std={args.p_std}",
             "diffusion.cond_dropout=0",
@@ -197,7 +200,11 @@ def sample(args: argparse.Namespace, cfg: RunConfig, first: dict) -> dict[str, f
     )
     sampler = EulerEDMSampler(SamplerConfig(num_steps=args.sample_steps, guidance_min=1.0, guidance_max=1.0))
     out = sampler.sample(
-        denoiser.eval(), tuple(latents.shape), task.conditioning(one, latents, randoms), seed=args.seed, progress=True
+        denoiser.eval(),
+        tuple(latents.shape),
+        task.conditioning(one, latents, randoms),
+        seed=args.seed,
+        progress=True,
     )
     video = to_uint8_frames(task.autoencoder.decode(out)[0])
     mse = np.mean((video.astype(np.float64) - clip.astype(np.float64)) ** 2)
@@ -208,7 +215,8 @@ def sample(args: argparse.Namespace, cfg: RunConfig, first: dict) -> dict[str, f
         write_gif(clip, args.out / "training_clip.gif", args.fps),
     ]
     print(
-        f"sampled {args.frames} frames in {args.sample_steps} Euler steps with the EMA weights; PSNR against the "
+        f"sampled {args.frames} frames in {args.sample_steps} Euler steps with the EMA weights; "
+        "PSNR against the "
         f"training clip {psnr:.1f} dB"
     )
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -17,8 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from svd.config import parse_settings
 
 FORMATS = ("diffusers", "safetensors", "lora")
 
@@ -32,13 +31,7 @@ class ExportConfig:
 
 
 def parse(argv: list[str]) -> ExportConfig:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ValueError(f"arguments are key=value; got {bad[0]!r} (see --help)")
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), OmegaConf.from_dotlist(argv)))
-    except OmegaConfBaseException as e:
-        raise ValueError(f"setting {getattr(e, 'full_key', '?')!r}: {str(e).splitlines()[0]}") from None
+    cfg = parse_settings(ExportConfig, argv)
     if not cfg.run or not cfg.out:
         raise ValueError("run= and out= are required (see --help)")
     if cfg.format not in FORMATS:
@@ -77,7 +70,9 @@ def export(cfg: ExportConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.format == "lora":
         if not lora:
-            raise ValueError(f"format=lora: run {cfg.run} trained no LoRA (stage.trainable={run.stage.trainable})")
+            raise ValueError(
+                f"format=lora: run {cfg.run} trained no LoRA (stage.trainable={run.stage.trainable})"
+            )
         save_file({k: v.contiguous() for k, v in lora_state_dict(model.network).items()}, out)
         return out
     if lora:

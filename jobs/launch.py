@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(cfg))
         return 0
     if cfg.launcher.name != "local":
-        print(f"launch: launcher={cfg.launcher.name} is not available yet; use launcher=local", file=sys.stderr)
+        print(
+            f"launch: launcher={cfg.launcher.name} is not available yet; use launcher=local", file=sys.stderr
+        )
         return 2
     from svd.launch.local import launch_local
 
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = launch_local(cfg)
     except Exception as e:  # a rank failed: the elastic agent already stopped the others
-        print(f"launch: training failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(
+            f"launch: training failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr
+        )
         return 1
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0

@@ -13,13 +13,16 @@ that does not divide, a URI that cannot be read.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+T = TypeVar("T")
 CONF_DIR = Path(__file__).resolve().parents[1] / "jobs" / "conf"
 GROUPS = ("stage", "model", "launcher", "cluster")
 DEFAULT_OPTIONS = {"stage": "video_pretrain", "model": "svd", "launcher": "local", "cluster": "default"}
@@ -203,21 +206,38 @@ def compose(args: list[str], *, check_uris: bool = False) -> RunConfig:
     """The run's configuration from `group=option` and `key=value` arguments, validated."""
     choices, overrides = split_args(args)
     merged: DictConfig = OmegaConf.structured(RunConfig)
-    try:
+    with config_errors(RunConfig):
         for group in GROUPS:
-            layer = OmegaConf.load(CONF_DIR / group / f"{choices[group]}.yaml")
-            merged = OmegaConf.merge(merged, layer)
+            merged = OmegaConf.merge(merged, OmegaConf.load(CONF_DIR / group / f"{choices[group]}.yaml"))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         cfg: RunConfig = OmegaConf.to_object(merged)
+    validate(cfg, check_uris=check_uris)
+    return cfg
+
+
+def parse_settings(schema: type[T], argv: list[str]) -> T:
+    """`key=value` arguments onto a settings dataclass (the convention of every job in `jobs/`)."""
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"arguments are key=value; got {bad[0]!r} (see --help)")
+    with config_errors(schema):
+        return OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
+        )
+
+
+@contextmanager
+def config_errors(schema: type) -> Iterator[None]:
+    """OmegaConf's errors as one line naming the key: the closest valid key for an unknown one."""
+    try:
+        yield
     except ConfigKeyError as e:
-        raise ConfigError(_unknown_key_message(e)) from None
+        raise ConfigError(_unknown_key_message(e, schema)) from None
     except MissingMandatoryValue as e:
-        raise ConfigError(f"{e.full_key} is required (e.g. {e.full_key}=s3://bucket/lvd/clips.lance)") from None
+        raise ConfigError(f"{e.full_key} is required") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
-    validate(cfg, check_uris=check_uris)
-    return cfg
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -231,14 +251,14 @@ def from_yaml(text: str) -> RunConfig:
     return OmegaConf.to_object(merged)
 
 
-def _unknown_key_message(e: ConfigKeyError) -> str:
+def _unknown_key_message(e: ConfigKeyError, schema: type) -> str:
     full = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
     parent, _, leaf = full.rpartition(".")
-    node: Any = RunConfig
+    node: Any = schema
     for part in parent.split(".") if parent else []:
         node = {f.name: f for f in fields(node)}[part].default_factory  # type: ignore[misc]
     names = [f.name for f in fields(node)] if is_dataclass(node) else []
-    if not parent:
+    if not parent and schema is RunConfig:
         names += list(GROUPS)
     return f"unknown key {full!r}{_suggest(leaf, names, prefix=f'{parent}.' if parent else '')}"
 
@@ -271,7 +291,11 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     _choice("train.schedule", cfg.train.schedule, ("constant", "cosine"))
     _choice("parallel.sharding", cfg.parallel.sharding, ("auto", "fsdp", "hsdp", "none"))
     _choice("parallel.mixed_precision", cfg.parallel.mixed_precision, ("auto", "bf16", "fp32"))
-    _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ("none", "full", "every_n"))
+    _choice(
+        "parallel.activation_checkpointing",
+        cfg.parallel.activation_checkpointing,
+        ("none", "full", "every_n"),
+    )
     _choice("parallel.init_device", cfg.parallel.init_device, ("auto", "meta", "direct"))
     _choice("launcher.name", cfg.launcher.name, ("local", "slurm", "ray"))
     for key, value in [
@@ -301,7 +325,10 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")
     _check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
     _check(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1)")
-    _check(0 <= cfg.diffusion.cond_dropout <= 1, f"diffusion.cond_dropout={cfg.diffusion.cond_dropout} not in [0, 1]")
+    _check(
+        0 <= cfg.diffusion.cond_dropout <= 1,
+        f"diffusion.cond_dropout={cfg.diffusion.cond_dropout} not in [0, 1]",
+    )
     _check(cfg.diffusion.p_std > 0, f"diffusion.p_std={cfg.diffusion.p_std} must be > 0")
     _check(cfg.data.fps > 0, f"data.fps={cfg.data.fps} must be > 0")
     _check(len(cfg.train.betas) == 2, f"train.betas={cfg.train.betas} must have two values")
@@ -310,7 +337,8 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     per_step = cfg.world_size * cfg.data.micro_batch
     _check(
         cfg.train.global_batch % per_step == 0,
-        f"train.global_batch={cfg.train.global_batch} is not divisible by data-parallel size {cfg.world_size} "
+        f"train.global_batch={cfg.train.global_batch} is not divisible by data-parallel size "
+        f"{cfg.world_size} "
         f"(nodes={cfg.nodes} × gpus_per_node={cfg.gpus_per_node}) × data.micro_batch={cfg.data.micro_batch}",
     )
     if cfg.stage.task == "image":
@@ -320,13 +348,16 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     if cfg.stage.task == "interpolation":
         _check(cfg.data.frames >= 3, "data.frames must be ≥ 3 for interpolation (first, last and between)")
     if cfg.stage.task == "multiview":
-        _check(cfg.model.micro_conditioning == "sv3d", "stage.task=multiview needs model.micro_conditioning=sv3d")
+        _check(
+            cfg.model.micro_conditioning == "sv3d", "stage.task=multiview needs model.micro_conditioning=sv3d"
+        )
     if cfg.model.autoencoder == "space_to_depth":
         for key in ("height", "width"):
             value = getattr(cfg.data, key)
             _check(
                 value % cfg.model.autoencoder_factor == 0,
-                f"data.{key}={value} is not a multiple of model.autoencoder_factor={cfg.model.autoencoder_factor}",
+                f"data.{key}={value} is not a multiple of "
+                f"model.autoencoder_factor={cfg.model.autoencoder_factor}",
             )
     if check_uris:
         _check_uris(cfg)
@@ -338,7 +369,9 @@ def _check_uris(cfg: RunConfig) -> None:
 
     storage = Storage.from_env()
     readable = [("data.table", cfg.data.table), ("stage.init_from", cfg.stage.init_from)]
-    readable += [(f"model.{k}", getattr(cfg.model, k)) for k in ("autoencoder_path", "text_encoder", "image_encoder")]
+    readable += [
+        (f"model.{k}", getattr(cfg.model, k)) for k in ("autoencoder_path", "text_encoder", "image_encoder")
+    ]
     for key, uri in readable:
         if not uri:
             continue

@@ -40,9 +40,14 @@ def test_every_stage_of_the_paper_is_an_option_with_its_hyper_parameters():
 
 
 def test_overrides_apply_after_the_groups_and_survive_a_yaml_round_trip():
-    cfg = compose(["stage=video_pretrain_hr", "model=tiny", TABLE, "train.lr=3e-5", "nodes=2", "gpus_per_node=2"])
-    assert cfg.train.lr == 3e-5 and cfg.model.preset == "tiny" and cfg.data.height == 16
-    assert cfg.job_name == "video_pretrain_hr" and cfg.checkpoint.run_dir == "outputs/runs/video_pretrain_hr"
+    cfg = compose(
+        ["stage=video_pretrain_hr", "model=tiny", TABLE, "train.lr=3e-5", "nodes=2", "gpus_per_node=2"]
+    )
+    assert cfg.train.lr == 3e-5
+    assert cfg.model.preset == "tiny"
+    assert cfg.data.height == 16
+    assert cfg.job_name == "video_pretrain_hr"
+    assert cfg.checkpoint.run_dir == "outputs/runs/video_pretrain_hr"
     assert cfg.grad_accumulation == 1  # global batch 4 = 4 ranks × micro-batch 1
     assert from_yaml(to_yaml(cfg)) == cfg
 
@@ -59,7 +64,10 @@ def test_overrides_apply_after_the_groups_and_survive_a_yaml_round_trip():
             ["model=tiny", TABLE, "gpus_per_node=3"],
             "train.global_batch=4 is not divisible by data-parallel size 3",
         ),
-        (["stage=image_pretrain", TABLE, "data.frames=14"], "data.frames=14: stage.task=image trains on stills"),
+        (
+            ["stage=image_pretrain", TABLE, "data.frames=14"],
+            "data.frames=14: stage.task=image trains on stills",
+        ),
         (["parallel.sharding=zero3", TABLE], "parallel.sharding='zero3': choose one of"),
         (["train.lr=-1", TABLE], "train.lr=-1.0 must be > 0"),
         (["stage.task=video", TABLE], "stage.task='video': choose one of"),
@@ -83,10 +91,12 @@ def test_launch_help_lists_groups_and_options(capsys):
 def test_launch_prints_the_resolved_config_and_the_dry_run(capsys):
     assert launch(["stage=i2v_finetune", "model=tiny", TABLE, "--cfg"]) == 0
     printed = capsys.readouterr().out
-    assert "task: image_to_video" in printed and "p_mean: 0.7" in printed
+    assert "task: image_to_video" in printed
+    assert "p_mean: 0.7" in printed
     assert launch(["stage=video_pretrain", TABLE, "nodes=32", "gpus_per_node=8", "--dry-run"]) == 0
     dry = capsys.readouterr().out
-    assert "256 rank(s) = nodes 32 × 8" in dry and "accumulation 6" in dry
+    assert "256 rank(s) = nodes 32 × 8" in dry
+    assert "accumulation 6" in dry
 
 
 def test_launch_refuses_an_unreadable_table_before_starting(capsys, tmp_path):

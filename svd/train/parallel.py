@@ -117,7 +117,13 @@ def checkpoint_activations(block: nn.Module) -> None:
     block.forward = recomputed
 
 
-def parallelize(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh | None, cfg: ParallelConfig, device: torch.device) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    mesh: DeviceMesh | None,
+    cfg: ParallelConfig,
+    device: torch.device,
+) -> nn.Module:
     """Activation checkpointing, compile and FSDP2 per block, then the root. Returns the model (in place)."""
     for i, block in enumerate(blocks):
         ac = cfg.activation_checkpointing
@@ -133,7 +139,9 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh | No
     dtype = param_dtype(cfg.mixed_precision, device)
     block_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # The root keeps its inputs (σ, noisy latents) in fp32: the EDM scalings need them exact.
-    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    root_policy = MixedPrecisionPolicy(
+        param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(model, mesh=mesh, mp_policy=root_policy)

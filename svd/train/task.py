@@ -66,7 +66,9 @@ def autoencoder_config(cfg: RunConfig) -> AutoencoderConfig:
 
 
 def sample_seed(seed: int, bucket: int, position: int) -> int:
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, bucket, position]).generate_state(1, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([seed & 0xFFFFFFFF, bucket, position]).generate_state(1, np.uint64)[0] >> 1
+    )
 
 
 @dataclass
@@ -102,7 +104,8 @@ class Task:
         for key, encoder in (("model.text_encoder", text), ("model.image_encoder", image)):
             if encoder is not None and encoder.dim != context_dim:
                 raise ValueError(
-                    f"{key} gives {encoder.dim}-d features, model {cfg.model.preset} has context_dim={context_dim}"
+                    f"{key} gives {encoder.dim}-d features, "
+                    f"model {cfg.model.preset} has context_dim={context_dim}"
                 )
         return Task(cfg, device, autoencoder, text, image, context_dim)
 
@@ -110,7 +113,9 @@ class Task:
     def latent_channels(self) -> int:
         return self.autoencoder.latent_channels
 
-    def draw(self, batch: dict[str, Any], latent_shape: tuple[int, ...], frame_shape: tuple[int, ...], seed: int) -> SampleRandoms:
+    def draw(
+        self, batch: dict[str, Any], latent_shape: tuple[int, ...], frame_shape: tuple[int, ...], seed: int
+    ) -> SampleRandoms:
         d = self.cfg.diffusion
         image_cond = self.cfg.stage.task in CONDITIONED_ON_IMAGE
         dropped, sigma, cond_sigma, eps, cond_noise = [], [], [], [], []
@@ -156,7 +161,9 @@ class Task:
             return Conditioning(
                 context=context * keep.view(-1, 1, 1), micro=micro, concat=concat * keep.view(-1, 1, 1, 1)
             )
-        captions = [("" if drop else c) for c, drop in zip(batch["caption"], randoms.dropped.tolist(), strict=True)]
+        captions = [
+            ("" if drop else c) for c, drop in zip(batch["caption"], randoms.dropped.tolist(), strict=True)
+        ]
         cond = Conditioning(context=self.text_context(captions), micro=micro)
         if task == "image":
             cond.image_only = torch.ones(b, dtype=torch.bool, device=self.device)

@@ -110,7 +110,9 @@ class Trainer:
     def _loader_config(self, *, validation: bool) -> LoaderConfig:
         d, cfg = self.cfg.data, self.cfg
         parts = [f"({d.filter})"] if d.filter else []
-        parts.append(f"split = '{d.val_split}'" if validation else f"(split IS NULL OR split != '{d.val_split}')")
+        parts.append(
+            f"split = '{d.val_split}'" if validation else f"(split IS NULL OR split != '{d.val_split}')"
+        )
         if cfg.stage.camera_motion and not validation:
             parts.append(f"camera_motion = '{cfg.stage.camera_motion}'")
         needs_pixels = cfg.stage.task in ("image_to_video", "multiview")
@@ -302,7 +304,9 @@ class Trainer:
             for _, batch in zip(range(-(-self.cfg.train.val_samples // per_step)), loader, strict=False):
                 latents = self.task.latents(batch)
                 frame_shape = tuple(batch["frames"].shape[2:]) if "frames" in batch else (3, 1, 1)
-                randoms = self.task.draw(batch, tuple(latents.shape[1:]), frame_shape, self.cfg.train.seed + 1)
+                randoms = self.task.draw(
+                    batch, tuple(latents.shape[1:]), frame_shape, self.cfg.train.seed + 1
+                )
                 randoms.dropped.zero_()
                 cond = self.task.conditioning(batch, latents, randoms)
                 for i, sigma in enumerate(sigmas):
@@ -314,7 +318,10 @@ class Trainer:
         losses["mean"] = sum(losses.values()) / len(sigmas)
         if self.env.is_main:
             self._append_run_file("validation.jsonl", json.dumps({"step": step, **losses}))
-            print(f"validation at step {step}: loss {losses['mean']:.4f} (EMA weights, {len(sigmas)} σ)", flush=True)
+            print(
+                f"validation at step {step}: loss {losses['mean']:.4f} (EMA weights, {len(sigmas)} σ)",
+                flush=True,
+            )
         return losses
 
     @torch.no_grad()
@@ -331,10 +338,14 @@ class Trainer:
             self.task.conditioning(one, latents, self._preview_randoms(latents, one, dropped))
             for dropped in (False, True)
         )
-        sampler = EulerEDMSampler(SamplerConfig(num_steps=self.cfg.train.preview_steps, guidance_min=lo, guidance_max=hi))
+        sampler = EulerEDMSampler(
+            SamplerConfig(num_steps=self.cfg.train.preview_steps, guidance_min=lo, guidance_max=hi)
+        )
         parallel.reshard(self.model)
         with self.ema.applied(self.model):
-            sample = sampler.sample(self.model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.device)
+            sample = sampler.sample(
+                self.model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.device
+            )
         if self.env.is_main:
             video = to_uint8_frames(self.task.autoencoder.decode(sample)[0].cpu())
             self._write_preview(step, video)

@@ -80,7 +80,13 @@ def tiny_clip_encoder(tmp_path_factory) -> str:
     }
     config = CLIPConfig(
         text_config=small
-        | {"vocab_size": len(tokens), "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        | {
+            "vocab_size": len(tokens),
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
         vision_config=small | {"image_size": 32, "patch_size": 8},
         projection_dim=32,
     )

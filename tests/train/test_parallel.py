@@ -41,7 +41,8 @@ def test_activation_checkpointing_and_sharding_leave_the_losses_unchanged(train_
 
 def test_a_model_built_on_the_meta_device_trains(train_table, s3_env):
     result = run(train_table, "meta", "parallel.init_device=meta")
-    assert len(result.losses) == 2 and all(math.isfinite(loss) for loss in result.losses)
+    assert len(result.losses) == 2
+    assert all(math.isfinite(loss) for loss in result.losses)
 
 
 def test_bf16_mixed_precision_trains_close_to_fp32(train_table, s3_env):
@@ -70,5 +71,7 @@ def test_every_rank_reports_its_metrics_with_job_stage_rank_and_node_labels(trai
     for rank in ("0", "1"):
         value, labels = samples[("svd_loss", rank)]
         assert value == pytest.approx(result.losses[-1], rel=1e-5)
-        assert labels["job"] == "metrics-test" and labels["stage"] == "video_pretrain" and labels["node"]
+        assert labels["job"] == "metrics-test"
+        assert labels["stage"] == "video_pretrain"
+        assert labels["node"]
         assert samples[("svd_samples_total", rank)][0] == 2  # 2 steps × 1 sample per rank

@@ -36,7 +36,9 @@ def run_stage(train_table: dict, stage: str, *extra: str) -> str:
 
 
 @pytest.mark.slow
-def test_every_stage_trains_from_the_previous_one_and_exports(train_table, s3_env, tiny_clip_encoder, tmp_path, capsys):
+def test_every_stage_trains_from_the_previous_one_and_exports(
+    train_table, s3_env, tiny_clip_encoder, tmp_path, capsys
+):
     text, image = f"model.text_encoder={tiny_clip_encoder}", f"model.image_encoder={tiny_clip_encoder}"
     images = run_stage(train_table, "image_pretrain", text)
     video = run_stage(train_table, "video_pretrain", text, "data.frames=4", f"stage.init_from={images}")
@@ -45,7 +47,8 @@ def test_every_stage_trains_from_the_previous_one_and_exports(train_table, s3_en
     run_stage(train_table, "video_finetune_hq", text, "data.frames=4", f"stage.init_from={hr}")
     i2v = run_stage(train_table, "i2v_finetune", image, "data.frames=4", f"stage.init_from={hr}")
     out = capsys.readouterr().out
-    assert "1 reshaped" in out and "network.conv_in.weight" in out  # 12 → 24 input channels
+    assert "1 reshaped" in out
+    assert "network.conv_in.weight" in out  # 12 → 24 input channels
     run_stage(train_table, "interpolation", text, "data.frames=5", f"stage.init_from={hr}")
     lora = run_stage(train_table, "camera_lora", image, "data.frames=4", f"stage.init_from={i2v}")
     run_stage(train_table, "multiview", image, "data.frames=4")
@@ -54,13 +57,15 @@ def test_every_stage_trains_from_the_previous_one_and_exports(train_table, s3_en
     from diffusers import UNetSpatioTemporalConditionModel
 
     unet = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path / "unet")
-    assert unet.config.in_channels == 24 and unet.config.cross_attention_dim == 32
+    assert unet.config.in_channels == 24
+    assert unet.config.cross_attention_dim == 32
 
     assert export([f"run={lora}", f"out={tmp_path / 'zoom.safetensors'}", "format=lora"]) == 0
     from safetensors.torch import load_file
 
     adapters = load_file(tmp_path / "zoom.safetensors")
-    assert adapters and all(".lora_" in k for k in adapters)
+    assert adapters
+    assert all(".lora_" in k for k in adapters)
     assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_b" in k)  # the adapters trained
 
 
@@ -72,6 +77,8 @@ def test_camera_lora_trains_only_the_adapters(train_table, s3_env):
     lora = run_stage(train_table, "camera_lora", "data.frames=4", f"stage.init_from={base}", "train.lr=1e-2")
     model = read_full_state(lora, "model.model")
     ema = read_full_state(lora, "ema.weights")
-    assert ema and all(".lora_" in k for k in ema)  # only the adapters are trained (and averaged)
+    assert ema
+    assert all(".lora_" in k for k in ema)  # only the adapters are trained (and averaged)
     frozen = [k for k in before if "temporal_blocks" in k and "attn.to_q.weight" in k]
-    assert frozen and all(torch.equal(model[k], before[k]) for k in frozen)
+    assert frozen
+    assert all(torch.equal(model[k], before[k]) for k in frozen)

@@ -95,11 +95,21 @@ def test_resume_in_the_same_world_size_is_exact(train_table, s3_env):
 
 def test_a_run_writes_previews_validation_and_its_config(train_table, s3_env, moto_s3):
     result = train(
-        train_table, "artefacts", "train.steps=2", "train.global_batch=2", "train.val_every=2", "train.preview_every=2"
+        train_table,
+        "artefacts",
+        "train.steps=2",
+        "train.global_batch=2",
+        "train.val_every=2",
+        "train.preview_every=2",
     )
     fs, path = moto_s3.storage.fsspec(f"{train_table['bucket']}/runs/artefacts")
     names = {p.removeprefix(path + "/") for p in fs.find(path)}
-    assert {"config.yaml", "validation.jsonl", "previews/step-00000002.mp4", "previews/step-00000002.gif"} <= names
+    assert {
+        "config.yaml",
+        "validation.jsonl",
+        "previews/step-00000002.mp4",
+        "previews/step-00000002.gif",
+    } <= names
     assert {"checkpoints/latest", "checkpoints/step-00000002/.metadata"} <= names
     assert set(result.validation[0]) == {"sigma_0.05", "sigma_0.3", "sigma_1", "sigma_3", "sigma_10", "mean"}
     assert all(v > 0 for v in result.validation[0].values())
@@ -123,7 +133,9 @@ def _rank_processes(launcher_pid: int) -> list[int]:
 def test_a_killed_rank_fails_the_run_cleanly_and_a_restart_resumes_from_the_last_checkpoint(
     train_table, s3_env, moto_s3
 ):
-    args = settings(train_table, "killed", "gpus_per_node=2", "train.steps=200", "parallel.collective_timeout_s=30")
+    args = settings(
+        train_table, "killed", "gpus_per_node=2", "train.steps=200", "parallel.collective_timeout_s=30"
+    )
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
         cwd=ROOT,
@@ -151,4 +163,5 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_restart_resumes_from_the_last
     saved = json.loads(fs.cat_file(marker))["step"]
     resumed = train(train_table, "killed", "gpus_per_node=2", f"train.steps={saved + 2}")
     assert resumed.resumed_from == saved >= 2
-    assert resumed.steps == saved + 2 and len(resumed.losses) == 2
+    assert resumed.steps == saved + 2
+    assert len(resumed.losses) == 2
