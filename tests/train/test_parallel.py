@@ -39,6 +39,7 @@ def test_activation_checkpointing_and_sharding_leave_the_losses_unchanged(train_
     assert every_other.losses == pytest.approx(plain.losses, rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:DTensor random operators:UserWarning")  # CPU meshes: expected
 def test_a_model_built_on_the_meta_device_trains(train_table, s3_env):
     result = run(train_table, "meta", "parallel.init_device=meta")
     assert len(result.losses) == 2
@@ -75,3 +76,10 @@ def test_every_rank_reports_its_metrics_with_job_stage_rank_and_node_labels(trai
         assert labels["stage"] == "video_pretrain"
         assert labels["node"]
         assert samples[("svd_samples_total", rank)][0] == 2  # 2 steps × 1 sample per rank
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_over_two_processes_gives_the_losses_of_one(train_table, s3_env):
+    one = run(train_table, "hsdp-ref", "parallel.sharding=none")
+    hybrid = run(train_table, "hsdp", "gpus_per_node=2", "parallel.sharding=hsdp")  # mesh (1 node, 2 shards)
+    assert hybrid.losses == pytest.approx(one.losses, rel=1e-5)

@@ -14,8 +14,8 @@ launch = runpy.run_path(str(ROOT / "jobs" / "launch.py"), run_name="launch")["ma
 export = runpy.run_path(str(ROOT / "jobs" / "export.py"), run_name="export")["main"]
 
 
-def run_stage(train_table: dict, stage: str, *extra: str) -> str:
-    run_dir = f"{train_table['bucket']}/stages/{stage}"
+def run_stage(train_table: dict, stage: str, *extra: str, run: str = "") -> str:
+    run_dir = f"{train_table['bucket']}/stages/{run or stage}"
     code = launch(
         [
             f"stage={stage}",
@@ -70,11 +70,13 @@ def test_every_stage_trains_from_the_previous_one_and_exports(
 
 
 def test_camera_lora_trains_only_the_adapters(train_table, s3_env):
-    base = run_stage(train_table, "i2v_finetune", "data.frames=4")
+    base = run_stage(train_table, "i2v_finetune", "data.frames=4", run="lora-base")
     from svd.train.checkpoint import read_full_state
 
     before = read_full_state(base, "ema.weights")
-    lora = run_stage(train_table, "camera_lora", "data.frames=4", f"stage.init_from={base}", "train.lr=1e-2")
+    lora = run_stage(
+        train_table, "camera_lora", "data.frames=4", f"stage.init_from={base}", "train.lr=1e-2", run="lora"
+    )
     model = read_full_state(lora, "model.model")
     ema = read_full_state(lora, "ema.weights")
     assert ema
@@ -82,3 +84,55 @@ def test_camera_lora_trains_only_the_adapters(train_table, s3_env):
     frozen = [k for k in before if "temporal_blocks" in k and "attn.to_q.weight" in k]
     assert frozen
     assert all(torch.equal(model[k], before[k]) for k in frozen)
+
+
+@pytest.mark.slow
+def test_an_exported_image_to_video_unet_runs_in_stable_video_diffusion_pipeline(
+    train_table, s3_env, tiny_clip_encoder, tmp_path, capsys
+):
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from svd.model.autoencoder import AutoencoderConfig, build_autoencoder
+
+    i2v = run_stage(
+        train_table,
+        "i2v_finetune",
+        "model.autoencoder=kl_temporal",  # the released latent layout: 4 channels (+4 conditioning)
+        f"model.image_encoder={tiny_clip_encoder}",
+        "data.frames=4",
+        "train.preview_every=2",
+        run="released-layout",
+    )
+    assert export([f"run={i2v}", f"out={tmp_path / 'unet'}"]) == 0
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path / "unet")
+    assert unet.config.in_channels == 8
+    pipe = StableVideoDiffusionPipeline(
+        vae=build_autoencoder(AutoencoderConfig(kind="kl_temporal")).vae,
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(tiny_clip_encoder),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+    )
+    image = Image.new("RGB", (16, 16), (200, 80, 40))
+    frames = pipe(
+        image, height=16, width=16, num_frames=4, num_inference_steps=2, decode_chunk_size=4, output_type="np"
+    ).frames
+    assert frames.shape == (1, 4, 16, 16, 3)
+
+    # and the released layout comes back in as a stage's starting point
+    capsys.readouterr()
+    run_stage(
+        train_table,
+        "i2v_finetune",
+        "model.autoencoder=kl_temporal",
+        "data.frames=4",
+        f"stage.init_from={tmp_path / 'unet'}",
+        run="from-diffusers",
+    )
+    assert "0 reshaped, 0 added (fresh init), 0 dropped" in capsys.readouterr().out
