@@ -87,7 +87,8 @@ def tiny_clip_encoder(tmp_path_factory) -> str:
             "eos_token_id": 1,
             "pad_token_id": 1,
         },
-        vision_config=small | {"image_size": 32, "patch_size": 8},
+        vision_config=small
+        | {"image_size": 224, "patch_size": 56},  # 224: what the diffusers pipeline feeds,
         projection_dim=32,
     )
     torch.manual_seed(0)
