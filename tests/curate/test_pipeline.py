@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import lance
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -224,5 +223,4 @@ def test_the_command_line_explains_and_refuses_bad_settings():
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0
-    assert "min_clip" in bad.stderr
-    assert np.char.find(bad.stderr, "Did you mean") >= 0
+    assert "unknown key 'min_clip'; did you mean 'min_clip_s'?" in bad.stderr
