@@ -51,7 +51,7 @@ from svd.data import buckets as bucketing
 from svd.data import row_index, schema
 from svd.data.buckets import Bucket
 from svd.data.order import rank_positions, stream_indices
-from svd.data.row_index import RowIndex
+from svd.data.row_index import RowIndex, one_line
 from svd.data.storage import Storage
 from svd.data.video import DecodeError, decode_clip
 
@@ -168,12 +168,6 @@ def open_table(uri: str, storage: Storage, version: int | str | None = None) -> 
         raise FileNotFoundError(f"cannot open clip table {uri} (version {version}): {one_line(e)}") from None
     schema.validate(table.schema, where=uri)
     return table
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one line: Lance's messages run over several lines and end in a Rust source path."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text.split(", /home/runner/")[0]
 
 
 @dataclass(frozen=True)
@@ -495,17 +489,6 @@ class ClipLoader:
         table = open_table(cfg.table, self.storage, _version(cfg, restored))
         self.table_version = table.version
         self.table_content = row_index.content_id(table)
-        self.serve = _serve(cfg, table)
-        self.clip_bytes = "clip_bytes" in table.schema.names
-        self.index = _row_index(cfg, table, build=build_index)
-        self.sizes = tuple(self.index.size(b) for b in range(len(cfg.buckets)))
-        if not any(self.sizes):
-            raise ValueError(
-                f"no row of {cfg.table} (version {self.table_version}) passes filter "
-                f"{cfg.filter!r} into any bucket"
-            )
-        if self.serve == "latents":
-            self._check_latents(table)
         self.state = restored or LoaderState(
             (0,) * len(cfg.buckets),
             cfg.seed,
@@ -515,6 +498,17 @@ class ClipLoader:
             self.table_content,
         )
         self._check_state(self.state)
+        self.serve = _serve(cfg, table)
+        self.clip_bytes = "clip_bytes" in table.schema.names
+        self.index = _row_index(cfg, table, self.table_content, build=build_index)
+        self.sizes = tuple(self.index.size(b) for b in range(len(cfg.buckets)))
+        if not any(self.sizes):
+            raise ValueError(
+                f"no row of {cfg.table} (version {self.table_version}) passes filter "
+                f"{cfg.filter!r} into any bucket"
+            )
+        if self.serve == "latents":
+            self._check_latents(table)
         self.skipped: Counter[str] = Counter()
 
     def _check_latents(self, table: lance.LanceDataset) -> None:
@@ -602,15 +596,12 @@ class ClipLoader:
             timeout=self.cfg.batch_timeout_s if workers else 0,
             worker_init_fn=_init_worker if workers else None,
         )
-        batches = iter(loader)
-        try:
-            while True:
-                batch = self._next(batches)
-                self.state = batch.pop("state")
-                self.skipped.update(batch["skipped"])
-                yield batch
-        finally:  # an abandoned or closed iterator stops its workers now, not whenever it is collected
-            del batches
+        batches = iter(loader)  # closing (or dropping) this generator shuts its workers down
+        while True:
+            batch = self._next(batches)
+            self.state = batch.pop("state")
+            self.skipped.update(batch["skipped"])
+            yield batch
 
     def _next(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """The next batch; a failure in a worker comes back as one line, not as torch's worker traceback."""
@@ -646,7 +637,7 @@ def ensure_row_index(cfg: LoaderConfig, storage: Storage, *, state: dict[str, An
     """
     restored = LoaderState.from_dict(state) if state else None
     table = open_table(cfg.table, storage, _version(cfg, restored))
-    return _row_index(cfg, table, build=True).path
+    return _row_index(cfg, table, row_index.content_id(table), build=True).path
 
 
 def _version(cfg: LoaderConfig, state: LoaderState | None) -> int | str | None:
@@ -660,9 +651,9 @@ def _serve(cfg: LoaderConfig, table: lance.LanceDataset) -> str:
     return "latents" if cfg.serve == "latents" or (cfg.serve == "auto" and has_latents) else "frames"
 
 
-def _row_index(cfg: LoaderConfig, table: lance.LanceDataset, *, build: bool) -> RowIndex:
+def _row_index(cfg: LoaderConfig, table: lance.LanceDataset, content: str, *, build: bool) -> RowIndex:
     expression = row_index.check_filter(table, cfg.filter, cfg.table) if cfg.filter is not None else None
-    path = row_index.index_path(cfg.cache_dir, cfg.table, table, cfg.filter, cfg.buckets)
+    path = row_index.index_path(cfg.cache_dir, cfg.table, content, cfg.filter, cfg.buckets)
     if path.exists():
         return RowIndex(path)
     if not build:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import lance
@@ -47,7 +48,6 @@ class RowIndex:
         if meta["format"] != FORMAT:
             raise ValueError(f"{path}: row index format {meta['format']}, expected {FORMAT}")
         self.starts: list[int] = meta["starts"]
-        self.table_version: int = meta["table_version"]
         self.offsets = reader.read_all().column("offset").to_numpy()  # zero-copy view of the mapping
 
     def size(self, bucket: int) -> int:
@@ -75,15 +75,11 @@ def content_id(table: lance.LanceDataset) -> str:
 
 
 def index_path(
-    cache_dir: str | os.PathLike,
-    uri: str,
-    table: lance.LanceDataset,
-    filter: str | None,
-    buckets: tuple[Bucket, ...],
+    cache_dir: str | os.PathLike, uri: str, content: str, filter: str | None, buckets: tuple[Bucket, ...]
 ) -> Path:
-    """Where the index of this table content, filter and bucket shapes lives in `cache_dir`."""
+    """Where the index of this table content (`content_id`), filter and bucket shapes lives."""
     shapes = [(b.height, b.width, b.frames, b.fps) for b in buckets]
-    spec = json.dumps([uri, content_id(table), filter, shapes, schema.SCHEMA_VERSION, FORMAT])
+    spec = json.dumps([uri, content, filter, shapes, schema.SCHEMA_VERSION, FORMAT])
     return Path(cache_dir) / f"{hashlib.sha256(spec.encode()).hexdigest()[:24]}.arrow"
 
 
@@ -101,12 +97,19 @@ def check_filter(table: lance.LanceDataset, filter: str, where: str) -> str:
         try:
             kind = table.scanner(columns={"keep": expression}, limit=0).projected_schema.field("keep").type
         except (ValueError, OSError) as e:  # Lance reports parse and schema errors as ValueError
-            problem = str(e).splitlines()[0].split(", /")[0]  # drop the Rust source location
+            problem = one_line(e)
         else:
             if kind == pa.bool_():
                 return expression
             problem = f"it is of type {kind}, not boolean"
     raise FilterError(f"data.filter={filter!r} is not one SQL boolean expression on {where}: {problem}")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line, for messages that name what failed; Lance's run over several lines and end
+    in a Rust source location."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return re.sub(r", /\S+\.rs:\d+:\d+", "", text)
 
 
 def _lexical_problem(filter: str) -> str | None:
