@@ -221,12 +221,13 @@ class LatentSpec:
     """How a table's latents were encoded: frames, sampling rate and pixel size (curation's latent_*)."""
 
     frames: int
-    fps: float | None  # None for tables written before curation recorded it
-    height: int | None
-    width: int | None
+    fps: float
+    height: int
+    width: int
 
     @staticmethod
     def of(table: lance.LanceDataset) -> LatentSpec | None:
+        """The table's `svd.latents` metadata; None for tables written before curation recorded it."""
         raw = (table.schema.metadata or {}).get(schema.LATENTS_KEY)
         if raw is None:
             return None
@@ -537,7 +538,9 @@ class ClipLoader:
         """The shape of the first stored latents in bucket b, from the .npy header only."""
         rows = self.index.rows(b, np.arange(min(self.sizes[b], 8))).tolist()
         for blob in table.take_blobs("latents", indices=rows):
-            if blob is not None:
+            if blob is None:
+                continue
+            try:
                 version = np.lib.format.read_magic(blob)
                 header = (
                     np.lib.format.read_array_header_1_0
@@ -545,6 +548,8 @@ class ClipLoader:
                     else np.lib.format.read_array_header_2_0
                 )
                 return tuple(header(blob)[0])
+            except ValueError:  # a corrupt blob: skipped and counted when it is served
+                continue
         return None
 
     def _check_state(self, state: LoaderState) -> None:
