@@ -5,7 +5,7 @@
       server, each batch's rows read with pyarrow's dataset `take` (memory-bounded random access, like
       ours) through the same number of workers, clips decoded the same way.
 
-    infra/local/radosgw.sh start   # (the benchmark starts it if needed; needs Ceph installed)
+    infra/local/radosgw.sh start   # optional: else the benchmark starts it, and stops it at the end
     python bench/loader.py --workers 4
 
 Every loader reads the same rows in the same order (the loader's global order), so the ratios compare
@@ -15,13 +15,17 @@ access paths, not workloads. Run on radosgw, never on moto: moto's ranged reads 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +68,38 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def radosgw_storage() -> Storage:
-    out = subprocess.run(
-        [str(ROOT / "infra/local/radosgw.sh"), "start"], capture_output=True, text=True, check=True
-    )
-    env = dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    return Storage.from_env(env)
+@contextlib.contextmanager
+def radosgw_storage() -> Iterator[Storage]:
+    """Storage on the local radosgw (infra/local/radosgw.sh, its SVD_RGW_* settings). A gateway that was
+    already running is left running; one started here is stopped on the way out, error or not."""
+    was_running = answering(_radosgw("env")["AWS_ENDPOINT_URL_S3"])
+    try:
+        env = _radosgw("start")
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+        yield Storage.from_env(env)
+    finally:
+        if not was_running:
+            _radosgw("stop")
+
+
+def _radosgw(command: str) -> dict[str, str]:
+    """Runs infra/local/radosgw.sh `command`; returns the variables it exports."""
+    done = subprocess.run([str(ROOT / "infra/local/radosgw.sh"), command], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"infra/local/radosgw.sh {command} failed: {done.stderr.strip()[-2000:]}")
+    exports = (line.removeprefix("export ") for line in done.stdout.splitlines())
+    return dict(line.split("=", 1) for line in exports if "=" in line)
+
+
+def answering(endpoint: str) -> bool:
+    """Whether an HTTP server answers at `endpoint` (any status counts)."""
+    try:
+        urllib.request.urlopen(endpoint, timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def build_corpus(args: argparse.Namespace, storage: Storage, local: Path) -> tuple[str, str, list[dict]]:
@@ -207,9 +236,8 @@ def main() -> None:
     warnings.filterwarnings(
         "ignore", message="This DataLoader will create"
     )  # more workers than cores: asked for
-    storage = radosgw_storage()
     bucket = Bucket(*args.bucket, fps=args.fps)
-    with tempfile.TemporaryDirectory() as tmp:
+    with radosgw_storage() as storage, tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp)
         print(
             f"corpus: {args.videos} videos {args.video_size[1]}×{args.video_size[0]} @ {args.source_fps:g} "

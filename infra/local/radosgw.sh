@@ -110,7 +110,9 @@ EOF
     ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/monmap" 2>>"$DIR/log/setup.log"
     ceph-mon -c "$CONF" -i a 2>>"$DIR/log/setup.log"
     wait_for 30 "the monitor" ceph -c "$CONF" --connect-timeout 2 status
-    ceph -c "$CONF" osd new "$osd_uuid" >/dev/null
+    # A monitor that answers `status` may still refuse commands for a moment (EPERM); `osd new` of one uuid is
+    # idempotent, so retry it.
+    wait_for 30 "the monitor to take commands" ceph -c "$CONF" osd new "$osd_uuid"
     ceph -c "$CONF" osd crush add osd.0 1.0 root=default host=localhost >/dev/null 2>&1
     ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid" 2>>"$DIR/log/setup.log"
     ceph-osd -c "$CONF" -i 0 2>>"$DIR/log/setup.log"
@@ -125,11 +127,18 @@ EOF
 }
 
 stop_daemons() {
-    local pidfile
-    for pidfile in "$DIR"/run/*.pid; do
-        [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    # The gateway first, and wait for each daemon to exit: a radosgw whose monitor and OSD are already gone
+    # waits for them forever instead of exiting.
+    local name pid
+    for name in client.rgw osd.0 mon.a; do
+        pid=$(cat "$DIR/run/$name.pid" 2>/dev/null) || continue
+        kill "$pid" 2>/dev/null || continue
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
     done
-    pkill -f -- "-c $CONF" 2>/dev/null || true
+    pkill -KILL -f -- "-c $CONF" 2>/dev/null || true
 }
 
 stop() {

@@ -4,27 +4,37 @@
                                      filter="motion_score > 0.3 AND text_area < 0.07"))
     for batch in loader:            # endless; the trainer decides when to stop
         ...
-    checkpoint["data"] = loader.state_dict()    # {consumed per bucket, seed, table version}
+    checkpoint["data"] = loader.state_dict()    # {consumed per bucket, seed, table version, …}
 
-Start-up: the rows passing the filter are found once per (table version, filter, buckets) by a scan of a
+Start-up: the rows passing the filter are found once per (table content, filter, buckets) by a scan of a
 few columns, and their offsets are written, grouped by bucket, to one Arrow file that every process
-memory-maps (`RowIndex`). Every step: `ClipSampler` (main process) picks the bucket and this rank's stream
-positions; a worker maps positions to rows (`order.py`), fetches their metadata with Lance `take`,
+memory-maps (`row_index.py`). Every step: `ClipSampler` (main process) picks the bucket and this rank's
+stream positions; a worker maps positions to rows (`order.py`), fetches their metadata with Lance `take`,
 decodes the clips and collates the batch. Lance handles are opened lazily inside each worker: Lance is not
 fork-safe, and workers are spawned.
 
-The state is the sampler's: samples consumed per bucket, the seed and the pinned table version. Each batch
-carries the state *after* it, so `state_dict()` is exact even with batches prefetched, and it does not
-depend on the number of ranks or workers: a run saved on 2 ranks resumes on 1 or 3.
+The state is the sampler's: samples consumed per bucket, the seed, the pinned table version and what
+decides the rows of each bucket (bucket shapes, filter, table content). Each batch carries the state
+*after* it, so `state_dict()` is exact even with batches prefetched, and it does not depend on the number
+of ranks or workers: a run saved on 2 ranks resumes on 1 or 3. A state that does not match the config is
+refused: resuming it would silently repeat or skip samples.
+
+On many ranks, one process per node builds the row index and the others open it:
+
+    if local_rank == 0:
+        ensure_row_index(cfg, storage, state=state)   # pin cfg.version first if the table may grow
+    dist.barrier()
+    loader = ClipLoader(cfg, storage=storage, state=state, build_index=False)
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
-import hashlib
 import io
 import json
 import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -34,14 +44,14 @@ from typing import Any
 
 import lance
 import numpy as np
-import pyarrow as pa
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from svd.data import buckets as bucketing
-from svd.data import schema
+from svd.data import row_index, schema
 from svd.data.buckets import Bucket
 from svd.data.order import rank_positions, stream_indices
+from svd.data.row_index import RowIndex, one_line
 from svd.data.storage import Storage
 from svd.data.video import DecodeError, decode_clip
 
@@ -57,31 +67,28 @@ METADATA_COLUMNS = [
     "captions",
     "motion_score",
 ]
-_INDEX_COLUMNS = {
-    "width": "width",
-    "height": "height",
-    "num_frames": "num_frames",
-    "fps": "fps",
-    "duration": "end_s - start_s",
-}
-_ROW_INDEX_FORMAT = 1
+
+
+class LoaderError(RuntimeError):
+    """A batch could not be produced; the message is one line naming the table, rows and what failed."""
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
     table: str  # URI of the Lance clip table
     buckets: tuple[Bucket, ...]
-    filter: str | None = None  # Lance SQL predicate, e.g. a curation recipe's
+    filter: str | None = None  # one Lance SQL boolean expression, e.g. a curation recipe's
     version: int | str | None = None  # a version number or tag; None: the latest at start, then pinned
     seed: int = 0
     num_workers: int = 2
     prefetch_factor: int = 2
     serve: str = "auto"  # "frames", "latents", or "auto": latents when the table has them
     motion_score_scale: float = 1.0  # motion_score that maps to motion bucket 255 (see motion_bucket_id)
-    caption_weights: tuple[float, ...] | None = (
-        None  # per caption slot, e.g. (0.5, 0.25, 0.25); None: uniform
-    )
+    caption_weights: tuple[float, ...] | None = None  # per caption slot, e.g. (0.5, 0.25, 0.25); None: equal
     max_replacements: int = 16  # consecutive undecodable clips tolerated before the loader gives up
+    # Longest wait for one batch from a worker (worker start-up included); the storage clients' own
+    # timeouts normally fail a read sooner. In process (num_workers=0) only those apply.
+    batch_timeout_s: float = 600.0
     cache_dir: str = str(Path.home() / ".cache" / "svd" / "row_index")
 
     def __post_init__(self) -> None:
@@ -93,6 +100,16 @@ class LoaderConfig:
             raise ValueError(f"data.num_workers={self.num_workers} must be ≥ 0")
         if self.motion_score_scale <= 0:
             raise ValueError(f"data.motion_score_scale={self.motion_score_scale} must be > 0")
+        if self.caption_weights is not None and (
+            min(self.caption_weights, default=-1) < 0 or sum(self.caption_weights) <= 0
+        ):
+            raise ValueError(f"data.caption_weights={self.caption_weights} must be ≥ 0 with a positive sum")
+        if self.batch_timeout_s <= 0:
+            raise ValueError(f"data.batch_timeout_s={self.batch_timeout_s} must be > 0")
+
+    def shapes(self) -> list[list[float]]:
+        """What decides a bucket's rows: (height, width, frames, fps); the batch size may change on resume."""
+        return [[float(b.height), float(b.width), float(b.frames), float(b.fps)] for b in self.buckets]
 
 
 @dataclass(frozen=True)
@@ -100,13 +117,32 @@ class LoaderState:
     consumed: tuple[int, ...]  # stream positions consumed per bucket (epoch = consumed // bucket size)
     seed: int
     table_version: int
+    # What decides which row a position reads; None in states saved before they were recorded.
+    buckets: list[list[float]] | None = None  # LoaderConfig.shapes()
+    filter: str | None = None
+    table_content: str | None = None  # row_index.content_id of the pinned version
 
     def to_dict(self) -> dict[str, Any]:
-        return {"consumed": list(self.consumed), "seed": self.seed, "table_version": self.table_version}
+        return {
+            "consumed": list(self.consumed),
+            "seed": self.seed,
+            "table_version": self.table_version,
+            "buckets": self.buckets,
+            "filter": self.filter,
+            "table_content": self.table_content,
+        }
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> LoaderState:
-        return LoaderState(tuple(int(c) for c in d["consumed"]), int(d["seed"]), int(d["table_version"]))
+        buckets = d.get("buckets")
+        return LoaderState(
+            tuple(int(c) for c in d["consumed"]),
+            int(d["seed"]),
+            int(d["table_version"]),
+            None if buckets is None else [[float(x) for x in shape] for shape in buckets],
+            d.get("filter"),
+            d.get("table_content"),
+        )
 
 
 def motion_bucket_id(motion_score: np.ndarray, scale: float) -> np.ndarray:
@@ -129,76 +165,19 @@ def open_table(uri: str, storage: Storage, version: int | str | None = None) -> 
     try:
         table = lance.dataset(uri, version=version, storage_options=storage.lance_options(uri))
     except (ValueError, OSError) as e:
-        raise FileNotFoundError(f"cannot open clip table {uri} (version {version}): {e}") from None
+        raise FileNotFoundError(f"cannot open clip table {uri} (version {version}): {one_line(e)}") from None
     schema.validate(table.schema, where=uri)
     return table
 
 
-class RowIndex:
-    """Offsets of the rows that pass the filter, grouped by bucket, in a memory-mapped Arrow file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        meta = json.loads(reader.schema.metadata[b"svd.row_index"])
-        if meta["format"] != _ROW_INDEX_FORMAT:
-            raise ValueError(f"{path}: row index format {meta['format']}, expected {_ROW_INDEX_FORMAT}")
-        self.starts: list[int] = meta["starts"]
-        self.offsets = reader.read_all().column("offset").to_numpy()  # zero-copy view of the mapping
-
-    def size(self, bucket: int) -> int:
-        return self.starts[bucket + 1] - self.starts[bucket]
-
-    def rows(self, bucket: int, indices: np.ndarray) -> np.ndarray:
-        """Table offsets of the given indices within a bucket."""
-        return self.offsets[self.starts[bucket] + indices].astype(np.int64)
-
-    @staticmethod
-    def key(uri: str, version: int, filter: str | None, buckets: tuple[Bucket, ...]) -> str:
-        shapes = [(b.height, b.width, b.frames, b.fps) for b in buckets]
-        spec = json.dumps([uri, version, filter, shapes, schema.SCHEMA_VERSION, _ROW_INDEX_FORMAT])
-        return hashlib.sha256(spec.encode()).hexdigest()[:24]
-
-    @staticmethod
-    def build(
-        table: lance.LanceDataset, filter: str | None, buckets: tuple[Bucket, ...], path: Path
-    ) -> RowIndex:
-        """Scan the columns that decide membership, stream by stream, and write the index atomically."""
-        columns = dict(_INDEX_COLUMNS) | ({"keep": filter} if filter else {})
-        per_bucket: list[list[np.ndarray]] = [[] for _ in buckets]
-        base = 0
-        for batch in table.scanner(columns=columns, scan_in_order=True, batch_size=1 << 16).to_batches():
-            cols = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in _INDEX_COLUMNS}
-            assigned = bucketing.assign(buckets, **cols)
-            if filter:
-                assigned[~batch.column("keep").fill_null(False).to_numpy(zero_copy_only=False)] = -1
-            for b in range(len(buckets)):
-                per_bucket[b].append(np.nonzero(assigned == b)[0].astype(np.uint64) + np.uint64(base))
-            base += batch.num_rows
-        groups = [np.concatenate(g) if g else np.zeros(0, np.uint64) for g in per_bucket]
-        starts = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).tolist()
-        meta = {
-            "format": _ROW_INDEX_FORMAT,
-            "starts": starts,
-            "filter": filter,
-            "table_version": table.version,
-        }
-        index = pa.table({"offset": np.concatenate(groups)})
-        index = index.replace_schema_metadata({b"svd.row_index": json.dumps(meta).encode()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, index.schema) as writer:
-            writer.write_table(index)
-        os.replace(tmp, path)  # concurrent builders write identical files; the rename is atomic
-        return RowIndex(path)
-
-
 @dataclass(frozen=True)
 class BatchRequest:
-    """What one rank reads in one step: a bucket and its stream positions, and the state after the step."""
+    """What one rank reads in one step: a bucket and its stream positions, the positions the whole step
+    reads on all ranks, and the state after the step."""
 
     bucket: int
     positions: np.ndarray
+    step: tuple[int, int]  # [start, end) of the bucket's stream positions read by all ranks in this step
     state: LoaderState
 
 
@@ -223,10 +202,11 @@ class ClipSampler(torch.utils.data.Sampler):
             bucket = bucketing.choose(self.state.seed, consumed, self.sizes)
             per_rank = self.buckets[bucket].batch_size
             positions = rank_positions(consumed[bucket], per_rank, self.rank)
+            step = (consumed[bucket], consumed[bucket] + per_rank * self.world_size)
             after = list(consumed)
-            after[bucket] += per_rank * self.world_size
+            after[bucket] = step[1]
             self.state = dataclasses.replace(self.state, consumed=tuple(after))
-            yield BatchRequest(bucket, positions, self.state)
+            yield BatchRequest(bucket, positions, step, self.state)
 
     # Stateful protocol, so torchdata's StatefulDataLoader snapshots the sampler with each batch it delivers.
     def state_dict(self) -> dict[str, Any]:
@@ -234,6 +214,25 @@ class ClipSampler(torch.utils.data.Sampler):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = LoaderState.from_dict(state)
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """How a table's latents were encoded: frames, sampling rate and pixel size (curation's latent_*)."""
+
+    frames: int
+    fps: float
+    height: int
+    width: int
+
+    @staticmethod
+    def of(table: lance.LanceDataset) -> LatentSpec | None:
+        """The table's `svd.latents` metadata; None for tables written before curation recorded it."""
+        raw = (table.schema.metadata or {}).get(schema.LATENTS_KEY)
+        if raw is None:
+            return None
+        spec = json.loads(raw)
+        return LatentSpec(int(spec["frames"]), float(spec["fps"]), int(spec["height"]), int(spec["width"]))
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -270,6 +269,16 @@ class ClipDataset(torch.utils.data.Dataset):
         return self._index
 
     def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
+        where = f"{self.cfg.table} (version {self.table_version}), bucket {request.bucket}"
+        try:
+            return self._batch(request, where)
+        except LoaderError:
+            raise
+        except Exception as e:  # anything else: name where it happened, in one line
+            first = int(request.positions[0]) if len(request.positions) else None
+            raise LoaderError(f"{where}, positions from {first}: {type(e).__name__}: {one_line(e)}") from e
+
+    def _batch(self, request: BatchRequest, where: str) -> dict[str, Any]:
         b, bucket = request.bucket, self.cfg.buckets[request.bucket]
         rows = self._rows(b, request.positions)
         metas = self._metadata(rows)  # one `take` for the whole batch: one round trip to storage
@@ -277,38 +286,79 @@ class ClipDataset(torch.utils.data.Dataset):
         samples = []
         for position, row, meta in zip(request.positions.tolist(), rows.tolist(), metas, strict=True):
             try:
-                samples.append(self._sample(row, meta, bucket, position))
+                samples.append(self._sample(row, meta, bucket, position, where))
             except DecodeError as e:
                 skipped[e.reason] += 1
-                samples.append(self._replacement(b, bucket, position, skipped, e))
+                samples.append(self._replacement(request, position, skipped, e, where))
         batch = _collate(samples, self.serve)
         positions = torch.from_numpy(request.positions)  # the stream positions this batch stands for
         return batch | {"position": positions, "bucket": b, "skipped": dict(skipped), "state": request.state}
 
+    def _indices(self, b: int, positions: np.ndarray) -> np.ndarray:
+        return stream_indices(positions, self.index.size(b), self.cfg.seed + b)
+
     def _rows(self, b: int, positions: np.ndarray) -> np.ndarray:
-        return self.index.rows(b, stream_indices(positions, self.index.size(b), self.cfg.seed + b))
+        return self.index.rows(b, self._indices(b, positions))
 
     def _metadata(self, rows: np.ndarray) -> list[dict[str, Any]]:
         return self.table.take(rows.tolist(), columns=METADATA_COLUMNS).to_pylist()
 
+    def _replacement_positions(self, request: BatchRequest, position: int) -> Iterator[int]:
+        """Positions whose clips no rank reads in this step, for the sample at `position`.
+
+        They walk the epoch's permutation back from its end, sample slot s of a G-sample step taking
+        s, s + G, s + 2G, … from the end: deterministic (a resumed run sees the same batch), and distinct
+        for the samples of one step (no replacement shared by two ranks), unless the bucket has fewer than
+        G · attempts clips. A neighbour (p + 1) would be read by this batch or another rank as well.
+        """
+        b = request.bucket
+        n = self.index.size(b)
+        start, end = request.step
+        read = set(self._indices(b, np.arange(start, end)).tolist())
+        if len(read) >= n:  # the step reads every clip of the bucket: a repeat cannot be avoided
+            read = set()
+        epoch_start = position // n * n
+        for k in range(position - start, position - start + (end - start) * n, end - start):
+            candidate = epoch_start + n - 1 - k % n
+            if int(self._indices(b, np.array([candidate]))[0]) not in read:
+                yield candidate
+
     def _replacement(
-        self, b: int, bucket: Bucket, position: int, skipped: Counter, error: DecodeError
+        self, request: BatchRequest, position: int, skipped: Counter, error: DecodeError, where: str
     ) -> dict:
-        """A sample that cannot be decoded is replaced by the next decodable position — deterministically,
-        so a resumed run sees the same batch."""
-        for p in range(position + 1, position + 1 + self.cfg.max_replacements):
+        """A sample that cannot be decoded is replaced by the first decodable one of its replacement
+        positions (see `_replacement_positions`)."""
+        b, bucket = request.bucket, self.cfg.buckets[request.bucket]
+        attempts = 0
+        for p in self._replacement_positions(request, position):
+            if attempts == self.cfg.max_replacements:
+                break
+            attempts += 1
             row = int(self._rows(b, np.array([p]))[0])
             try:
-                return self._sample(row, self._metadata(np.array([row]))[0], bucket, p)
+                return self._sample(row, self._metadata(np.array([row]))[0], bucket, p, where)
             except DecodeError as e:
                 skipped[e.reason] += 1
                 error = e
-        raise RuntimeError(
-            f"{self.cfg.max_replacements + 1} consecutive undecodable clips from position {position} of "
-            f"bucket {b} in {self.cfg.table}; last: {error}. Is the storage reachable?"
+        raise LoaderError(
+            f"{where}: {attempts + 1} undecodable clips in a row for position {position}; last: {error}. "
+            "Is the storage reachable?"
         )
 
-    def _sample(self, row: int, meta: dict[str, Any], bucket: Bucket, position: int) -> dict[str, Any]:
+    def _sample(
+        self, row: int, meta: dict[str, Any], bucket: Bucket, position: int, where: str
+    ) -> dict[str, Any]:
+        try:
+            return self._decode(row, meta, bucket, position)
+        except (DecodeError, LoaderError):
+            raise
+        except Exception as e:  # name the clip: the batch-level message cannot
+            raise LoaderError(
+                f"{where}, row {row} ({meta['clip_id']}, {meta['video_uri']}): "
+                f"{type(e).__name__}: {one_line(e)}"
+            ) from e
+
+    def _decode(self, row: int, meta: dict[str, Any], bucket: Bucket, position: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, position, row])
         sample = {
             "row": row,
@@ -325,8 +375,13 @@ class ClipDataset(torch.utils.data.Dataset):
             blob = self.table.take_blobs("latents", indices=[row])[0]
             if blob is None:
                 raise DecodeError("missing", f"row {row} ({meta['clip_id']}) has no latents")
-            latents = np.load(io.BytesIO(blob.read()))
-            return sample | {"latents": torch.from_numpy(latents), "fps_id": fps_id(bucket.fps)}
+            try:
+                latents = np.load(io.BytesIO(blob.read()))
+            except ValueError as e:
+                raise DecodeError("corrupt", f"row {row} ({meta['clip_id']}) latents: {e}") from None
+            # the rate the latents' frames were sampled at: never above the source's (see decode_clip)
+            rate = min(bucket.fps, meta["fps"]) if meta["fps"] and meta["fps"] > 0 else bucket.fps
+            return sample | {"latents": torch.from_numpy(latents), "fps_id": fps_id(rate)}
         source, start_s, end_s = self._source(row, meta)
         clip = decode_clip(
             source,
@@ -341,12 +396,14 @@ class ClipDataset(torch.utils.data.Dataset):
         return sample | {"frames": frames, "fps_id": fps_id(clip.fps) if clip.fps else 0.0}
 
     def _caption(self, captions: list[str], rng: np.random.Generator) -> str:
-        weights = np.ones(len(captions))
+        """One of the clip's captions, by `caption_weights` per slot; uniform over the captions the clip
+        has when the weights give them none (weights (0, 1) and a single caption)."""
+        weights = np.zeros(len(captions))
         if self.cfg.caption_weights:
-            weights = np.array(
-                [w for w, _ in zip(self.cfg.caption_weights, captions, strict=False)], np.float64
-            )
-            weights = np.pad(weights, (0, len(captions) - len(weights)))
+            given = self.cfg.caption_weights[: len(captions)]
+            weights[: len(given)] = given
+        if weights.sum() <= 0:
+            weights[:] = 1.0
         return captions[int(rng.choice(len(captions), p=weights / weights.sum()))]
 
     def _source(self, row: int, meta: dict[str, Any]) -> tuple[Any, float, float]:
@@ -387,8 +444,31 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def _init_worker(_: int) -> None:
+    atexit.register(_leave_without_finalizing)
+
+
+def _leave_without_finalizing() -> None:
+    """A worker's last act, once torch's worker loop has returned.
+
+    Why: when the consumer stops early, a worker exits while its queue's feeder thread may still be
+    pickling a prefetched batch inside torch's C++ fd sharing (THPStorage_shareFd, GIL released). CPython
+    3.11 ends such daemon threads at interpreter finalization with pthread_exit, whose forced unwind through
+    that C++ frame calls std::terminate ("terminate called without an active exception"): the worker dies of
+    SIGABRT and the main process raises "DataLoader worker … killed by signal: Aborted" from its SIGCHLD
+    handler, wherever it happens to be. Nothing is left to do here, so the worker leaves at once.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 class ClipLoader:
-    """Iterable of batches for one rank; `state_dict()`/`load_state_dict()` resume it on any world size."""
+    """Iterable of batches for one rank; `state_dict()`/`load_state_dict()` resume it on any world size.
+
+    `build_index=False`: open the row index that `ensure_row_index` built (on one process per node) instead
+    of building it here; a missing index is an error, not a silent second scan.
+    """
 
     def __init__(
         self,
@@ -398,6 +478,7 @@ class ClipLoader:
         world_size: int | None = None,
         storage: Storage | None = None,
         state: dict[str, Any] | None = None,
+        build_index: bool = True,
     ):
         self.cfg = cfg
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -406,51 +487,97 @@ class ClipLoader:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self.storage = storage or Storage.from_env()
         restored = LoaderState.from_dict(state) if state else None
-        version = restored.table_version if restored else cfg.version
-        table = open_table(cfg.table, self.storage, version)
+        table = open_table(cfg.table, self.storage, _version(cfg, restored))
         self.table_version = table.version
-        self.serve = self._resolve_serve(table)
+        self.table_content = row_index.content_id(table)
+        self.state = restored or LoaderState(
+            (0,) * len(cfg.buckets),
+            cfg.seed,
+            self.table_version,
+            cfg.shapes(),
+            cfg.filter,
+            self.table_content,
+        )
+        self._check_state(self.state)
+        self.serve = _serve(cfg, table)
         self.clip_bytes = "clip_bytes" in table.schema.names
-        self.index = self._row_index(table)
+        self.index = _row_index(cfg, table, self.table_content, build=build_index)
         self.sizes = tuple(self.index.size(b) for b in range(len(cfg.buckets)))
         if not any(self.sizes):
             raise ValueError(
                 f"no row of {cfg.table} (version {self.table_version}) passes filter "
                 f"{cfg.filter!r} into any bucket"
             )
-        self.state = restored or LoaderState((0,) * len(cfg.buckets), cfg.seed, self.table_version)
-        self._check_state(self.state)
+        if self.serve == "latents":
+            self._check_latents(table)
         self.skipped: Counter[str] = Counter()
 
-    def _resolve_serve(self, table: lance.LanceDataset) -> str:
-        has_latents = "latents" in table.schema.names
-        if self.cfg.serve == "latents" and not has_latents:
-            raise ValueError(f"data.serve=latents but {self.cfg.table} has no 'latents' column")
-        return (
-            "latents"
-            if self.cfg.serve == "latents" or (self.cfg.serve == "auto" and has_latents)
-            else "frames"
-        )
+    def _check_latents(self, table: lance.LanceDataset) -> None:
+        """Refuse buckets whose frames, size or rate differ from those the stored latents were encoded at:
+        the model would be conditioned on an fps the latents do not have."""
+        spec = LatentSpec.of(table)
+        for b, bucket in enumerate(self.cfg.buckets):
+            stored = self._stored_latent_shape(table, b) if self.sizes[b] else None
+            if spec and (spec.frames, spec.fps, spec.height, spec.width) != (
+                bucket.frames,
+                bucket.fps,
+                bucket.height,
+                bucket.width,
+            ):
+                problem = f"{spec.frames} frames of {spec.height}×{spec.width} at {spec.fps:g} fps"
+            elif stored and not _latents_fit(stored, bucket):
+                problem = f"latents of shape {stored} (T, C, h, w)"
+            else:
+                continue
+            raise ValueError(
+                f"data.serve=latents: bucket {b} ({bucket.frames} frames of {bucket.height}×{bucket.width} "
+                f"at {bucket.fps:g} fps) does not match what {self.cfg.table} stores: {problem}"
+            )
 
-    def _row_index(self, table: lance.LanceDataset) -> RowIndex:
-        key = RowIndex.key(self.cfg.table, table.version, self.cfg.filter, self.cfg.buckets)
-        path = Path(self.cfg.cache_dir) / f"{key}.arrow"
-        return (
-            RowIndex(path)
-            if path.exists()
-            else RowIndex.build(table, self.cfg.filter, self.cfg.buckets, path)
-        )
+    def _stored_latent_shape(self, table: lance.LanceDataset, b: int) -> tuple[int, ...] | None:
+        """The shape of the first stored latents in bucket b, from the .npy header only."""
+        rows = self.index.rows(b, np.arange(min(self.sizes[b], 8))).tolist()
+        for blob in table.take_blobs("latents", indices=rows):
+            if blob is None:
+                continue
+            try:
+                version = np.lib.format.read_magic(blob)
+                header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                return tuple(header(blob)[0])
+            except ValueError:  # a corrupt blob: skipped and counted when it is served
+                continue
+        return None
 
     def _check_state(self, state: LoaderState) -> None:
-        if len(state.consumed) != len(self.cfg.buckets):
-            raise ValueError(
-                f"loader state has {len(state.consumed)} buckets, data.buckets has {len(self.cfg.buckets)}"
+        """Refuse, in one line, a state whose positions would read other rows than they did when saved."""
+        cfg, differences = self.cfg, []
+        if len(state.consumed) != len(cfg.buckets):
+            differences.append(
+                f"the state has {len(state.consumed)} buckets, data.buckets {len(cfg.buckets)}"
             )
+        elif state.buckets is not None and state.buckets != cfg.shapes():
+            differences.append(
+                f"bucket shapes {state.buckets} ≠ data.buckets {cfg.shapes()} (h, w, frames, fps)"
+            )
+        if state.seed != cfg.seed:
+            differences.append(f"seed {state.seed} ≠ data.seed={cfg.seed}")
+        if state.buckets is not None and state.filter != cfg.filter:
+            differences.append(f"filter {state.filter!r} ≠ data.filter={cfg.filter!r}")
         if state.table_version != self.table_version:
-            raise ValueError(
-                f"loader state is for table version {state.table_version}, "
-                f"the loader reads version {self.table_version}"
+            differences.append(
+                f"table version {state.table_version} ≠ the loader's {self.table_version} of {cfg.table}"
             )
+        elif state.table_content not in (None, self.table_content):
+            differences.append(
+                f"{cfg.table} version {self.table_version} holds other rows than when the state was saved "
+                "(re-created?)"
+            )
+        if differences:
+            raise ValueError("loader state does not match: " + "; ".join(differences))
 
     def epoch(self, bucket: int = 0) -> int:
         return self.state.consumed[bucket] // max(self.sizes[bucket], 1)
@@ -471,11 +598,30 @@ class ClipLoader:
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=False,
+            timeout=self.cfg.batch_timeout_s if workers else 0,
+            worker_init_fn=_init_worker if workers else None,
         )
-        for batch in loader:
+        batches = iter(loader)  # closing (or dropping) this generator shuts its workers down
+        while True:
+            batch = self._next(batches)
             self.state = batch.pop("state")
             self.skipped.update(batch["skipped"])
             yield batch
+
+    def _next(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next batch; a failure in a worker comes back as one line, not as torch's worker traceback."""
+        try:
+            return next(batches)
+        except LoaderError as e:
+            if "Original Traceback" not in str(e):
+                raise  # raised in this process: its own message and traceback
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise LoaderError(lines[-1].split("LoaderError: ", 1)[-1]) from None
+        except RuntimeError as e:  # torch's own: timeout, a worker killed
+            raise LoaderError(
+                f"{self.cfg.table}: {one_line(e)} (data.batch_timeout_s={self.cfg.batch_timeout_s:g}, "
+                f"data.num_workers={self.cfg.num_workers})"
+            ) from None
 
     def state_dict(self) -> dict[str, Any]:
         """The state after the last batch delivered by this iterator (not after prefetched ones)."""
@@ -485,3 +631,47 @@ class ClipLoader:
         restored = LoaderState.from_dict(state)
         self._check_state(restored)
         self.state = restored
+
+
+def ensure_row_index(cfg: LoaderConfig, storage: Storage, *, state: dict[str, Any] | None = None) -> Path:
+    """Build the row index for this config (and state) unless it exists; returns its path.
+
+    Call it on one process per node (or per run, with `cache_dir` on a shared file system) before a
+    barrier; every rank then opens it with `ClipLoader(…, build_index=False)`. The ranks must resolve the
+    same table version: give them the same `state`, or pin `cfg.version` when the table may grow meanwhile.
+    """
+    restored = LoaderState.from_dict(state) if state else None
+    table = open_table(cfg.table, storage, _version(cfg, restored))
+    return _row_index(cfg, table, row_index.content_id(table), build=True).path
+
+
+def _version(cfg: LoaderConfig, state: LoaderState | None) -> int | str | None:
+    return state.table_version if state else cfg.version
+
+
+def _serve(cfg: LoaderConfig, table: lance.LanceDataset) -> str:
+    has_latents = "latents" in table.schema.names
+    if cfg.serve == "latents" and not has_latents:
+        raise ValueError(f"data.serve=latents but {cfg.table} has no 'latents' column")
+    return "latents" if cfg.serve == "latents" or (cfg.serve == "auto" and has_latents) else "frames"
+
+
+def _row_index(cfg: LoaderConfig, table: lance.LanceDataset, content: str, *, build: bool) -> RowIndex:
+    expression = row_index.check_filter(table, cfg.filter, cfg.table) if cfg.filter is not None else None
+    path = row_index.index_path(cfg.cache_dir, cfg.table, content, cfg.filter, cfg.buckets)
+    if path.exists():
+        return RowIndex(path)
+    if not build:
+        raise FileNotFoundError(
+            f"no row index for {cfg.table} (version {table.version}) in data.cache_dir={cfg.cache_dir}: "
+            "call ensure_row_index on one process per node before the others open it"
+        )
+    return row_index.build(table, expression, cfg.buckets, path)
+
+
+def _latents_fit(shape: tuple[int, ...], bucket: Bucket) -> bool:
+    """(T, C, h, w) latents fit a bucket when T is its frame count and (h, w) its size over one factor."""
+    if len(shape) != 4 or shape[0] != bucket.frames or not shape[2] or not shape[3]:
+        return False
+    factor = bucket.height // shape[2]
+    return shape[2] * factor == bucket.height and shape[3] * factor == bucket.width

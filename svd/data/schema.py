@@ -12,6 +12,9 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 VERSION_KEY = b"svd.schema_version"
 BLOB = {"lance-encoding:blob": "true"}  # stored out of line: a scan never reads them by accident
+# JSON {"frames", "fps", "height", "width"}: how the `latents` column was encoded (curation's latent_*),
+# so that the loader can refuse buckets that do not match it.
+LATENTS_KEY = b"svd.latents"
 
 CAMERA_MOTIONS = ("static", "pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zoom_out", "other")
 

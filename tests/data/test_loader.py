@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
+import json
+import re
+import signal
+import socket
 from collections import Counter
 
+import lance
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from svd.data.buckets import Bucket
-from svd.data.loader import ClipLoader, LoaderConfig, motion_bucket_id
+from svd.data.loader import ClipLoader, LoaderConfig, LoaderError, motion_bucket_id
+from svd.data.schema import LATENTS_KEY
+from svd.data.storage import Storage
 from svd.data.synthetic import moving_square, synthetic_corpus
 from svd.data.table import write_clip_table
 from svd.data.video_io import encode_mp4
@@ -93,11 +101,8 @@ def test_workers_deliver_the_same_batches_and_state_as_the_main_process(corpus, 
         assert torch.equal(x["row"], y["row"])
         assert torch.equal(x["frames"], y["frames"])
     # workers had prefetched further, but the state counts only what was delivered
-    assert (
-        with_workers.state_dict()
-        == in_process.state_dict()
-        == {"consumed": [6], "seed": 0, "table_version": 1}
-    )
+    assert with_workers.state_dict() == in_process.state_dict()
+    assert with_workers.state_dict()["consumed"] == [6]
 
 
 @pytest.fixture(scope="module")
@@ -230,17 +235,11 @@ def test_the_table_version_is_pinned_in_the_state(corpus, moto_s3):
         loader(corpus, moto_s3, table=table).load_state_dict(state)
 
 
-def test_precomputed_latents_are_served_instead_of_frames(corpus, moto_s3):
-    table = f"{corpus['bucket']}/latents.lance"
-    rows = []
-    for i, row in enumerate(corpus["rows"][:3]):
-        buffer = io.BytesIO()
-        np.save(buffer, np.full((4, 4, 2, 3), i, np.float16))
-        rows.append(row | {"latents": buffer.getvalue()})
-    write_clip_table(table, rows, moto_s3.storage)
-    batch = next(iter(loader(corpus, moto_s3, table=table)))
+def test_precomputed_latents_are_served_instead_of_frames(corpus, moto_s3, latents_table):
+    batch = next(iter(loader(corpus, moto_s3, table=latents_table)))
     assert "frames" not in batch
     assert batch["latents"].shape == (2, 4, 4, 2, 3)
+    assert batch["fps_id"].tolist() == [3.0, 3.0]
     for i, row in enumerate(batch["row"].tolist()):
         assert (batch["latents"][i] == row).all()
 
@@ -277,3 +276,165 @@ def test_streaming_from_radosgw(radosgw, tmp_path):
     batches = list(itertools.islice(iter(ClipLoader(config, storage=radosgw.storage)), 3))
     assert [b["frames"].shape for b in batches] == [(2, 4, 3, 16, 24)] * 3
     assert Counter(r for b in batches for r in b["row"].tolist()) == Counter(range(6))
+
+
+def test_a_state_saved_with_another_seed_bucket_shapes_or_filter_is_refused_naming_what_differs(
+    corpus, moto_s3
+):
+    first = loader(corpus, moto_s3)
+    next(iter(first))
+    state = first.state_dict()
+    with pytest.raises(ValueError, match=r"^loader state does not match: seed 0 ≠ data.seed=1$"):
+        loader(corpus, moto_s3, state=state, seed=1)
+    longer = Bucket(16, 24, frames=3, batch_size=2, fps=4)
+    with pytest.raises(
+        ValueError, match=r"bucket shapes .*\[16.0, 24.0, 4.0, 4.0\].*\[16.0, 24.0, 3.0, 4.0\]"
+    ):
+        loader(corpus, moto_s3, state=state, buckets=(longer,))
+    with pytest.raises(ValueError, match=re.escape("filter None ≠ data.filter='motion_score >= 0'")):
+        loader(corpus, moto_s3, state=state, filter="motion_score >= 0")
+    # the batch size is not part of a bucket's rows: a resumed run may change it
+    resumed = loader(corpus, moto_s3, state=state, buckets=(dataclasses.replace(VIDEO, batch_size=3),))
+    assert next(iter(resumed))["position"].tolist() == [2, 3, 4]
+
+
+def test_an_undecodable_clip_is_replaced_by_one_that_no_rank_reads_in_the_same_step(
+    corpus, moto_s3, damaged_table
+):
+    n = 9  # 6 good clips and 3 damaged ones
+    ranks = [iter(loader(corpus, moto_s3, table=damaged_table, rank=r, world_size=2)) for r in range(2)]
+    replaced = 0
+    for _ in range(6):  # 24 positions: every damaged clip is met at least twice
+        batches = [next(it) for it in ranks]
+        positions = [p for b in batches for p in b["position"].tolist()]
+        rows = [r for b in batches for r in b["row"].tolist()]
+        replaced += sum(sum(b["skipped"].values()) for b in batches)
+        if positions[0] // n == positions[-1] // n:  # a step within one epoch reads each clip once
+            assert len(set(rows)) == len(rows), (positions, rows)
+    assert replaced >= 6
+
+
+def test_caption_weights_fall_back_to_the_captions_a_clip_has(corpus, moto_s3):
+    table = f"{corpus['bucket']}/one_caption.lance"
+    rows = [r | {"captions": [f"only {i}"]} for i, r in enumerate(corpus["rows"][:4])]
+    write_clip_table(table, rows, moto_s3.storage)
+    batch = next(iter(loader(corpus, moto_s3, table=table, caption_weights=(0.0, 1.0))))
+    assert batch["caption"] == [f"only {r}" for r in batch["row"].tolist()]
+    second = next(iter(loader(corpus, moto_s3, caption_weights=(0.0, 1.0))))
+    assert all(c.startswith("video ") for c in second["caption"])  # the weight slots still apply
+
+
+def with_latents(rows: list[dict]) -> list[dict]:
+    """The rows with (4, 4, 2, 3) latents: 4 frames of a 16×24 bucket through an 8× autoencoder."""
+    out = []
+    for i, row in enumerate(rows):
+        buffer = io.BytesIO()
+        np.save(buffer, np.full((4, 4, 2, 3), i, np.float16))
+        out.append(row | {"latents": buffer.getvalue()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def latents_table(corpus, moto_s3):
+    table = f"{corpus['bucket']}/latents.lance"
+    write_clip_table(table, with_latents(corpus["rows"][:3]), moto_s3.storage)
+    return table
+
+
+def test_latents_encoded_for_another_bucket_shape_or_rate_are_refused_at_start(
+    corpus, moto_s3, latents_table
+):
+    three_frames = Bucket(16, 24, frames=3, batch_size=2, fps=4)
+    with pytest.raises(ValueError, match=r"bucket 0 \(3 frames .* latents of shape \(4, 4, 2, 3\)"):
+        loader(corpus, moto_s3, table=latents_table, buckets=(three_frames,))
+    with pytest.raises(ValueError, match=r"latents of shape"):
+        loader(corpus, moto_s3, table=latents_table, buckets=(Bucket(16, 32, 4, 2, fps=4),))
+
+    table = f"{corpus['bucket']}/latents_at_8fps.lance"
+    write_clip_table(table, with_latents(corpus["rows"][:3]), moto_s3.storage)
+    spec = {"frames": 4, "fps": 8.0, "height": 16, "width": 24}  # what curation's latent_* were
+    options = moto_s3.storage.lance_options(table)
+    lance.dataset(table, storage_options=options).update_schema_metadata(
+        {LATENTS_KEY.decode(): json.dumps(spec)}
+    )
+    with pytest.raises(ValueError, match=r"at 4 fps\) does not match .*: 4 frames of 16×24 at 8 fps$"):
+        loader(corpus, moto_s3, table=table)  # the fps conditioning would say 3, the latents move at 8
+    batch = next(iter(loader(corpus, moto_s3, table=table, buckets=(dataclasses.replace(VIDEO, fps=8),))))
+    assert batch["fps_id"].tolist() == [7.0, 7.0]
+
+
+def test_a_failure_in_a_worker_is_one_line_naming_the_table_and_clip(corpus, moto_s3):
+    table = f"{corpus['bucket']}/bad_scheme.lance"
+    rows = [r | {"video_uri": "nosuch://videos/v.mp4"} for r in corpus["rows"][:2]]
+    write_clip_table(table, rows, moto_s3.storage)
+    with pytest.raises(LoaderError) as e:
+        next(iter(loader(corpus, moto_s3, table=table, num_workers=1)))
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{table} (version 1), bucket 0, row ")
+    assert "nosuch://videos/v.mp4" in message
+    assert "video_0000_00" in message
+
+
+@pytest.mark.slow
+def test_stopping_early_with_workers_shuts_them_down_without_a_signal(corpus, moto_s3):
+    """Workers exiting with prefetched batches in flight used to die of SIGABRT (in 3 of 6 early stops with
+    batches this large); the main process then raised "killed by signal: Aborted" wherever it was, which
+    pytest turns into a failure (pyproject.toml)."""
+    large = Bucket(192, 288, frames=4, batch_size=4, fps=4)  # large tensors: long fd sharing, wide window
+    clip_loader = loader(corpus, moto_s3, buckets=(large,), num_workers=2)
+    for _ in range(4):
+        assert len(list(itertools.islice(iter(clip_loader), 2))) == 2
+
+
+class NeverAnswers:
+    """A TCP server on 127.0.0.1 that accepts connections and never sends a byte."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def __enter__(self) -> NeverAnswers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def deadline():
+    """Fails a test that is still running after 120 s instead of letting it hang."""
+
+    def expire(*_):
+        raise TimeoutError("still waiting after 120 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.slow
+def test_a_batch_from_an_endpoint_that_never_answers_fails_after_the_batch_timeout(
+    corpus, tmp_path, deadline
+):
+    with NeverAnswers() as server:
+        storage = Storage(endpoint_url=server.endpoint, access_key="k", secret_key="s")
+        table = str(tmp_path / "clips.lance")  # a local table of clips in the silent object store
+        write_clip_table(table, [r | {"video_uri": "s3://silent/v.mp4"} for r in corpus["rows"][:2]], storage)
+        config = LoaderConfig(
+            table=table, buckets=(VIDEO,), num_workers=1, batch_timeout_s=15, cache_dir=str(tmp_path)
+        )
+        with pytest.raises(LoaderError, match=r"timed out after 15 seconds \(data.batch_timeout_s=15"):
+            next(iter(ClipLoader(config, storage=storage, rank=0, world_size=1)))
+
+
+@pytest.mark.skip(reason="needs the Lance connect/read timeouts that svd/data/storage.py is getting")
+def test_opening_a_table_on_an_endpoint_that_never_answers_fails_in_one_line(tmp_path, deadline):
+    with NeverAnswers() as server:
+        storage = Storage(endpoint_url=server.endpoint, access_key="k", secret_key="s")
+        config = LoaderConfig(table="s3://silent/clips.lance", buckets=(VIDEO,), cache_dir=str(tmp_path))
+        with pytest.raises(FileNotFoundError, match=r"^cannot open clip table s3://silent/clips.lance") as e:
+            ClipLoader(config, storage=storage, rank=0, world_size=1)
+        assert "\n" not in str(e.value)
