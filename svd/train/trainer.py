@@ -12,6 +12,7 @@ fixed noise levels and preview videos sampled with the EMA weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from svd.config import RunConfig, to_yaml
 from svd.data.buckets import Bucket
-from svd.data.loader import ClipLoader, LoaderConfig
+from svd.data.loader import ClipLoader, LoaderConfig, open_table
 from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
@@ -127,11 +128,19 @@ class Trainer:
             motion_score_scale=d.motion_score_scale,
             caption_weights=tuple(d.caption_weights) if d.caption_weights else None,
             cache_dir=d.cache_dir,
+            batch_timeout_s=d.batch_timeout_s,
         )
 
     def _build_loader(self, state: dict[str, Any] | None, *, validation: bool = False) -> ClipLoader:
-        """The node's first rank builds the row index; the others wait, then open it."""
+        """Every rank reads the same table version (rank 0 resolves it: a curation commit may land while the
+        ranks start); the node's first rank builds the row index, the others wait, then open it."""
         config = self._loader_config(validation=validation)
+        if state is None:
+            version = [
+                open_table(config.table, self.storage, config.version).version if self.env.is_main else None
+            ]
+            dist.broadcast_object_list(version, src=0)
+            config = dataclasses.replace(config, version=version[0])
 
         def make() -> ClipLoader:
             return ClipLoader(
