@@ -47,6 +47,7 @@ class CutConfig:
     extent: float = 0.6  # a gradual transition's frames change at least this fraction of its fastest
     blank: float = 0.2  # a frame whose spread is below this fraction of C is blank
     baseline_s: float = 2.0  # half-width of the window of the running medians
+    merge_s: float = 0.25  # transitions closer than this are one
     min_clip_s: float = 2.0  # shorter segments between transitions are dropped
     max_clip_s: float | None = None  # longer ones are split into equal parts no longer than this
 
@@ -97,8 +98,11 @@ def _half_rgb(thumbnails: np.ndarray) -> np.ndarray:
     that the detectors' thresholds mean the same whatever the colour of a scene."""
     t, h, w, c = thumbnails.shape
     x = thumbnails[:, : h // 2 * 2, : w // 2 * 2].astype(np.float32)
-    x = x.reshape(t, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)) - np.array([0, 128, 128], np.float32)
-    return x @ _YUV_TO_RGB.T
+    return _rgb(x.reshape(t, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)))
+
+
+def _rgb(yuv: np.ndarray) -> np.ndarray:
+    return (yuv.astype(np.float32) - np.array([0, 128, 128], np.float32)) @ _YUV_TO_RGB.T
 
 
 def frame_differences(frames: np.ndarray, k: int) -> np.ndarray:
@@ -159,7 +163,7 @@ def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutC
                 spans.append(_extent(i, k, step, cfg.extent))
     blank = spread < cfg.blank * contrast
     spans += [(int(i), int(i)) for i in np.flatnonzero(blank)]
-    return _merge(spans)
+    return _merge(spans, max(2, round(cfg.merge_s * fps)))
 
 
 def _box_filter(values: np.ndarray, width: int) -> np.ndarray:
@@ -180,13 +184,14 @@ def _extent(i: int, k: int, step: np.ndarray, fraction: float) -> tuple[int, int
 
 def transnetv2_transitions(thumbnails: np.ndarray, threshold: float = 0.5) -> list[Transition]:
     """TransNetV2 (Souček & Lokoč 2020), the learned detector of recent large video-data pipelines, on
-    48×27 RGB frames made from the thumbnails. Frames whose transition probability exceeds `threshold`
-    end a shot (the package's `predictions_to_scenes`): a run i..j leaves frames i + 1..j out."""
+    48×27 RGB frames made from the (larger) thumbnails. Frames whose transition probability exceeds
+    `threshold` end a shot (the package's `predictions_to_scenes`): a run i..j leaves frames i + 1..j
+    out."""
     import cv2
     import torch
 
     model = _transnetv2()
-    rgb = np.clip(_half_rgb(thumbnails), 0, 255).astype(np.uint8)
+    rgb = np.clip(_rgb(thumbnails), 0, 255).astype(np.uint8)
     small = np.stack([cv2.resize(f, (48, 27), interpolation=cv2.INTER_AREA) for f in rgb])
     with torch.inference_mode():
         single, _ = model.predict_frames(torch.from_numpy(small).to(model.device), quiet=True)
@@ -223,11 +228,12 @@ def _transnetv2():
     return model
 
 
-def _merge(spans: list[tuple[int, int]]) -> list[Transition]:
-    """Union of overlapping or adjacent spans (a hard cut (t, t − 1) touches frames t − 1 and t)."""
+def _merge(spans: list[tuple[int, int]], gap: int) -> list[Transition]:
+    """Union of spans less than `gap` frames apart (a hard cut (t, t − 1) touches frames t − 1 and t): the
+    few frames between are no clip, and the halves of one fade may be seen apart."""
     merged: list[list[int]] = []
     for first, last in sorted(spans):
-        if merged and first <= merged[-1][1] + 2:
+        if merged and first <= merged[-1][1] + gap:
             merged[-1][1] = max(merged[-1][1], last)
             merged[-1][0] = min(merged[-1][0], first)
         else:
