@@ -96,9 +96,10 @@ _YUV_TO_RGB = np.array([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.
 def _half_rgb(thumbnails: np.ndarray) -> np.ndarray:
     """2×2 box-filtered RGB thumbnails from YUV ones: halves the apparent motion and the noise; RGB so
     that the detectors' thresholds mean the same whatever the colour of a scene."""
-    t, h, w, c = thumbnails.shape
-    x = thumbnails[:, : h // 2 * 2, : w // 2 * 2].astype(np.float32)
-    return _rgb(x.reshape(t, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)))
+    x = thumbnails.astype(np.float32)
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    half = x[:, 0:h:2, 0:w:2] + x[:, 1:h:2, 0:w:2] + x[:, 0:h:2, 1:w:2] + x[:, 1:h:2, 1:w:2]
+    return _rgb(half * 0.25)
 
 
 def _rgb(yuv: np.ndarray) -> np.ndarray:
@@ -123,12 +124,17 @@ def frame_differences(frames: np.ndarray, k: int) -> np.ndarray:
     return best
 
 
-def appearance(frames: np.ndarray, contrast: float) -> np.ndarray:
+def channel_statistics(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's per-channel mean and spatial standard deviation, (T, 3) each."""
+    x = np.ascontiguousarray(frames.reshape(len(frames), -1, 3).transpose(0, 2, 1))  # fast reductions
+    return x.mean(axis=2), x.std(axis=2)
+
+
+def appearance(means: np.ndarray, stds: np.ndarray, contrast: float) -> np.ndarray:
     """(T, 6) statistics that motion barely changes: each channel's mean in units of the contrast and the
     log of its spatial spread (floored at a tenth of the contrast, so noise in a black frame is not
     mistaken for detail)."""
-    x = frames.reshape(len(frames), -1, 3)
-    return np.concatenate([x.mean(axis=1) / contrast, np.log(x.std(axis=1) + 0.1 * contrast)], axis=1)
+    return np.concatenate([means / contrast, np.log(stds + 0.1 * contrast)], axis=1)
 
 
 def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutConfig()) -> list[Transition]:
@@ -139,7 +145,8 @@ def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutC
     n = len(frames)
     if n < 2:
         return []
-    spread = frames.reshape(n, -1, 3).std(axis=1).mean(axis=1)
+    means, stds = channel_statistics(frames)
+    spread = stds.mean(axis=1)
     contrast = max(float(np.median(spread)), 1.0)
     half_width = round(cfg.baseline_s * fps)
 
@@ -149,7 +156,9 @@ def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutC
     cuts = np.flatnonzero(spikes) + 1  # a cut before each of these frames
     spans = [(int(t), int(t) - 1) for t in cuts]
 
-    stats = _box_filter(appearance(frames, contrast), cfg.smooth)  # per-frame noise matters at low contrast
+    stats = _box_filter(
+        appearance(means, stds, contrast), cfg.smooth
+    )  # per-frame noise matters at low contrast
     step = np.abs(np.diff(stats, axis=0)).mean(axis=1)  # step[i]: frames i → i + 1
     for stride_s in cfg.strides_s:
         k = max(2, round(stride_s * fps))
