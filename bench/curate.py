@@ -12,8 +12,10 @@ white of 8–30 frames.
 
 Scoring is on clip boundaries (`svd.curate.cuts.score_boundaries`): a transition is found when a
 boundary lies within half its length plus 3 frames of its centre; a boundary near no transition, or a
-second one near an already found transition, is a false positive. Speed is one video at a time, decoding
-included, on this machine and in this run for every detector.
+second one near an already found transition, is a false positive. "ours" is what curation keeps (the
+default cascade, then clips of at least 2 s); "TransNetV2" is the package's own recipe (48×27 frames
+decoded by FFmpeg, threshold 0.5); "ours-transnetv2" is curation with cut_detector=transnetv2. Speed is
+one video at a time, decoding included, on this machine and in this run for every detector.
 
 PySceneDetect is installed without its `opencv-python` dependency (it runs on our headless OpenCV):
 `pip install --no-deps scenedetect click platformdirs` (`make bench` does this); TransNetV2 is the
@@ -32,26 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from svd.curate.config import CurateConfig
-from svd.curate.cuts import Transition, clips_between, detect_transitions, gaps, score_boundaries
+from svd.curate.cuts import CutConfig, Transition, clips_between, detect_transitions, gaps, score_boundaries
 from svd.curate.pipeline import run
 from svd.curate.scan import scan
 from svd.data.synthetic import graded_videos
 from svd.data.video_io import encode_mp4
 
 Truth = list[tuple[int, int]]
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--videos", type=int, default=24)
-    p.add_argument("--shots", type=int, default=6, help="shots per video")
-    p.add_argument("--size", type=int, nargs=2, default=[192, 320], metavar=("H", "W"))
-    p.add_argument("--fps", type=float, default=24.0)
-    p.add_argument("--max-pan", type=float, default=1.5, help="px per frame")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--detectors", nargs="*", default=None, help="default: all available")
-    p.add_argument("--no-pipeline", action="store_true", help="skip the whole-pipeline measurement")
-    return p.parse_args()
 
 
 def make_videos(args: argparse.Namespace, folder: Path) -> list[tuple[str, Truth, list[str]]]:
@@ -73,11 +62,17 @@ def _fps(path: str) -> float:
         return float(container.streams.video[0].average_rate)
 
 
-def ours(path: str) -> list[Transition]:
+def ours(path: str, cfg: CutConfig | None = None) -> list[Transition]:
     """What curation keeps: the gaps between its clips."""
+    cfg = cfg or CutConfig()
     fps = _fps(path)
     thumbnails = scan(path).thumbnails
-    return gaps(clips_between(detect_transitions(thumbnails, fps), len(thumbnails), fps))
+    return gaps(clips_between(detect_transitions(thumbnails, fps, cfg), len(thumbnails), fps, cfg))
+
+
+def ours_transnetv2(path: str) -> list[Transition]:
+    """Curation with cut_detector=transnetv2: the model on the scan's thumbnails."""
+    return ours(path, CutConfig(detector="transnetv2"))
 
 
 def _scenedetect(path: str, detector_name: str) -> list[Transition]:
@@ -85,7 +80,7 @@ def _scenedetect(path: str, detector_name: str) -> list[Transition]:
 
     detector = {"ContentDetector": ContentDetector, "AdaptiveDetector": AdaptiveDetector}[detector_name]()
     scenes = detect(path, detector)
-    return gaps([(start.get_frames(), end.get_frames()) for start, end in scenes])
+    return gaps([(start.frame_num, end.frame_num) for start, end in scenes])
 
 
 def content_detector(path: str) -> list[Transition]:
@@ -122,7 +117,22 @@ DETECTORS: dict[str, Callable[[str], list[Transition]]] = {
     "ContentDetector": content_detector,
     "AdaptiveDetector": adaptive_detector,
     "TransNetV2": transnetv2,
+    "ours-transnetv2": ours_transnetv2,
 }
+DEFAULT = ["ours", "ContentDetector", "AdaptiveDetector", "TransNetV2"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=int, default=24)
+    p.add_argument("--shots", type=int, default=6, help="shots per video")
+    p.add_argument("--size", type=int, nargs=2, default=[192, 320], metavar=("H", "W"))
+    p.add_argument("--fps", type=float, default=24.0)
+    p.add_argument("--max-pan", type=float, default=1.5, help="px per frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--detectors", nargs="*", default=DEFAULT, choices=DETECTORS, help=f"default: {DEFAULT}")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the whole-pipeline measurement")
+    return p.parse_args()
 
 
 def evaluate(detector, videos) -> dict[str, float]:
@@ -169,7 +179,7 @@ def main() -> None:
         counts = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
         print(f"{args.videos} videos {size} @ {args.fps:g} fps, pans ≤ {args.max_pan:g} px/frame: {counts}")
         results = {}
-        for name in args.detectors or DETECTORS:
+        for name in args.detectors:
             DETECTORS[name](videos[0][0])  # warm up: imports, model weights
             results[name] = evaluate(DETECTORS[name], videos)
         print_results(results)
