@@ -39,7 +39,7 @@ DETECTORS = ("cascade", "transnetv2")
 class CutConfig:
     detector: str = "cascade"  # cascade | transnetv2
     cut_ratio: float = 3.0  # a hard cut: d1 this many times its running median …
-    cut_min: float = 0.25  # … and at least this fraction of the contrast C
+    cut_min: float = 0.4  # … and at least this fraction of the contrast C (new scenes: ~1)
     strides_s: tuple[float, ...] = (0.25, 0.5, 1.0)  # time scales of the gradual-transition detectors
     gradual_min: float = 0.15  # change of the appearance statistics over a stride a transition reaches …
     gradual_ratio: float = 2.0  # … and how many times its running median
@@ -62,10 +62,6 @@ class Transition:
 
     first: int
     last: int
-
-    @property
-    def center(self) -> float:
-        return (self.first + self.last) / 2
 
 
 def _running_median(values: np.ndarray, half_width: int) -> np.ndarray:
@@ -106,13 +102,10 @@ def _rgb(yuv: np.ndarray) -> np.ndarray:
     return (yuv.astype(np.float32) - np.array([0, 128, 128], np.float32)) @ _YUV_TO_RGB.T
 
 
-def frame_differences(frames: np.ndarray, k: int) -> np.ndarray:
-    """d[i] = change from frame i to frame i + k. Between neighbours (k = 1): the smallest mean absolute
-    difference over the nine one-pixel offsets (borders cropped), so that small motion is not mistaken for
-    change. Over longer strides motion exceeds a pixel anyway; those detectors rely on their baseline."""
-    a, b = frames[:-k], frames[k:]
-    if k > 1:
-        return np.abs(a - b).reshape(len(a), -1).mean(axis=1)
+def neighbour_differences(frames: np.ndarray) -> np.ndarray:
+    """d[i] = change from frame i to frame i + 1: the smallest mean absolute difference over the nine
+    one-pixel offsets (borders cropped), so that small motion is not mistaken for change."""
+    a, b = frames[:-1], frames[1:]
     inner = b[:, 1:-1, 1:-1]
     buffer = np.empty_like(inner)
     best = None
@@ -150,15 +143,17 @@ def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutC
     contrast = max(float(np.median(spread)), 1.0)
     half_width = round(cfg.baseline_s * fps)
 
-    d1 = frame_differences(frames, 1)  # d1[i]: frames i → i + 1
+    d1 = neighbour_differences(frames)  # d1[i]: frames i → i + 1
     baseline = _running_median(d1, half_width)
     spikes = (d1 >= cfg.cut_ratio * np.maximum(baseline, 0.05 * contrast)) & (d1 >= cfg.cut_min * contrast)
+    gap = max(2, round(cfg.merge_s * fps))
+    # only the largest within `gap`: next to a cut into a still shot the running median falls to zero early
+    spikes &= d1 >= sliding_window_view(np.pad(d1, gap), 2 * gap + 1).max(axis=1)
     cuts = np.flatnonzero(spikes) + 1  # a cut before each of these frames
     spans = [(int(t), int(t) - 1) for t in cuts]
 
-    stats = _box_filter(
-        appearance(means, stds, contrast), cfg.smooth
-    )  # per-frame noise matters at low contrast
+    # averaged over a few frames: at low contrast their per-frame noise rivals a slow dissolve's steps
+    stats = _box_filter(appearance(means, stds, contrast), cfg.smooth)
     step = np.abs(np.diff(stats, axis=0)).mean(axis=1)  # step[i]: frames i → i + 1
     for stride_s in cfg.strides_s:
         k = max(2, round(stride_s * fps))
@@ -168,11 +163,12 @@ def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutC
         baseline = _running_median(d, max(2 * k, half_width))
         ok = (d >= cfg.gradual_min) & (d >= cfg.gradual_ratio * np.maximum(baseline, 0.02))
         for i in _peaks(ok, d):
-            if not np.any((cuts > i) & (cuts <= i + k)):  # else the hard cut explains the change
+            # a hard cut within the window (widened by the smoothing) explains the change
+            if not np.any((cuts > i - cfg.smooth // 2) & (cuts <= i + k + cfg.smooth // 2)):
                 spans.append(_extent(i, k, step, cfg.extent))
     blank = spread < cfg.blank * contrast
     spans += [(int(i), int(i)) for i in np.flatnonzero(blank)]
-    return _merge(spans, max(2, round(cfg.merge_s * fps)))
+    return _merge(spans, gap)
 
 
 def _box_filter(values: np.ndarray, width: int) -> np.ndarray:
