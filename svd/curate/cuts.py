@@ -39,7 +39,8 @@ DETECTORS = ("cascade", "transnetv2")
 class CutConfig:
     detector: str = "cascade"  # cascade | transnetv2
     cut_ratio: float = 3.0  # a hard cut: d1 this many times its running median …
-    cut_min: float = 0.4  # … and at least this fraction of the contrast C (new scenes: ~1)
+    cut_min: float = 0.4  # … and at least this fraction of the contrast C (new scenes: ~1) …
+    cut_isolation: float = 1.5  # … and this many times any other d1 within `merge_s`
     strides_s: tuple[float, ...] = (0.25, 0.5, 1.0)  # time scales of the gradual-transition detectors
     gradual_min: float = 0.15  # change of the appearance statistics over a stride a transition reaches …
     gradual_ratio: float = 2.0  # … and how many times its running median
@@ -147,8 +148,11 @@ def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutC
     baseline = _running_median(d1, half_width)
     spikes = (d1 >= cfg.cut_ratio * np.maximum(baseline, 0.05 * contrast)) & (d1 >= cfg.cut_min * contrast)
     gap = max(2, round(cfg.merge_s * fps))
-    # only the largest within `gap`: next to a cut into a still shot the running median falls to zero early
-    spikes &= d1 >= sliding_window_view(np.pad(d1, gap), 2 * gap + 1).max(axis=1)
+    # and alone: `cut_isolation` times any other d1 within `gap` frames. Frames of a fast fade change alike,
+    # and next to a cut into a still shot the running median falls to zero before the cut.
+    around = sliding_window_view(np.pad(d1, gap), 2 * gap + 1)
+    others = np.maximum(around[:, :gap].max(axis=1), around[:, gap + 1 :].max(axis=1))
+    spikes &= d1 >= cfg.cut_isolation * others
     cuts = np.flatnonzero(spikes) + 1  # a cut before each of these frames
     spans = [(int(t), int(t) - 1) for t in cuts]
 

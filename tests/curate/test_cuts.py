@@ -14,9 +14,10 @@ from svd.curate.cuts import (
     score_boundaries,
 )
 from svd.curate.scan import scan
+from svd.data.synthetic import panning_texture, video_with_cuts
 from svd.data.video_io import encode_mp4
 
-from .conftest import FPS, shots_video
+from .conftest import FPS, H, W, shots_video
 
 
 def transitions_of(frames: np.ndarray) -> list[Transition]:
@@ -87,3 +88,12 @@ def test_a_second_detection_of_a_found_transition_and_a_boundary_near_none_are_f
 
 def test_gaps_are_the_frames_between_consecutive_clips():
     assert gaps([(0, 48), (48, 100), (112, 130)]) == [Transition(48, 47), Transition(100, 111)]
+
+
+def test_a_cut_from_a_fast_pan_into_a_still_shot_is_one_exact_cut():
+    # The running median of d1 is the still shot's zero for most of a short pan before it, so each of the
+    # pan's steps stands out from it; only the cut stands out from its neighbours as well.
+    pan = panning_texture(30, H, W, velocity=(0.0, 6.0), seed=1)
+    still = panning_texture(100, H, W, velocity=(0.0, 0.0), seed=2)
+    frames, truth = video_with_cuts([pan, still], [("cut", 0)])
+    assert transitions_of(frames) == [Transition(truth[0][0], truth[0][0] - 1)]
