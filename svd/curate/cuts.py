@@ -9,7 +9,8 @@ thumbnails' spatial standard deviation, is the unit of change.
 - Hard cuts: d1(t), the mean absolute difference of neighbouring (half-size RGB) thumbnails at the best
   of nine one-pixel offsets, so that small motion cancels while a new scene does not. A cut is a spike of
   d1 over its running median (the local baseline, which absorbs steady camera and object motion) that is
-  also a fair part of C. Cuts are placed on the exact frame.
+  also a fair part of C and stands alone (the frames of a fast fade all change alike). Cuts are placed on
+  the exact frame.
 - Gradual transitions: over strides of k frames pixel differences drown in motion (a slow pan moves a
   texture by more than its grain), so these compare appearance statistics instead — each channel's mean
   (in units of C) and the log of its spatial spread. A dissolve moves them from one scene's values to the
