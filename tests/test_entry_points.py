@@ -81,7 +81,7 @@ def test_loader_benchmark_prints_both_ratios(radosgw):
 
 @pytest.mark.slow
 def test_curation_benchmark_compares_with_pyscenedetect():
-    argv = ["--videos", "2", "--shots", "3", "--size", "72", "128"]
+    argv = ["--videos", "2", "--shots", "3", "--size", "72", "128", "--detectors", "ours", "ContentDetector"]
     out = subprocess.run([sys.executable, "bench/curate.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"vs ContentDetector: F1 \d\.\d\d vs \d\.\d\d", out.stdout)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from svd.curate.cuts import DETECTORS as CUT_DETECTORS
+
 
 @dataclass
 class CurateConfig:
@@ -16,6 +18,7 @@ class CurateConfig:
     source: str = ""  # the `source` column; default: the input URI
     split: str = "train"
     # cut detection and clips
+    cut_detector: str = "cascade"  # cascade (relative thresholds, CPU) | transnetv2 (the transnet extra)
     min_clip_s: float = 2.0
     max_clip_s: float | None = None  # split longer clips into equal parts
     max_video_s: float = 3600.0  # longer videos are rejected ("too_long")
@@ -58,6 +61,10 @@ class CurateConfig:
             raise ValueError(f"max_video_s={self.max_video_s} must be ≥ min_clip_s={self.min_clip_s}")
         if self.analysis_side < 16:
             raise ValueError(f"analysis_side={self.analysis_side} must be ≥ 16 pixels")
+        if self.cut_detector not in CUT_DETECTORS:
+            raise ValueError(
+                f"cut_detector={self.cut_detector!r}: expected one of {', '.join(CUT_DETECTORS)}"
+            )
         if self.aesthetic_head and not self.clip_model:
             raise ValueError("aesthetic_head= needs clip_model=: the head scores CLIP embeddings")
         if self.latents:

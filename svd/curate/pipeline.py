@@ -159,7 +159,7 @@ class Stages:
         return Stages(
             cfg=cfg,
             storage=storage,
-            cuts=CutConfig(min_clip_s=cfg.min_clip_s, max_clip_s=cfg.max_clip_s),
+            cuts=CutConfig(detector=cfg.cut_detector, min_clip_s=cfg.min_clip_s, max_clip_s=cfg.max_clip_s),
             text=text,
             captioners=captioners,
             clip=clip,

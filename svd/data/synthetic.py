@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -133,9 +134,10 @@ def zooming_texture(
 def video_with_cuts(
     segments: list[np.ndarray], transitions: list[tuple[str, int]]
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Joins shots with transitions, each ("cut", 0), ("dissolve", n) or ("fade", n) — a fade goes through
-    black over n frames. Returns the frames and, per transition, the [first, last] frame it spans (a hard
-    cut spans the first frame of the next shot): the ground truth for cut detection."""
+    """Joins shots with transitions, each ("cut", 0), ("dissolve", n), ("fade", n) or ("fade_white", n) — a
+    fade goes through black (or white) over n frames. Returns the frames and, per transition, the [first,
+    last] frame it spans (a hard cut spans the first frame of the next shot): the ground truth for cut
+    detection."""
     if len(transitions) != len(segments) - 1:
         raise ValueError(
             f"{len(segments)} shots need {len(segments) - 1} transitions, got {len(transitions)}"
@@ -145,14 +147,20 @@ def video_with_cuts(
         start = sum(len(s) for s in out)
         if kind == "cut":
             truth.append((start, start))
-        elif kind in ("dissolve", "fade"):
+        elif kind in ("dissolve", "fade", "fade_white"):
             previous, out[-1] = out[-1][-n:], out[-1][:-n]
             start -= n
             weights = np.linspace(0, 1, n + 2)[1:-1, None, None, None]
             if kind == "dissolve":
                 mixed = (1 - weights) * previous + weights * shot[:n]
-            else:  # fade out to black over the first half, in from black over the second
+            elif kind == "fade":  # out to black over the first half, in from black over the second
                 mixed = np.where(weights < 0.5, previous * (1 - 2 * weights), shot[:n] * (2 * weights - 1))
+            else:  # the same through white
+                out_, in_ = (
+                    255 - (255 - previous) * (1 - 2 * weights),
+                    255 - (255 - shot[:n]) * (2 * weights - 1),
+                )
+                mixed = np.where(weights < 0.5, out_, in_)
             out.append(mixed.astype(np.uint8))
             shot = shot[n:]
             truth.append((start, start + n - 1))
@@ -160,3 +168,150 @@ def video_with_cuts(
             raise ValueError(f"unknown transition {kind!r}")
         out.append(shot)
     return np.concatenate(out), truth
+
+
+def _smooth_texture(rng: np.random.Generator, height: int, width: int, block: int) -> np.ndarray:
+    """Random texture in [0, 1) of features about `block` pixels (bilinearly upsampled noise of two
+    octaves), so a scene has both large shapes and detail, like natural footage. (H, W, 3) float32."""
+    import cv2
+
+    out = np.zeros((height, width, 3), np.float32)
+    for scale, weight in ((block * 4, 0.6), (block, 0.4)):
+        coarse = rng.random((height // scale + 2, width // scale + 2, 3), dtype=np.float32)
+        big = cv2.resize(
+            coarse, (coarse.shape[1] * scale, coarse.shape[0] * scale), interpolation=cv2.INTER_LINEAR
+        )
+        out += weight * big[:height, :width]
+    grey = out.mean(axis=2, keepdims=True)
+    return 0.7 * grey + 0.3 * out  # mostly luminance structure, some colour
+
+
+def graded_scene(
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    contrast: float = 1.0,
+    brightness: float = 128.0,
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    pan: tuple[float, float] = (0.0, 1.0),
+    zoom: float = 0.0,
+    block: int = 8,
+    moving_object: bool = True,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """A camera over a textured scene with a moving object, colour-graded: `contrast` scales the spread
+    around `brightness` (0..255), `tint` scales each channel; `pan` (rows, columns per frame, sub-pixel) and
+    `zoom` (fraction per frame) move the camera; `noise` is the sensor noise's standard deviation. The
+    material of cut-detection benchmarks: low contrast and dim scenes move pixel differences towards the
+    noise. Returns (T, H, W, 3) uint8."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    margin = int(
+        np.ceil(max(abs(pan[0]), abs(pan[1])) * num_frames + abs(zoom) * num_frames * max(height, width))
+    )
+    big_h, big_w = height + 2 * margin + 2, width + 2 * margin + 2
+    texture = _smooth_texture(rng, big_h, big_w, block)
+    centre = np.array([big_w / 2, big_h / 2], np.float32)
+    side = int(rng.uniform(0.15, 0.3) * min(height, width))
+    obj_colour = rng.random(3, dtype=np.float32)
+    obj_pos = rng.uniform([0, 0], [height - side, width - side])
+    obj_vel = rng.uniform(-2.5, 2.5, 2)
+    rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
+    gain = np.asarray(tint, np.float32) * 255.0 * contrast
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        scale = (1.0 + zoom) ** t
+        # output pixel (x, y) samples the texture at centre + offset(t) + (x - w/2, y - h/2) / scale
+        offset = (
+            centre
+            + np.array([pan[1] * t, pan[0] * t], np.float32)
+            - [margin * np.sign(pan[1]), margin * np.sign(pan[0])]
+        )
+        matrix = np.array(
+            [[1 / scale, 0, offset[0] - width / 2 / scale], [0, 1 / scale, offset[1] - height / 2 / scale]],
+            np.float32,
+        )
+        view = cv2.warpAffine(
+            texture,
+            matrix,
+            (width, height),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REFLECT,
+        )
+        if moving_object:
+            top, left = (obj_pos + obj_vel * t) % [height, width]
+            inside = (((rows - round(top)) % height) < side) & (((cols - round(left)) % width) < side)
+            view[inside] = obj_colour
+        frame = brightness * np.asarray(tint, np.float32) + (view - 0.5) * gain
+        if noise:
+            frame += noise * rng.standard_normal(frame.shape, dtype=np.float32)
+        frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
+    return frames
+
+
+TRANSITION_KINDS = {"cut": 0.4, "dissolve": 0.3, "fade": 0.2, "fade_white": 0.1}
+
+
+def graded_videos(
+    videos: int,
+    *,
+    shots: int = 6,
+    size: tuple[int, int] = (192, 320),
+    shot_frames: tuple[int, int] = (90, 160),
+    transition_frames: tuple[int, int] = (8, 30),
+    contrast: tuple[float, float] = (0.12, 1.0),
+    max_pan: float = 1.5,
+    max_zoom: float = 0.004,
+    max_noise: float = 3.0,
+    seed: int = 0,
+) -> Iterator[tuple[np.ndarray, list[tuple[int, int]], list[str]]]:
+    """Videos of `graded_scene` shots for cut-detection benchmarks, one at a time: (frames, truth as in
+    `video_with_cuts`, the kind of each transition). Per video a look (contrast log-uniform in `contrast`,
+    brightness 50–200, a tint, sensor noise up to `max_noise`); half of the shots keep the previous shot's
+    look exactly (a dissolve between similar-looking scenes), the others vary it. Shots pan in any
+    direction at up to `max_pan` px per frame, a third also zoom, most have a moving object; transitions
+    are drawn from `TRANSITION_KINDS`, gradual ones `transition_frames` long."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    kinds, weights = list(TRANSITION_KINDS), list(TRANSITION_KINDS.values())
+    for _ in range(videos):
+        look = {
+            "contrast": float(np.exp(rng.uniform(*np.log(contrast)))),
+            "brightness": float(rng.uniform(50, 200)),
+            "tint": tuple(float(x) for x in rng.uniform(0.55, 1.0, 3)),
+            "noise": float(rng.uniform(0, max_noise)),
+        }
+        frames = []
+        for s in range(shots):
+            if s and rng.random() < 0.5:
+                look = look | {
+                    "contrast": float(np.clip(look["contrast"] * rng.uniform(0.7, 1.4), *contrast)),
+                    "brightness": float(np.clip(look["brightness"] + rng.uniform(-40, 40), 40, 210)),
+                    "tint": tuple(
+                        float(np.clip(x * rng.uniform(0.85, 1.15), 0.4, 1.0)) for x in look["tint"]
+                    ),
+                }
+            angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0, max_pan)
+            frames.append(
+                graded_scene(
+                    int(rng.integers(*shot_frames)),
+                    height,
+                    width,
+                    pan=(float(speed * np.sin(angle)), float(speed * np.cos(angle))),
+                    zoom=float(rng.uniform(-max_zoom, max_zoom)) if rng.random() < 1 / 3 else 0.0,
+                    block=int(rng.choice([4, 8, 16])),
+                    moving_object=bool(rng.random() < 0.8),
+                    seed=int(rng.integers(1 << 30)),
+                    **look,
+                )
+            )
+        chosen = [str(k) for k in rng.choice(kinds, size=shots - 1, p=weights)]
+        lengths = [
+            0 if k == "cut" else int(rng.integers(transition_frames[0], transition_frames[1] + 1))
+            for k in chosen
+        ]
+        video, truth = video_with_cuts(frames, list(zip(chosen, lengths, strict=True)))
+        yield video, truth, chosen

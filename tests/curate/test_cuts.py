@@ -5,11 +5,19 @@ import io
 import numpy as np
 import pytest
 
-from svd.curate.cuts import CutConfig, Transition, clips_between, detect_transitions, match
+from svd.curate.cuts import (
+    CutConfig,
+    Transition,
+    clips_between,
+    detect_transitions,
+    gaps,
+    score_boundaries,
+)
 from svd.curate.scan import scan
+from svd.data.synthetic import panning_texture, video_with_cuts
 from svd.data.video_io import encode_mp4
 
-from .conftest import FPS, shots_video
+from .conftest import FPS, H, W, shots_video
 
 
 def transitions_of(frames: np.ndarray) -> list[Transition]:
@@ -30,7 +38,7 @@ def transitions_of(frames: np.ndarray) -> list[Transition]:
 def test_hard_cuts_dissolves_and_fades_are_found(transitions):
     frames, truth = shots_video(transitions=transitions)
     found = transitions_of(frames)
-    assert match(found, truth, tolerance=2) == (2, 0, 0)
+    assert score_boundaries(found, truth) == (2, 0, 0)
 
 
 def test_a_hard_cut_is_placed_on_the_exact_frame():
@@ -57,6 +65,35 @@ def test_long_clips_are_split_evenly():
     assert clips_between([], 120, FPS, cfg) == [(0, 40), (40, 80), (80, 120)]
 
 
-def test_matching_counts_hits_misses_and_false_alarms():
-    detected = [Transition(10, 9), Transition(50, 60), Transition(200, 199)]
-    assert match(detected, [(10, 10), (52, 58), (100, 100)], tolerance=2) == (2, 1, 1)
+def test_a_boundary_within_three_frames_of_a_hard_cut_finds_it_and_one_further_off_is_a_false_positive():
+    truth = [(100, 100)]
+    assert score_boundaries([Transition(103, 102)], truth) == (1, 0, 0)
+    assert score_boundaries([Transition(97, 96)], truth) == (1, 0, 0)
+    assert score_boundaries([Transition(104, 103)], truth) == (0, 1, 1)
+
+
+def test_a_dissolve_is_found_by_boundaries_within_half_its_length_plus_three_frames_of_its_centre():
+    truth = [(100, 119)]  # 20 frames, centre 110: boundaries 97..123 match
+    assert score_boundaries([Transition(100, 119)], truth) == (1, 0, 0)  # both ends, one transition
+    assert score_boundaries([Transition(110, 109)], truth) == (1, 0, 0)  # a cut in the middle
+    assert score_boundaries([Transition(97, 122)], truth) == (1, 0, 0)
+    assert score_boundaries([Transition(96, 122)], truth) == (1, 1, 0)  # a clip ends too early
+    assert score_boundaries([Transition(90, 130)], truth) == (0, 2, 1)  # a clip dropped for nothing
+
+
+def test_a_second_detection_of_a_found_transition_and_a_boundary_near_none_are_false_positives():
+    detected = [Transition(10, 9), Transition(12, 11), Transition(50, 60), Transition(200, 199)]
+    assert score_boundaries(detected, [(10, 10), (52, 58), (100, 100)]) == (2, 2, 1)
+
+
+def test_gaps_are_the_frames_between_consecutive_clips():
+    assert gaps([(0, 48), (48, 100), (112, 130)]) == [Transition(48, 47), Transition(100, 111)]
+
+
+def test_a_cut_from_a_fast_pan_into_a_still_shot_is_one_exact_cut():
+    # The running median of d1 is the still shot's zero for most of a short pan before it, so each of the
+    # pan's steps stands out from it; only the cut stands out from its neighbours as well.
+    pan = panning_texture(30, H, W, velocity=(0.0, 6.0), seed=1)
+    still = panning_texture(100, H, W, velocity=(0.0, 0.0), seed=2)
+    frames, truth = video_with_cuts([pan, still], [("cut", 0)])
+    assert transitions_of(frames) == [Transition(truth[0][0], truth[0][0] - 1)]
