@@ -27,6 +27,7 @@ def make_table(folder: Path, videos: int, size: tuple[int, int], seconds: float)
     from svd.data.synthetic import synthetic_corpus
     from svd.data.table import write_clip_table
 
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
     rows = synthetic_corpus(
         str(folder / "raw"), Storage(), videos=videos, seconds=seconds, size=size, clip_seconds=seconds
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import string
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from svd.data.local_s3 import LocalS3, create_bucket
 from svd.data.storage import Storage
@@ -75,3 +78,45 @@ def avi_bytes() -> bytes:
 def s3_bucket(moto_s3: ObjectStore) -> str:
     """A fresh bucket on the moto server, as an s3:// prefix."""
     return f"s3://{moto_s3.new_bucket()}"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_factory(tmp_path_factory):
+    """Saves small randomly initialised CLIPs in the Hugging Face layout (model, tokenizer, image processor),
+    loaded by the same code as real weights: `factory(name, image_size=…, patch_size=…, projection_dim=…)`."""
+
+    def save(name: str, *, image_size: int, patch_size: int, projection_dim: int) -> str:
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+        folder = tmp_path_factory.mktemp(name)
+        chars = string.ascii_lowercase + string.digits
+        tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        small = {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "projection_dim": projection_dim,
+        }
+        text = {
+            "vocab_size": len(tokens),
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        }
+        config = CLIPConfig(
+            text_config=small | text | {"pad_token_id": 1},
+            vision_config=small | {"image_size": image_size, "patch_size": patch_size},
+            projection_dim=projection_dim,
+        )
+        torch.manual_seed(0)
+        CLIPModel(config).save_pretrained(folder)
+        crop = {"height": image_size, "width": image_size}
+        image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
+        tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+        return str(folder)
+
+    return save

@@ -3,9 +3,6 @@ weights; and generated videos whose shots and transitions are known."""
 
 from __future__ import annotations
 
-import json
-import string
-
 import numpy as np
 import pytest
 import torch
@@ -16,33 +13,8 @@ H, W, FPS = 180, 320, 24
 
 
 @pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> str:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    chars = string.ascii_lowercase + string.digits
-    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = CLIPConfig(
-        text_config=small
-        | {
-            "vocab_size": len(tokens),
-            "max_position_embeddings": 77,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config=small | {"image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return str(folder)
+def tiny_clip(tiny_clip_factory) -> str:
+    return tiny_clip_factory("tiny_clip", image_size=32, patch_size=8, projection_dim=16)
 
 
 @pytest.fixture(scope="session")

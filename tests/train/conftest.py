@@ -4,12 +4,9 @@ tiny CLIP saved in the Hugging Face layout, loaded by the same code as real enco
 from __future__ import annotations
 
 import io
-import json
-import string
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from svd.data.storage import join
@@ -62,36 +59,7 @@ def s3_env(moto_s3, monkeypatch) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_encoder(tmp_path_factory) -> str:
-    """A CLIP whose text hidden size and image projection are 32 = the tiny UNet's context_dim."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_clip32")
-    chars = string.ascii_lowercase + string.digits
-    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "projection_dim": 32,
-    }
-    config = CLIPConfig(
-        text_config=small
-        | {
-            "vocab_size": len(tokens),
-            "max_position_embeddings": 77,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config=small
-        | {"image_size": 224, "patch_size": 56},  # 224: what the diffusers pipeline feeds,
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    return str(folder)
+def tiny_clip_encoder(tiny_clip_factory) -> str:
+    """Text hidden size and image projection 32 = the tiny UNet's context_dim; 224 px, the size the diffusers
+    pipeline feeds its image encoder."""
+    return tiny_clip_factory("tiny_clip32", image_size=224, patch_size=56, projection_dim=32)
