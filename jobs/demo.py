@@ -187,7 +187,7 @@ def sample(args: argparse.Namespace, cfg: RunConfig, first: dict) -> dict[str, f
     """Samples a video with the run's EMA weights and compares it with the training clip."""
     task = Task.build(cfg, torch.device("cpu"))
     denoiser = Denoiser(VideoUNet(unet_config(cfg, task.latent_channels)))
-    denoiser.load_state_dict(initial_weights(cfg.checkpoint.run_dir, Storage.from_env()))
+    denoiser.load_state_dict(initial_weights(cfg.checkpoint.run_dir, Storage.from_env(), cfg.model.cache_dir))
     clip = first["frames"][0].permute(0, 2, 3, 1).numpy()  # (T, H, W, 3) uint8, as decoded from the store
     one = {key: first[key][:1] for key in ("frames", "fps_id", "motion_bucket_id", "caption")}
     latents = task.latents(one)

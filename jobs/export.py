@@ -65,7 +65,7 @@ def export(cfg: ExportConfig) -> Path:
     if lora:
         apply_lora(model.network, rank=run.stage.lora_rank)
     source = cfg.run if cfg.step is None else join(cfg.run, "checkpoints", f"step-{cfg.step:08d}")
-    model.load_state_dict(initial_weights(source, storage))
+    model.load_state_dict(initial_weights(source, storage, run.model.cache_dir))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.format == "lora":

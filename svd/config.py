@@ -60,6 +60,7 @@ class ModelConfig:
     text_encoder: str | None = None
     image_encoder: str | None = None
     micro_conditioning: str = "svd"  # svd: fps, motion bucket, cond_aug; sv3d: cond_aug, elevation, azimuth
+    cache_dir: str = str(Path.home() / ".cache" / "svd" / "models")  # node-local copies of remote weights
 
 
 @dataclass

@@ -207,8 +207,6 @@ def _pixels(frames: Tensor, device: torch.device) -> Tensor:
 
 def _local(uri: str, cfg: RunConfig) -> str:
     """Encoders load from local folders; weights in object storage are copied once per node."""
-    from pathlib import Path
-
     from svd.data.storage import Storage
 
-    return Storage.from_env().local_copy(uri, Path(cfg.data.cache_dir).parent / "models")
+    return Storage.from_env().local_copy(uri, cfg.model.cache_dir)

@@ -64,7 +64,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, cfg.steps)
         self.ema = EMA(self.model, cfg.train.ema_decay)
-        self.loader = self._build_loader(state=None)
+        self.loader: ClipLoader | None = None  # built by `_restore`, at its checkpointed state
         self.checkpointer = Checkpointer(
             cfg.checkpoint.run_dir,
             self.storage,
@@ -156,28 +156,28 @@ class Trainer:
         return loader
 
     # ---- state -------------------------------------------------------------------------------------
-    def _parts(self, step: int) -> dict[str, Any]:
+    def _parts(self, step: int, data: dict[str, Any]) -> dict[str, Any]:
         return {
             "model": ModelOptimizerState(self.model, self.optimizer),
             "ema": self.ema,
             "scheduler": self.scheduler,
             "train": {"step": step, "seed": self.cfg.train.seed},
-            "data": self.loader.state_dict(),
+            "data": data,
         }
 
     def _restore(self) -> int | None:
-        parts = self._parts(0)
+        """The latest complete checkpoint of the run directory, else `stage.init_from`; builds the loader
+        at the position the checkpoint recorded (or at the start)."""
+        parts = self._parts(0, data={})
         step = self.checkpointer.load(parts)
-        if step is not None:
-            self.loader = self._build_loader(state=parts["data"])
-            return step
-        if self.cfg.stage.init_from:
-            weights = initial_weights(self.cfg.stage.init_from, self.storage)
+        self.loader = self._build_loader(state=parts["data"] if step is not None else None)
+        if step is None and self.cfg.stage.init_from:
+            weights = initial_weights(self.cfg.stage.init_from, self.storage, self.cfg.model.cache_dir)
             report = load_initial_weights(self.model, weights)
-            self.ema = EMA(self.model, self.cfg.train.ema_decay)
+            self.ema = EMA(self.model, self.cfg.train.ema_decay)  # the average starts from the loaded weights
             if self.env.is_main:
                 print(f"init_from {self.cfg.stage.init_from}: {report.summary()}", flush=True)
-        return None
+        return step
 
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -201,7 +201,7 @@ class Trainer:
                 result.data_wait_seconds.append(wait)
                 self._observe(step, loss, seconds, wait)
                 if step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                    blocked = self.checkpointer.save(step, self._parts(step))
+                    blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
                     if self.metrics:
                         self.metrics.observe_checkpoint(blocked)
                 if cfg.train.val_every and step % cfg.train.val_every == 0:

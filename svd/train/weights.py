@@ -21,12 +21,13 @@ from svd.train.checkpoint import read_full_state
 NETWORK = "network."
 
 
-def initial_weights(uri: str, storage: Storage) -> dict[str, Tensor]:
+def initial_weights(uri: str, storage: Storage, cache_dir: str) -> dict[str, Tensor]:
+    """The denoiser's weights from a run or a diffusers folder (copied to `cache_dir` when remote)."""
     fs, path = storage.fsspec(join(uri, "config.json"))
     if fs.exists(path):
         from svd.model.weights import load_diffusers_unet
 
-        local = storage.local_copy(uri, "/tmp/svd-init-from")
+        local = storage.local_copy(uri, cache_dir)
         return {NETWORK + k: v for k, v in load_diffusers_unet(local).state_dict().items()}
     weights = read_full_state(uri, "model.model", storage)
     weights.update(read_full_state(uri, "ema.weights", storage))
