@@ -209,6 +209,8 @@ class Trainer:
                 if cfg.train.preview_every and step % cfg.train.preview_every == 0:
                     self.preview(step, preview_batch)
             result.steps = step
+            if cfg.stage.trainable == "lora":
+                self._save_lora()
             result.peak_memory_bytes = peak_memory(self.device)
             result.flops_per_sample, result.peak_flops = self.flops, self.peak_flops
         finally:
@@ -386,10 +388,25 @@ class Trainer:
                 fs.put_file(str(path), target)
         print(f"preview at step {step}: {join(self.cfg.checkpoint.run_dir, 'previews')}", flush=True)
 
-    def _write_run_file(self, name: str, text: str) -> None:
+    def _save_lora(self) -> None:
+        """The camera LoRA on its own: the EMA of the adapters, `<run_dir>/lora.safetensors` (what
+        `jobs/export.py format=lora` writes too), small enough to ship beside the base model."""
+        from safetensors.torch import save
+        from torch.distributed.tensor import DTensor
+
+        weights = {
+            name.removeprefix("network."): (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for name, v in self.ema.shadow.items()
+        }
+        if self.env.is_main:
+            self._write_run_file(
+                "lora.safetensors", save(weights, metadata={"svd.run": self.cfg.checkpoint.run_dir})
+            )
+
+    def _write_run_file(self, name: str, text: str | bytes) -> None:
         fs, path = self.storage.fsspec(join(self.cfg.checkpoint.run_dir, name))
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, text.encode())
+        fs.pipe_file(path, text.encode() if isinstance(text, str) else text)
 
     def _append_run_file(self, name: str, line: str) -> None:
         fs, path = self.storage.fsspec(join(self.cfg.checkpoint.run_dir, name))

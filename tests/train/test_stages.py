@@ -69,7 +69,7 @@ def test_every_stage_trains_from_the_previous_one_and_exports(
     assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_b" in k)  # the adapters trained
 
 
-def test_camera_lora_trains_only_the_adapters(train_table, s3_env):
+def test_camera_lora_trains_only_the_adapters(train_table, s3_env, moto_s3):
     base = run_stage(train_table, "i2v_finetune", "data.frames=4", run="lora-base")
     from svd.train.checkpoint import read_full_state
 
@@ -81,6 +81,11 @@ def test_camera_lora_trains_only_the_adapters(train_table, s3_env):
     ema = read_full_state(lora, "ema.weights")
     assert ema
     assert all(".lora_" in k for k in ema)  # only the adapters are trained (and averaged)
+    fs, path = moto_s3.storage.fsspec(f"{lora}/lora.safetensors")  # the adapters on their own
+    from safetensors.torch import load
+
+    saved = load(fs.cat_file(path))
+    assert set(saved) == {k.removeprefix("network.") for k in ema}
     frozen = [k for k in before if "temporal_blocks" in k and "attn.to_q.weight" in k]
     assert frozen
     assert all(torch.equal(model[k], before[k]) for k in frozen)
