@@ -95,12 +95,12 @@ class Task:
     def build(cfg: RunConfig, device: torch.device) -> Task:
         autoencoder = build_autoencoder(autoencoder_config(cfg)).to(device)
         context_dim = preset(cfg.model.preset).context_dim
-        text = TextEncoder(_local(cfg.model.text_encoder, cfg)).to(device) if cfg.model.text_encoder else None
-        image = (
-            ImageEncoder(_local(cfg.model.image_encoder, cfg)).to(device)
-            if cfg.model.image_encoder and cfg.stage.task in CONDITIONED_ON_IMAGE
-            else None
-        )
+        on_image = cfg.stage.task in CONDITIONED_ON_IMAGE  # the image embedding replaces the text
+        text, image = None, None
+        if cfg.model.text_encoder and not on_image:
+            text = TextEncoder(_local(cfg.model.text_encoder, cfg)).to(device)
+        if cfg.model.image_encoder and on_image:
+            image = ImageEncoder(_local(cfg.model.image_encoder, cfg)).to(device)
         for key, encoder in (("model.text_encoder", text), ("model.image_encoder", image)):
             if encoder is not None and encoder.dim != context_dim:
                 raise ValueError(
