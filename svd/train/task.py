@@ -113,11 +113,10 @@ class Task:
     def latent_channels(self) -> int:
         return self.autoencoder.latent_channels
 
-    def draw(
-        self, batch: dict[str, Any], latent_shape: tuple[int, ...], frame_shape: tuple[int, ...], seed: int
-    ) -> SampleRandoms:
+    def draw(self, batch: dict[str, Any], latent_shape: tuple[int, ...], seed: int) -> SampleRandoms:
         d = self.cfg.diffusion
-        image_cond = self.cfg.stage.task in CONDITIONED_ON_IMAGE
+        image_cond = self.cfg.stage.task in CONDITIONED_ON_IMAGE  # those batches carry frames
+        frame_shape = tuple(batch["frames"].shape[2:]) if image_cond else ()
         dropped, sigma, cond_sigma, eps, cond_noise = [], [], [], [], []
         for position in batch["position"].tolist():
             g = torch.Generator(self.device).manual_seed(sample_seed(seed, int(batch["bucket"]), position))
@@ -144,8 +143,7 @@ class Task:
 
     def prepare(self, batch: dict[str, Any], seed: int) -> tuple[Tensor, Conditioning, SampleRandoms]:
         latents = self.latents(batch)
-        frame_shape = tuple(batch["frames"].shape[2:]) if "frames" in batch else (3, 1, 1)
-        randoms = self.draw(batch, tuple(latents.shape[1:]), frame_shape, seed)
+        randoms = self.draw(batch, tuple(latents.shape[1:]), seed)
         return latents, self.conditioning(batch, latents, randoms), randoms
 
     def conditioning(self, batch: dict[str, Any], latents: Tensor, randoms: SampleRandoms) -> Conditioning:

@@ -35,7 +35,7 @@ from svd.train.ema import EMA
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
 from svd.train.optim import build_optimizer, build_scheduler
 from svd.train.parallel import DistEnv
-from svd.train.task import SampleRandoms, Task, unet_config
+from svd.train.task import CONDITIONED_ON_IMAGE, SampleRandoms, Task, unet_config
 from svd.train.weights import initial_weights, load_initial_weights
 
 META_INIT_PARAMS = 100_000_000  # parallel.init_device=auto: build on `meta` above this many parameters
@@ -314,10 +314,7 @@ class Trainer:
             per_step = self.env.world_size * self.cfg.data.micro_batch
             for _, batch in zip(range(-(-self.cfg.train.val_samples // per_step)), loader, strict=False):
                 latents = self.task.latents(batch)
-                frame_shape = tuple(batch["frames"].shape[2:]) if "frames" in batch else (3, 1, 1)
-                randoms = self.task.draw(
-                    batch, tuple(latents.shape[1:]), frame_shape, self.cfg.train.seed + 1
-                )
+                randoms = self.task.draw(batch, tuple(latents.shape[1:]), self.cfg.train.seed + 1)
                 randoms.dropped.zero_()
                 cond = self.task.conditioning(batch, latents, randoms)
                 for i, sigma in enumerate(sigmas):
@@ -362,14 +359,18 @@ class Trainer:
             self._write_preview(step, video)
 
     def _preview_randoms(self, latents: Tensor, batch: dict[str, Any], dropped: bool) -> SampleRandoms:
+        """No dropout (or all, for the unconditional branch); the conditioning frame noised as the released
+        sampling script does, at σ_aug = 0.02."""
         g = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
-        frame = tuple(batch["frames"].shape[2:]) if "frames" in batch else (3, 1, 1)
+        image_cond = "frames" in batch and self.cfg.stage.task in CONDITIONED_ON_IMAGE
         return SampleRandoms(
             dropped=torch.tensor([dropped], device=self.device),
             sigma=torch.ones(1, device=self.device),
             eps=torch.zeros_like(latents),
-            cond_sigma=torch.full((1,), 0.02, device=self.device),  # the released sampling default
-            cond_noise=torch.randn((1, *frame), generator=g, device=self.device),
+            cond_sigma=torch.full((1,), 0.02 if image_cond else 0.0, device=self.device),
+            cond_noise=torch.randn(batch["frames"][:1, 0].shape, generator=g, device=self.device)
+            if image_cond
+            else None,
         )
 
     def _write_preview(self, step: int, video) -> None:
