@@ -1,6 +1,6 @@
 """The end-to-end demo: raw video → curation → clip table → loader → training → sampled video.
 
-    python jobs/demo.py                  # about 3 minutes on 2 CPU cores
+    python jobs/demo.py                  # about 2 minutes on 2 CPU cores
     python jobs/demo.py --steps 1000     # longer training, cleaner video
 
 It starts an S3 server on 127.0.0.1 (moto, no root needed) and uploads a generated raw video of two shots
