@@ -12,8 +12,8 @@ import os
 import uuid
 
 from svd.config import RunConfig, from_yaml, to_yaml
+from svd.data.local_s3 import free_port
 from svd.train import run
-from svd.train.parallel import free_port
 from svd.train.trainer import TrainResult
 
 

@@ -27,6 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from svd.config import ParallelConfig
+from svd.data.local_s3 import free_port
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,6 @@ def init_distributed(timeout_s: float) -> DistEnv:
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_mesh(env: DistEnv, sharding: str) -> DeviceMesh | None:

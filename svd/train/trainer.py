@@ -74,6 +74,7 @@ class Trainer:
         self.metrics: TrainMetrics | None = None
         self.flops: float | None = None
         self.peak_flops: float | None = None
+        self.preview_batch: dict[str, Any] | None = None
         self.progress = ProgressLine(cfg.steps, cfg.train.log_every) if env.is_main else None
 
     # ---- build -------------------------------------------------------------------------------------
@@ -189,11 +190,10 @@ class Trainer:
         result = TrainResult(steps=step, resumed_from=resumed)
         server = self._start_metrics()
         batches = iter(self.loader)
-        preview_batch: dict[str, Any] | None = None
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
-                loss, wait, preview_batch = self._step(batches, preview_batch)
+                loss, wait = self._step(batches)
                 step += 1
                 seconds = time.perf_counter() - started
                 result.losses.append(loss)
@@ -207,7 +207,7 @@ class Trainer:
                 if cfg.train.val_every and step % cfg.train.val_every == 0:
                     result.validation.append(self.validate(step))
                 if cfg.train.preview_every and step % cfg.train.preview_every == 0:
-                    self.preview(step, preview_batch)
+                    self.preview(step)
             result.steps = step
             if cfg.stage.trainable == "lora":
                 self._save_lora()
@@ -219,7 +219,8 @@ class Trainer:
                 server.close()
         return result
 
-    def _step(self, batches, preview_batch) -> tuple[float, float, dict[str, Any]]:
+    def _step(self, batches) -> tuple[float, float]:
+        """One optimizer step; returns the global mean loss and the seconds spent waiting for batches."""
         accumulation, wait = self.cfg.grad_accumulation, 0.0
         total = torch.zeros((), device=self.device)
         samples_per_rank = accumulation * self.cfg.data.micro_batch
@@ -227,7 +228,7 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - waited
-            preview_batch = preview_batch or batch
+            self.preview_batch = self.preview_batch or batch  # previews condition on the run's first sample
             latents, cond, randoms = self.task.prepare(batch, self.cfg.train.seed)
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == accumulation - 1)  # reduce once per step
@@ -240,7 +241,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model)
         dist.all_reduce(total)
-        return float(total) / self.cfg.train.global_batch, wait, preview_batch
+        return float(total) / self.cfg.train.global_batch, wait
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -262,8 +263,7 @@ class Trainer:
             peak_flops=dict(PEAK_FLOPS) | dict(m.gpu_peak_flops),
         )
         self.peak_flops = config.device_peak_flops(self.device)
-        flops = self._flops_per_sample() if self.peak_flops else None
-        self.flops = flops
+        self.flops = self._flops_per_sample() if self.peak_flops else None
         self.metrics = TrainMetrics(
             config,
             job=self.cfg.job_name,
@@ -271,7 +271,7 @@ class Trainer:
             rank=self.env.rank,
             node=socket.gethostname(),
             device=self.device,
-            flops_per_sample=flops,
+            flops_per_sample=self.flops,
         )
         return serve_node_metrics(m.port, self.metrics.directory) if self.env.local_rank == 0 else None
 
@@ -333,13 +333,13 @@ class Trainer:
         return losses
 
     @torch.no_grad()
-    def preview(self, step: int, batch: dict[str, Any]) -> None:
+    def preview(self, step: int) -> None:
         """A video sampled with the EMA weights from the first training sample's conditioning. Every rank
         samples (the sharded forward is collective); rank 0 writes mp4 and gif to the run directory."""
         from svd.data.video_io import to_uint8_frames
         from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
 
-        one = {k: (v[:1] if isinstance(v, Tensor | list) else v) for k, v in batch.items()}
+        one = {k: (v[:1] if isinstance(v, Tensor | list) else v) for k, v in self.preview_batch.items()}
         latents = self.task.latents(one)
         lo, hi = self.cfg.train.preview_guidance
         cond, uncond = (

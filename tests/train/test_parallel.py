@@ -7,9 +7,9 @@ import math
 import pytest
 
 from svd.config import compose
+from svd.data.local_s3 import free_port
 from svd.launch.local import launch_local
 from svd.train.metrics import MetricsConfig
-from svd.train.parallel import free_port
 
 
 def run(train_table: dict, name: str, *extra: str):
