@@ -16,8 +16,9 @@ thumbnails' spatial standard deviation, is the unit of change.
   (in units of C) and the log of its spatial spread. A dissolve moves them from one scene's values to the
   other's; between two scenes of the same look it still dents the spread (the mean of two independent
   textures varies less than either); a fade takes both to black or white. Those barely react to motion.
-  A transition is a peak of the stride-k change over its running median; its frames are where the
-  per-frame change of the statistics is near its peak.
+  A transition is a peak of the stride-k change over its running median on the quieter side (before or
+  after: a long transition would lift a centred median); its frames are where the per-frame change of
+  the statistics is near its peak.
 - Blank frames (far below C in spread, as in the middle of a fade) belong to a transition.
 
 Detections of all scales are merged; each transition's frames belong to no clip. `detector="transnetv2"`
@@ -43,8 +44,8 @@ class CutConfig:
     cut_min: float = 0.4  # … and at least this fraction of the contrast C (new scenes: ~1) …
     cut_isolation: float = 1.5  # … and this many times any other d1 within `merge_s`
     strides_s: tuple[float, ...] = (0.25, 0.5, 1.0)  # time scales of the gradual-transition detectors
-    gradual_min: float = 0.15  # change of the appearance statistics over a stride a transition reaches …
-    gradual_ratio: float = 2.0  # … and how many times its running median
+    gradual_min: float = 0.2  # change of the appearance statistics over a stride a transition reaches …
+    gradual_ratio: float = 3.0  # … and how many times the running median on its quieter side
     smooth: int = 5  # frames the appearance statistics are averaged over (odd)
     extent: float = 0.6  # a gradual transition's frames change at least this fraction of its fastest
     blank: float = 0.2  # a frame whose spread is below this fraction of C is blank
@@ -66,13 +67,24 @@ class Transition:
     last: int
 
 
+def _windows(values: np.ndarray, half_width: int) -> np.ndarray:
+    """(len(values), 2 · half_width + 1): each value's neighbourhood, mirrored at the ends."""
+    mode = "reflect" if len(values) > half_width else "edge"
+    return sliding_window_view(np.pad(values, half_width, mode=mode), 2 * half_width + 1)[: len(values)]
+
+
 def _running_median(values: np.ndarray, half_width: int) -> np.ndarray:
-    padded = (
-        np.pad(values, half_width, mode="reflect")
-        if len(values) > half_width
-        else np.pad(values, half_width, mode="edge")
-    )
-    return np.median(sliding_window_view(padded, 2 * half_width + 1), axis=1)[: len(values)]
+    return np.median(_windows(values, half_width), axis=1)
+
+
+def _quieter_side_median(values: np.ndarray, half_width: int) -> np.ndarray:
+    """The lower of the running medians over the `half_width` values before and after each one. A long
+    transition fills much of a centred window with its own large changes and lifts a centred median to
+    its own level (a 28-frame dissolve between two short shots went unseen); one side of it still lies
+    in a shot, whose steady motion is the baseline to beat."""
+    windows = _windows(values, half_width)
+    before = np.median(windows[:, : half_width + 1], axis=1)
+    return np.minimum(before, np.median(windows[:, half_width:], axis=1))
 
 
 def _peaks(score_ok: np.ndarray, values: np.ndarray) -> list[int]:
@@ -165,7 +177,7 @@ def detect_transitions(thumbnails: np.ndarray, fps: float, cfg: CutConfig = CutC
         if n <= k:
             continue
         d = np.abs(stats[k:] - stats[:-k]).mean(axis=1)  # d[i]: frames i → i + k
-        baseline = _running_median(d, max(2 * k, half_width))
+        baseline = _quieter_side_median(d, max(2 * k, half_width))
         ok = (d >= cfg.gradual_min) & (d >= cfg.gradual_ratio * np.maximum(baseline, 0.02))
         for i in _peaks(ok, d):
             # a hard cut within the window (widened by the smoothing) explains the change
