@@ -146,11 +146,32 @@ class MetricsConfig:
 class LauncherConfig:
     name: str = "local"  # local | slurm | ray
     master_port: int = 0  # local: the rendezvous port; 0 picks a free one
+    # slurm: requeues after a crash before the job is given up (a preemption or time limit always requeues);
+    # ray: FailureConfig.max_failures
+    max_requeues: int = 3
+    folder: str = "outputs/launch/${job_name}"  # slurm: submitit's logs and pickles (a shared filesystem)
+    wait: bool = False  # slurm/ray: stay until the job ends and report its result (else print the job id)
+    ray_address: str = ""  # ray: the cluster to join; empty: $RAY_ADDRESS, else a local Ray on this host
+    ray_storage: str = ""  # ray: RunConfig.storage_path; empty: <checkpoint.run_dir>/ray
 
 
 @dataclass
 class ClusterConfig:
+    """Where a Slurm or Ray job runs: site defaults live in jobs/conf/cluster/<site>.yaml."""
+
     name: str = "default"
+    gpus: bool = True  # request gpus_per_node GPUs per node (false on a CPU-only partition)
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""  # e.g. h100
+    time_min: int = 4320  # the job's time limit; a requeue after it resumes from the latest checkpoint
+    cpus_per_task: int = 8  # per rank (data-loader workers and the rank itself)
+    mem_gb: int = 0  # per node; 0: Slurm's default (--mem=0 with exclusive: the whole node)
+    exclusive: bool = True
+    signal_delay_s: int = 120  # the stop signal comes this long before the time limit (save + requeue)
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # more #SBATCH options: {mail-user: me@x}
+    setup: list[str] = field(default_factory=list)  # shell lines run before the ranks (module load …)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from svd.train.ema import EMA
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
 from svd.train.optim import build_optimizer, build_scheduler
 from svd.train.parallel import DistEnv
+from svd.train.stop import StopRequest
 from svd.train.task import CONDITIONED_ON_IMAGE, SampleRandoms, Task, unet_config
 from svd.train.weights import initial_weights, load_initial_weights
 
@@ -52,11 +53,15 @@ class TrainResult:
     flops_per_sample: float | None = None  # forward + backward, counted when MFU is reported
     peak_flops: float | None = None  # of the device, from the metrics table
     validation: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False  # a stop request ended the run early, after a checkpoint of its last step
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, storage: Storage | None = None):
+    def __init__(
+        self, cfg: RunConfig, env: DistEnv, storage: Storage | None = None, stop: StopRequest | None = None
+    ):
         self.cfg, self.env = cfg, env
+        self.stop = stop or StopRequest()
         self.storage = storage or Storage.from_env()
         self.device = env.device
         self.task = Task.build(cfg, self.device)
@@ -193,23 +198,26 @@ class Trainer:
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
-                loss, wait = self._step(batches)
+                loss, wait, stopping = self._step(batches)
                 step += 1
                 seconds = time.perf_counter() - started
                 result.losses.append(loss)
                 result.step_seconds.append(seconds)
                 result.data_wait_seconds.append(wait)
                 self._observe(step, loss, seconds, wait)
-                if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+                if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
                     blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
                     if self.metrics:
                         self.metrics.observe_checkpoint(blocked)
+                if stopping:
+                    result.stopped = True
+                    break
                 if cfg.train.val_every and step % cfg.train.val_every == 0:
                     result.validation.append(self.validate(step))
                 if cfg.train.preview_every and step % cfg.train.preview_every == 0:
                     self.preview(step)
             result.steps = step
-            if cfg.stage.trainable == "lora":
+            if cfg.stage.trainable == "lora" and not result.stopped:
                 self._save_lora()
             result.peak_memory_bytes = peak_memory(self.device)
             result.flops_per_sample, result.peak_flops = self.flops, self.peak_flops
@@ -219,8 +227,9 @@ class Trainer:
                 server.close()
         return result
 
-    def _step(self, batches) -> tuple[float, float]:
-        """One optimizer step; returns the global mean loss and the seconds spent waiting for batches."""
+    def _step(self, batches) -> tuple[float, float, bool]:
+        """One optimizer step; returns the global mean loss, the seconds spent waiting for batches and
+        whether any rank was asked to stop (carried by the loss all-reduce, so all ranks agree)."""
         accumulation, wait = self.cfg.grad_accumulation, 0.0
         total = torch.zeros((), device=self.device)
         samples_per_rank = accumulation * self.cfg.data.micro_batch
@@ -240,8 +249,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        dist.all_reduce(total)
-        return float(total) / self.cfg.train.global_batch, wait
+        reduced = torch.stack([total, torch.tensor(float(self.stop.is_set()), device=self.device)])
+        dist.all_reduce(reduced)
+        return float(reduced[0]) / self.cfg.train.global_batch, wait, bool(reduced[1] > 0)
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -423,11 +433,11 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(cfg: RunConfig) -> TrainResult:
+def run(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     """The entry point of every rank, whatever launched it: joins the process group from the environment,
-    trains, leaves the group."""
+    trains (until `stop` is set, if given), leaves the group."""
     env = parallel.init_distributed(cfg.parallel.collective_timeout_s)
     try:
-        return Trainer(cfg, env).fit()
+        return Trainer(cfg, env, stop=stop).fit()
     finally:
         dist.destroy_process_group()

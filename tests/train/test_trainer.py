@@ -15,7 +15,9 @@ import torch
 
 from svd.config import compose
 from svd.launch.local import launch_local
+from svd.train import run
 from svd.train.checkpoint import read_full_state
+from svd.train.stop import StopRequest
 from svd.train.trainer import TrainResult
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +93,22 @@ def test_resume_in_the_same_world_size_is_exact(train_table, s3_env):
     a = read_full_state(f"{train_table['bucket']}/runs/exact_ref", "model.model")
     b = read_full_state(f"{train_table['bucket']}/runs/exact", "model.model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_request_saves_the_current_step_and_the_next_run_resumes_exactly_from_it(train_table, s3_env):
+    common = ("train.global_batch=2", "checkpoint.every=100", "train.val_every=0", "train.preview_every=0")
+    reference = train(train_table, "stop_ref", *common, "train.steps=3")
+    stop = StopRequest()
+    with stop.on_signals([signal.SIGUSR1]):
+        os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm's warning before a time limit: the run has not begun
+    assert stop.is_set()
+    assert stop.signal == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    stopped = run(compose(settings(train_table, "stop", *common, "train.steps=3")), stop)
+    assert (stopped.stopped, stopped.steps) == (True, 1)  # the step under way finishes, then a checkpoint
+    resumed = train(train_table, "stop", *common, "train.steps=3")
+    assert (resumed.resumed_from, resumed.stopped) == (1, False)
+    assert stopped.losses + resumed.losses == pytest.approx(reference.losses, rel=1e-6, abs=1e-7)
 
 
 def test_a_run_writes_previews_validation_and_its_config(train_table, s3_env, moto_s3):
