@@ -2,6 +2,8 @@
 
     python jobs/curate.py input=s3://bucket/raw/ output=s3://bucket/lvd/clips.lance
     python jobs/curate.py input=… output=… shard=3/16 workers=8 clip_model=s3://models/clip-vit-l-14
+    python jobs/curate.py input=… output=… launcher=slurm shards=64 cluster=<site>   # a Slurm job array
+    python jobs/curate.py input=… output=… launcher=ray shards=64                    # Ray tasks
     python jobs/curate.py output=s3://bucket/lvd/clips.lance recipe=datasets/lvd_f.yaml
     python jobs/curate.py output=s3://bucket/lvd/clips.lance report=outputs/report recipe=datasets/lvd_f.yaml
 
@@ -95,6 +97,11 @@ def _run(cfg: CurateConfig, storage: Storage) -> int:
         print(f"filter: {result.filter}")
         print(f"wrote {save(result, storage)}")
         return 0
+
+    if cfg.launcher != "local":
+        from svd.launch import launcher_module
+
+        return launcher_module(cfg.launcher).curate_shards(cfg)
 
     from svd.curate.pipeline import run
 

@@ -66,26 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--cfg" in flags:
         print(to_yaml(cfg), end="")
         return 0
-    if "--dry-run" in flags:
-        print(describe(cfg))
-        return 0
-    if cfg.launcher.name != "local":
-        print(
-            f"launch: launcher={cfg.launcher.name} is not available yet; use launcher=local", file=sys.stderr
-        )
-        return 2
-    from svd.launch.local import launch_local
+    from svd.launch import launcher_module
 
+    launcher = launcher_module(cfg.launcher.name)
     print(describe(cfg), flush=True)
-    try:
-        result = launch_local(cfg)
-    except Exception as e:  # a rank failed: the elastic agent already stopped the others
-        print(
-            f"launch: training failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr
-        )
-        return 1
-    print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
-    return 0
+    if "--dry-run" in flags:
+        print(launcher.dry_run(cfg))
+        return 0
+    return launcher.launch(cfg)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,16 @@ class CurateConfig:
     output: str = ""  # the clip table (Lance) to create or append to
     shard: str = "0/1"  # i/n: this process curates the i-th of n deterministic parts of the input
     workers: int = 2  # processes running the stages; 0 runs them in this process
+    # where shards run: local (this process curates `shard`) | slurm (a job array of `shards` tasks) | ray
+    # (`shards` Ray tasks on the cluster at $RAY_ADDRESS, else a local Ray); each task curates shard=i/shards
+    launcher: str = "local"
+    shards: int = 1
+    cluster: str = (
+        "default"  # slurm: site defaults (partition, account, time …) of jobs/conf/cluster/<name>.yaml
+    )
+    cpus_per_shard: int = 0  # slurm/ray; 0: workers + 1
+    gpus_per_shard: int = 0  # slurm/ray: CLIP, captioning and latents run on a GPU where there is one
+    folder: str = "outputs/launch/curate"  # slurm: submitit's logs and pickles (a shared filesystem)
     commit_every: int = 8  # videos per Lance commit (a crash loses at most this many)
     source: str = ""  # the `source` column; default: the input URI
     split: str = "train"
@@ -51,6 +61,7 @@ class CurateConfig:
         if not (self.input or self.report or self.recipe):
             raise ValueError("input= is required: the folder of raw videos (e.g. s3://bucket/raw/)")
         self.shard_index()  # raises on a malformed shard
+        self._validate_launcher()
         if self.workers < 0 or self.commit_every < 1:
             raise ValueError(f"workers={self.workers} must be ≥ 0 and commit_every={self.commit_every} ≥ 1")
         if not self.min_clip_s > 0:
@@ -69,6 +80,24 @@ class CurateConfig:
             raise ValueError("aesthetic_head= needs clip_model=: the head scores CLIP embeddings")
         if self.latents:
             self._validate_latents()
+
+    def _validate_launcher(self) -> None:
+        from svd.launch import LAUNCHERS
+
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher={self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+        if self.shards < 1 or self.cpus_per_shard < 0 or self.gpus_per_shard < 0:
+            raise ValueError(
+                f"shards={self.shards} must be ≥ 1, cpus_per_shard={self.cpus_per_shard} and "
+                f"gpus_per_shard={self.gpus_per_shard} ≥ 0"
+            )
+        if self.launcher == "local" and self.shards > 1:
+            raise ValueError(
+                f"shards={self.shards} needs launcher=slurm or launcher=ray; on one host run "
+                f"shard=i/{self.shards} in each of several processes"
+            )
+        if self.launcher != "local" and self.shard != "0/1":
+            raise ValueError(f"shard={self.shard} with launcher={self.launcher}: set shards=N instead")
 
     def _validate_latents(self) -> None:
         from svd.model.autoencoder import KINDS

@@ -9,6 +9,7 @@ hanging. Every rank then calls `svd.train.run`, like under Slurm or Ray.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 from svd.config import RunConfig, from_yaml, to_yaml
@@ -19,6 +20,26 @@ from svd.train.trainer import TrainResult
 
 def _rank_main(config_yaml: str) -> TrainResult:
     return run(from_yaml(config_yaml))
+
+
+def dry_run(cfg: RunConfig) -> str:
+    port = cfg.launcher.master_port or "a free port"
+    if cfg.gpus_per_node == 1:
+        return "1 rank in this process"
+    return (
+        f"{cfg.gpus_per_node} processes on this host under torch's elastic agent, rendezvous 127.0.0.1:{port}"
+    )
+
+
+def launch(cfg: RunConfig) -> int:
+    try:
+        result = launch_local(cfg)
+    except Exception as e:  # a rank failed: the elastic agent already stopped the others
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"launch: training failed: {type(e).__name__}: {first_line}", file=sys.stderr)
+        return 1
+    print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
+    return 0
 
 
 def launch_local(cfg: RunConfig) -> TrainResult:
