@@ -148,6 +148,11 @@ def video_with_cuts(
         if kind == "cut":
             truth.append((start, start))
         elif kind in ("dissolve", "fade", "fade_white"):
+            if n > min(len(out[-1]), len(shot)):
+                raise ValueError(
+                    f"a {n}-frame {kind} needs {n} frames on each side; the shots around transition "
+                    f"{len(truth)} have {len(out[-1])} and {len(shot)} left"
+                )
             previous, out[-1] = out[-1][-n:], out[-1][:-n]
             start -= n
             weights = np.linspace(0, 1, n + 2)[1:-1, None, None, None]

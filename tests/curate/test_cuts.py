@@ -97,3 +97,9 @@ def test_a_cut_from_a_fast_pan_into_a_still_shot_is_one_exact_cut():
     still = panning_texture(100, H, W, velocity=(0.0, 0.0), seed=2)
     frames, truth = video_with_cuts([pan, still], [("cut", 0)])
     assert transitions_of(frames) == [Transition(truth[0][0], truth[0][0] - 1)]
+
+
+def test_a_transition_longer_than_a_shot_is_refused_by_its_place_and_lengths():
+    shots = [panning_texture(n, 16, 16, velocity=(0.0, 1.0), seed=n) for n in (20, 12, 20)]
+    with pytest.raises(ValueError, match="around transition 1 have 2 and 20 left"):
+        video_with_cuts(shots, [("dissolve", 10), ("fade", 10)])
