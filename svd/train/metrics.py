@@ -228,7 +228,7 @@ class TrainMetrics:
         # Wall-clock time of the last step: "stalled" and "rank missing" alerts compare it with time(), since
         # a dead rank's gauges stay in its file and the node keeps serving them.
         self.step_time = gauge("svd_step_timestamp_seconds", "Unix time at which the last step completed.")
-        self.world_size = gauge("svd_world_size", "Ranks in the job: fewer reporting means a rank is missing.")
+        self.world_size = gauge("svd_world_size", "Ranks in the job (fewer reporting: a rank is missing).")
         self.loss = gauge("svd_loss", "Training loss of the last step (this rank's batch).")
         self.grad_norm = gauge("svd_grad_norm", "Global gradient norm of the last step, before clipping.")
         self.lr = gauge("svd_learning_rate", "Learning rate of the last step.")
@@ -246,7 +246,7 @@ class TrainMetrics:
             "svd_checkpoint_save_seconds", "Checkpoint save time.", SAVE_BUCKETS
         )
         # svd_step − svd_checkpoint_step exceeds the interval only when a due checkpoint was not saved.
-        self.checkpoint_step = gauge("svd_checkpoint_step", "Step of the newest checkpoint saved or restored.")
+        self.checkpoint_step = gauge("svd_checkpoint_step", "Step of the last checkpoint saved or restored.")
         self.checkpoint_interval = gauge("svd_checkpoint_interval_steps", "Steps between checkpoints.")
         self.checkpoint_failures = Counter(
             "svd_checkpoint_failures", "Checkpoint saves that failed.", LABELS, registry=self.registry

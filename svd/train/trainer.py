@@ -30,7 +30,7 @@ from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
 from svd.train import parallel
-from svd.train.checkpoint import CheckpointError, Checkpointer, ModelOptimizerState
+from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
 from svd.train.ema import EMA
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
 from svd.train.optim import build_optimizer, build_scheduler

@@ -102,6 +102,9 @@ def test_a_32_node_training_run_has_32_gpu_workers_with_shared_memory_cache_and_
     volumes = {v["name"]: v for v in worker["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
     assert "ephemeral" in volumes["cache"]
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    head_volumes = {v["name"]: v for v in head["volumes"]}
+    assert head_volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4Gi"}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert (mounts["dshm"], mounts["cache"], mounts["tmp"]) == ("/dev/shm", "/cache", "/tmp")
     env = {e["name"]: e for e in container["env"]}

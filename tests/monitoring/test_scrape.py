@@ -31,6 +31,8 @@ from .conftest import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow  # the run trains ~30 s before Prometheus holds what the tests query
+
 JOB, STAGE = "monitored-run", "video_pretrain"
 CHECKPOINT_EVERY = 3
 # Alerts a healthy run must not trigger. (SVDLowMFU and SVDDataLoaderStarved may well hold on 2 shared CPU

@@ -90,11 +90,13 @@ python jobs/curate.py launcher=ray shards={{ .Values.curate.shards }} input={{ .
 {{- end }}
 {{- end -}}
 
+{{/* The pods' volumes; call with (dict "root" $ "shmSize" <quantity>). */}}
 {{- define "svd.volumes" -}}
+{{- with .root -}}
 - name: tmp
   emptyDir: {}
 - name: dshm
-  emptyDir: {medium: Memory, sizeLimit: {{ .Values.workers.shmSize }}}
+  emptyDir: {medium: Memory, sizeLimit: {{ $.shmSize }}}
 {{- if eq .Values.job "train" }}
 - name: run-config
   configMap: {name: {{ include "svd.fullname" . }}-run}
@@ -102,6 +104,7 @@ python jobs/curate.py launcher=ray shards={{ .Values.curate.shards }} input={{ .
 {{- if .Values.workers.cache.enabled }}
 - name: cache
   {{- toYaml (.Values.workers.cache.volume | default (dict "emptyDir" dict)) | nindent 2 }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
