@@ -120,6 +120,16 @@ def test_a_32_node_training_run_has_32_gpu_workers_with_shared_memory_cache_and_
     )
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+    # the same `exporter` label as the Slurm scrape config: the SVDMetricsEndpointDown alert selects on it
+    (slurm,) = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    assert slurm["honor_labels"] is True
+    assert monitor["spec"]["podMetricsEndpoints"][0]["relabelings"] == [
+        {
+            "action": "replace",
+            "targetLabel": "exporter",
+            "replacement": slurm["relabel_configs"][0]["replacement"],
+        }
+    ]
     notes = rendered["svd/templates/NOTES.txt"]
     assert "kubectl -n ml logs -f job/vpt" in notes
     assert "32 nodes × 8 GPUs" in notes
