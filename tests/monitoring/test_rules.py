@@ -6,7 +6,7 @@ import subprocess
 
 import yaml
 
-from .conftest import PROMETHEUS_DIR, RULES, require
+from .conftest import PROMETHEUS_DIR, RULES, measured, require
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -44,3 +44,11 @@ def test_promtool_test_fails_when_a_threshold_no_longer_matches_its_test(tmp_pat
     done = promtool("test", "rules", str(tmp_path / "svd.rules.test.yml"))
     assert done.returncode == 1
     assert "alertname: SVDTrainingStalled, time: 26m" in done.stdout + done.stderr
+
+
+def test_measuring_an_alert_makes_its_comparisons_bool_and_leaves_label_matchers_alone() -> None:
+    assert measured('up{exporter!="x", a=~"b"} == 0 or x > bool 1') == (
+        'up{exporter!="x", a=~"b"} == bool 0 or x > bool 1'
+    )
+    assert measured("count by (job) (svd_loss != svd_loss)") == "count by (job) (svd_loss != bool svd_loss)"
+    assert measured("a >= 2 * b <= 3") == "a >= bool 2 * b <= bool 3"
