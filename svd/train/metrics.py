@@ -12,8 +12,10 @@ job, stage, rank and node, so Prometheus sees every rank separately however the 
     server = serve_node_metrics(cfg.metrics.port, metrics.directory) if local_rank == 0 else None
     progress = ProgressLine(total_steps, cfg.metrics.progress_every) if rank == 0 else None
     ...
+    metrics.observe_start(world_size, checkpoint_every, checkpoint_step=resumed_step)
     metrics.observe_step(step, loss, grad_norm, lr, step_seconds, data_wait_seconds, samples)
     metrics.observe_skipped(loader.skipped)
+    metrics.observe_checkpoint(seconds, step)      # or observe_checkpoint_failure() when a save fails
 
 prometheus_client fixes its mode when it is first imported, from PROMETHEUS_MULTIPROC_DIR. This module
 therefore imports it only inside functions, and `TrainMetrics` refuses to start if it finds the mode
@@ -223,6 +225,10 @@ class TrainMetrics:
 
         self._labels = labels
         self.step = gauge("svd_step", "Last completed optimizer step.")
+        # Wall-clock time of the last step: "stalled" and "rank missing" alerts compare it with time(), since
+        # a dead rank's gauges stay in its file and the node keeps serving them.
+        self.step_time = gauge("svd_step_timestamp_seconds", "Unix time at which the last step completed.")
+        self.world_size = gauge("svd_world_size", "Ranks in the job (fewer reporting: a rank is missing).")
         self.loss = gauge("svd_loss", "Training loss of the last step (this rank's batch).")
         self.grad_norm = gauge("svd_grad_norm", "Global gradient norm of the last step, before clipping.")
         self.lr = gauge("svd_learning_rate", "Learning rate of the last step.")
@@ -239,6 +245,12 @@ class TrainMetrics:
         self.checkpoint_seconds = histogram(
             "svd_checkpoint_save_seconds", "Checkpoint save time.", SAVE_BUCKETS
         )
+        # svd_step − svd_checkpoint_step exceeds the interval only when a due checkpoint was not saved.
+        self.checkpoint_step = gauge("svd_checkpoint_step", "Step of the last checkpoint saved or restored.")
+        self.checkpoint_interval = gauge("svd_checkpoint_interval_steps", "Steps between checkpoints.")
+        self.checkpoint_failures = Counter(
+            "svd_checkpoint_failures", "Checkpoint saves that failed.", LABELS, registry=self.registry
+        ).labels(**labels)
         self.samples = Counter("svd_samples", "Samples trained on.", LABELS, registry=self.registry).labels(
             **labels
         )
@@ -249,6 +261,12 @@ class TrainMetrics:
             registry=self.registry,
         )
         self._skipped_seen: dict[str, int] = {}
+
+    def observe_start(self, world_size: int, checkpoint_every: int, checkpoint_step: int | None) -> None:
+        """The run's shape, once before the first step; `checkpoint_step` is the step resumed from."""
+        self.world_size.set(world_size)
+        self.checkpoint_interval.set(checkpoint_every)
+        self.checkpoint_step.set(checkpoint_step or 0)
 
     def observe_step(
         self,
@@ -265,6 +283,7 @@ class TrainMetrics:
             raise ValueError(f"step_seconds={step_seconds} must be > 0")
         throughput = samples / step_seconds
         self.step.set(step)
+        self.step_time.set_to_current_time()
         self.loss.set(loss)
         self.grad_norm.set(grad_norm)
         self.lr.set(lr)
@@ -276,8 +295,13 @@ class TrainMetrics:
             self.mfu.set(self.flops_per_sample * throughput / self.peak_flops)
         self._observe_memory()
 
-    def observe_checkpoint(self, seconds: float) -> None:
+    def observe_checkpoint(self, seconds: float, step: int) -> None:
+        """A save of `step` that blocked training `seconds` (async saves: their failure shows at the next)."""
         self.checkpoint_seconds.observe(seconds)
+        self.checkpoint_step.set(step)
+
+    def observe_checkpoint_failure(self) -> None:
+        self.checkpoint_failures.inc()
 
     def observe_skipped(self, totals: Mapping[str, int]) -> None:
         """Add what is new in the loader's running totals by reason (`ClipLoader.skipped`) since the last

@@ -30,7 +30,7 @@ from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
 from svd.train import parallel
-from svd.train.checkpoint import Checkpointer, ModelOptimizerState
+from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
 from svd.train.ema import EMA
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
 from svd.train.optim import build_optimizer, build_scheduler
@@ -194,6 +194,8 @@ class Trainer:
         step = resumed or 0
         result = TrainResult(steps=step, resumed_from=resumed)
         server = self._start_metrics()
+        if self.metrics:
+            self.metrics.observe_start(env.world_size, cfg.checkpoint.every, checkpoint_step=resumed)
         batches = iter(self.loader)
         try:
             while step < cfg.steps:
@@ -206,9 +208,7 @@ class Trainer:
                 result.data_wait_seconds.append(wait)
                 self._observe(step, loss, seconds, wait)
                 if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                    blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
-                    if self.metrics:
-                        self.metrics.observe_checkpoint(blocked)
+                    self._save(step)
                 if stopping:
                     result.stopped = True
                     break
@@ -226,6 +226,16 @@ class Trainer:
             if server is not None:
                 server.close()
         return result
+
+    def _save(self, step: int) -> None:
+        try:
+            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
+        except CheckpointError:
+            if self.metrics:
+                self.metrics.observe_checkpoint_failure()
+            raise
+        if self.metrics:
+            self.metrics.observe_checkpoint(blocked, step)
 
     def _step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step; returns the global mean loss, the seconds spent waiting for batches and

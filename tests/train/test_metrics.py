@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,10 +39,11 @@ RANK = textwrap.dedent(
     rank, loss, skipped = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
     m = TrainMetrics(MetricsConfig(gpu="H100"), job="j1", stage="video", rank=rank, node="n0",
                      flops_per_sample=2e12)
+    m.observe_start(world_size=2, checkpoint_every=5, checkpoint_step=None)
     m.observe_step(step=7, loss=loss, grad_norm=0.25, lr=1e-4, step_seconds=2.0, data_wait_seconds=0.5,
                    samples=4)
     m.observe_skipped({"decode": skipped})
-    m.observe_checkpoint(12.0)
+    m.observe_checkpoint(12.0, step=5)
     """
 )
 
@@ -79,8 +81,10 @@ def test_node_endpoint_serves_every_rank_with_its_labels_and_a_restarted_rank_re
     assert os.environ[ENV_DIR] == str(folder)
     assert list(folder.iterdir()) == []
 
+    started = time.time()
     ranks = [start_rank(0, 0.5, 1), start_rank(1, 1.5, 2)]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
+    finished = time.time()
     port = free_port()
     with serve_node_metrics(port, folder, addr="127.0.0.1") as server:
         first = scrape(server.port)
@@ -103,6 +107,15 @@ def test_node_endpoint_serves_every_rank_with_its_labels_and_a_restarted_rank_re
         "0": 1.0,
         "1": 1.0,
     }
+    assert by_rank(first["svd_world_size"], "svd_world_size") == {"0": 2.0, "1": 2.0}
+    assert by_rank(first["svd_checkpoint_step"], "svd_checkpoint_step") == {"0": 5.0, "1": 5.0}
+    assert by_rank(first["svd_checkpoint_interval_steps"], "svd_checkpoint_interval_steps") == {
+        "0": 5.0,
+        "1": 5.0,
+    }
+    step_times = by_rank(first["svd_step_timestamp_seconds"], "svd_step_timestamp_seconds").values()
+    assert len(step_times) == 2
+    assert all(started <= t <= finished for t in step_times)
     rss = [s for s in first["svd_memory_bytes"] if s.labels["kind"] == "rss_max"]
     assert len(rss) == 2
     assert all(s.value > 1 << 20 for s in rss)
@@ -156,6 +169,17 @@ def test_port_zero_means_no_endpoint_and_no_multiprocess_files(tmp_path: Path) -
     assert serve_node_metrics(cfg.port, metrics.directory) is None
     assert not (tmp_path / "prom").exists()
     assert metrics.registry.get_sample_value("svd_loss", LABELS) == 0.5
+
+
+def test_a_failed_save_counts_and_leaves_the_checkpoint_step_at_the_last_good_save() -> None:
+    metrics = TrainMetrics(MetricsConfig(port=0), job="j1", stage="video", rank=0, node="n0")
+    metrics.observe_start(world_size=4, checkpoint_every=10, checkpoint_step=30)
+    assert metrics.registry.get_sample_value("svd_checkpoint_step", LABELS) == 30
+    metrics.observe_checkpoint(1.5, step=40)
+    metrics.observe_checkpoint_failure()
+    assert metrics.registry.get_sample_value("svd_checkpoint_step", LABELS) == 40
+    assert metrics.registry.get_sample_value("svd_checkpoint_failures_total", LABELS) == 1
+    assert metrics.registry.get_sample_value("svd_world_size", LABELS) == 4
 
 
 def test_mfu_is_flops_per_sample_times_samples_per_second_over_the_configured_peak() -> None:

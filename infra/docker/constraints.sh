@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Rewrite constraints.txt from a virtualenv where `make test` passed (default .venv): the image then
+# installs exactly the versions CI tested. Local wheels and the benchmark-only scenedetect are left out.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+python="${1:-$here/../../.venv/bin/python}"
+{
+  echo "# The versions CI tests together (pip freeze of the CI virtualenv; torch's +cpu local tag dropped: the image"
+  echo "# installs PyPI's CUDA build of the same release). Regenerate with infra/docker/constraints.sh."
+  "$python" -m pip freeze --exclude-editable | grep -vE "@ file://|^scenedetect==" | sed 's/^torch==\(.*\)+cpu$/torch==\1/'
+} > "$here/constraints.txt"

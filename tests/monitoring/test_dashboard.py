@@ -1,0 +1,96 @@
+"""The Grafana dashboard (JSON kept in the repo, as Grafana exports it) against a schema of the parts of
+Grafana's dashboard model it uses, and for what a schema cannot say: layout, variables, metric names.
+Its PromQL is run against a real Prometheus in test_scrape.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from svd.train.metrics import MetricsConfig, TrainMetrics
+
+from .conftest import DASHBOARD, RULES
+
+SCHEMA = Path(__file__).with_name("grafana-dashboard.schema.json")
+GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range"}
+PANELS = (  # what the dashboard must show
+    "Loss",
+    "Samples / s",
+    "MFU",
+    "Step time breakdown",
+    "Data wait share",
+    "Skipped samples",
+    "Checkpoint save time",
+    "Peak memory per rank",
+    "Rank liveness",
+)
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def exported_names() -> set[str]:
+    """Every sample name TrainMetrics exports, observed once with everything switched on."""
+    metrics = TrainMetrics(
+        MetricsConfig(port=0, gpu="H100"), job="j", stage="s", rank=0, node="n", flops_per_sample=1e9
+    )
+    metrics.observe_start(world_size=1, checkpoint_every=10, checkpoint_step=None)
+    metrics.observe_step(1, 0.5, 1.0, 1e-4, 1.0, 0.1, 2)
+    metrics.observe_skipped({"corrupt": 1})
+    metrics.observe_checkpoint(1.0, step=1)
+    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+
+
+def test_the_dashboard_matches_the_schema(dashboard: dict) -> None:
+    jsonschema.validate(dashboard, json.loads(SCHEMA.read_text()))
+
+
+def test_the_schema_rejects_a_panel_without_a_query_and_a_foreign_datasource(dashboard: dict) -> None:
+    schema = json.loads(SCHEMA.read_text())
+    broken = json.loads(json.dumps(dashboard))
+    broken["panels"][0]["targets"][0].pop("expr")
+    with pytest.raises(jsonschema.ValidationError, match="'expr' is a required property"):
+        jsonschema.validate(broken, schema)
+    broken = json.loads(json.dumps(dashboard))
+    broken["panels"][1]["datasource"]["uid"] = "my-prometheus"
+    with pytest.raises(jsonschema.ValidationError, match="was expected"):
+        jsonschema.validate(broken, schema)
+
+
+def test_it_shows_every_required_panel_on_a_grid_without_overlaps(dashboard: dict) -> None:
+    panels = dashboard["panels"]
+    assert set(PANELS) <= {p["title"] for p in panels}
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = {}
+    for panel in panels:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        for cell in itertools.product(range(g["x"], g["x"] + g["w"]), range(g["y"], g["y"] + g["h"])):
+            assert cell not in cells, f"{panel['title']} overlaps {cells[cell]}"
+            cells[cell] = panel["title"]
+    for panel in panels:
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(set(refs)) == len(refs), panel["title"]
+
+
+def test_every_query_filters_by_the_run_and_uses_only_defined_variables(dashboard: dict) -> None:
+    defined = {v["name"] for v in dashboard["templating"]["list"]} | GRAFANA_VARIABLES
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\$\{?(\w+)", expr)}
+    assert used <= defined
+    assert all('job=~"$job"' in expr for expr in exprs)
+
+
+def test_every_svd_metric_in_the_dashboard_and_the_rules_is_one_the_trainer_exports(dashboard: dict) -> None:
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [RULES.read_text()]
+    referenced = {name for expr in exprs for name in re.findall(r"\bsvd_[a-z_]+", expr)}
+    exported = exported_names()
+    assert referenced - exported == set()
+    assert {"svd_step_timestamp_seconds", "svd_world_size", "svd_checkpoint_failures_total"} <= referenced

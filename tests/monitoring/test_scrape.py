@@ -1,0 +1,203 @@
+"""A real training run (2 ranks, the tiny model, a clip table with one damaged video on the S3 server),
+scraped by a real Prometheus through file-based discovery, as on Slurm: its series carry the run's labels,
+and every dashboard query and alert expression evaluates against them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from svd.data.local_s3 import free_port
+from svd.data.synthetic import synthetic_corpus
+from svd.data.table import write_clip_table
+from svd.launch.targets import write_target
+
+from .conftest import (
+    DASHBOARD,
+    ROOT,
+    Prometheus,
+    QueryError,
+    alert_rules,
+    dashboard_queries,
+    measured,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow  # the run trains ~30 s before Prometheus holds what the tests query
+
+JOB, STAGE = "monitored-run", "video_pretrain"
+CHECKPOINT_EVERY = 3
+# Alerts a healthy run must not trigger. (SVDLowMFU and SVDDataLoaderStarved may well hold on 2 shared CPU
+# cores measured against a made-up peak; SVDLossExploding needs a history this run does not have.)
+FAILURE_ALERTS = (
+    "SVDTrainingStalled",
+    "SVDRankMissing",
+    "SVDMetricsEndpointDown",
+    "SVDLossNaN",
+    "SVDCheckpointFailing",
+    "SVDCheckpointLate",
+)
+
+
+@pytest.fixture(scope="module")
+def damaged_table(moto_s3) -> str:
+    """4 clips of 2 videos, and one row whose video is garbage (the loader skips and counts it)."""
+    bucket = f"s3://{moto_s3.new_bucket()}"
+    rows = synthetic_corpus(f"{bucket}/raw", moto_s3.storage, videos=2, seconds=3.0, clip_seconds=1.5)
+    fs, _ = moto_s3.storage.fsspec(bucket)
+    garbage = f"{bucket}/raw/garbage.mp4"
+    fs.pipe_file(garbage.removeprefix("s3://"), np.random.default_rng(0).bytes(20_000))
+    rows.append(rows[0] | {"clip_id": "garbage", "video_uri": garbage})
+    write_clip_table(f"{bucket}/clips.lance", rows, moto_s3.storage)
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def run(prometheus: Prometheus, moto_s3, damaged_table: str, tmp_path_factory) -> Iterator[dict]:
+    """`jobs/launch.py` training until stopped, its node endpoint in Prometheus' target folder (as the Slurm
+    launcher writes it); yields once Prometheus holds several scrapes with checkpoints and a skipped clip."""
+    folder = tmp_path_factory.mktemp("run")
+    port = free_port()
+    args = [
+        f"stage={STAGE}",
+        "model=tiny",
+        "gpus_per_node=2",
+        f"job_name={JOB}",
+        f"data.table={damaged_table}/clips.lance",
+        f"checkpoint.run_dir={damaged_table}/runs/{JOB}",
+        f"checkpoint.every={CHECKPOINT_EVERY}",
+        "data.frames=4",
+        "data.fps=4",
+        "train.global_batch=2",
+        "train.steps=100000",  # runs until the fixture stops it
+        f"metrics.port={port}",
+        "metrics.gpu=cpu",  # a made-up peak, so that CPU ranks report MFU
+        "metrics.gpu_peak_flops.cpu=1e11",
+    ]
+    env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "TMPDIR": str(folder), "OMP_NUM_THREADS": "1"}
+    log = (folder / "train.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the elastic agent and both ranks stop together
+    )
+    target = write_target(JOB, "127.0.0.1", port, {"job": JOB}, prometheus.targets_dir)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"training exited with {process.returncode}: {(folder / 'train.log').read_text()}"
+            )
+        saves = prometheus.query(f'min(svd_checkpoint_save_seconds_count{{job="{JOB}"}}) >= 2')
+        skipped = prometheus.query(f'svd_data_skipped_total{{job="{JOB}"}}')
+        scrapes = prometheus.query(f'min(count_over_time(svd_step{{job="{JOB}"}}[1m])) >= 5')
+        return bool(saves and skipped and scrapes)
+
+    try:
+        wait_until(ready, 150, f"two checkpoints, a skipped clip and 5 scrapes of {JOB}")
+        yield {"port": port, "node": socket.gethostname()}
+    finally:
+        target.unlink(missing_ok=True)
+        stop_group(process)
+        log.close()
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the launcher's process group (its elastic agent stops the ranks), SIGKILL if it lingers."""
+    for sig, timeout in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:  # the whole group is gone already
+            break
+        try:
+            process.wait(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def values_by_rank(prometheus: Prometheus, expr: str) -> dict[str, float]:
+    return {s["metric"]["rank"]: float(s["value"][1]) for s in prometheus.query(expr)}
+
+
+def test_every_rank_is_scraped_with_the_runs_labels_and_values(prometheus: Prometheus, run: dict) -> None:
+    steps = prometheus.query(f'svd_step{{job="{JOB}"}}')
+    assert sorted(s["metric"]["rank"] for s in steps) == ["0", "1"]
+    for series in steps:
+        labels = series["metric"]
+        assert labels | {"rank": "0"} == {
+            "__name__": "svd_step",
+            "job": JOB,  # the run's own label, kept over the scrape job's (honor_labels)
+            "stage": STAGE,
+            "rank": "0",
+            "node": run["node"],
+            "exporter": "svd",
+            "instance": f"127.0.0.1:{run['port']}",
+        }
+        assert float(series["value"][1]) >= 6  # two checkpoints every 3 steps
+    assert values_by_rank(prometheus, f'svd_world_size{{job="{JOB}"}}') == {"0": 2.0, "1": 2.0}
+    assert values_by_rank(prometheus, f'svd_checkpoint_interval_steps{{job="{JOB}"}}') == {"0": 3.0, "1": 3.0}
+    saved = values_by_rank(prometheus, f'svd_checkpoint_step{{job="{JOB}"}}')
+    assert all(step >= 6 and step % CHECKPOINT_EVERY == 0 for step in saved.values())
+    assert all(0 < mfu < 1 for mfu in values_by_rank(prometheus, f'svd_mfu{{job="{JOB}"}}').values())
+    skipped = prometheus.query(f'sum by (reason) (svd_data_skipped_total{{job="{JOB}"}})')
+    assert [s["metric"]["reason"] for s in skipped] == ["corrupt"]
+    assert float(skipped[0]["value"][1]) >= 1
+    up = prometheus.query(f'up{{job="{JOB}", exporter="svd"}}')
+    assert [float(s["value"][1]) for s in up] == [1.0]
+
+
+def test_every_dashboard_query_returns_data_for_the_run(prometheus: Prometheus, run: dict) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = dashboard_queries(dashboard, JOB, STAGE)
+    assert len(queries) >= 15
+    empty = {name: expr for name, expr in queries.items() if not prometheus.query(expr)}
+    assert empty == {}
+
+
+def test_the_dashboard_variables_list_the_run_and_its_stage(prometheus: Prometheus, run: dict) -> None:
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    # label_values(metric, label) is Grafana's: the values of `label` among the series of `metric`
+    jobs = prometheus.query("count by (job) (svd_step)")
+    stages = prometheus.query(f'count by (stage) (svd_step{{job=~"{JOB}"}})')
+    assert variables["job"]["definition"] == "label_values(svd_step, job)"
+    assert variables["stage"]["definition"] == 'label_values(svd_step{job=~"$job"}, stage)'
+    assert JOB in {s["metric"]["job"] for s in jobs}
+    assert [s["metric"]["stage"] for s in stages] == [STAGE]
+
+
+def test_every_alert_expression_evaluates_and_finds_the_runs_series(
+    prometheus: Prometheus, run: dict
+) -> None:
+    rules = alert_rules()
+    assert len([r for r in rules if "alert" in r]) == 9
+    for rule in rules:
+        prometheus.query(rule["expr"])  # raises on any PromQL error
+    # with comparisons made `bool`, each alert returns its outcome for every series it watches
+    quiet = {
+        r.get("alert", r.get("record")): r["expr"] for r in rules if not prometheus.query(measured(r["expr"]))
+    }
+    assert quiet == {}
+
+
+def test_a_healthy_run_triggers_none_of_the_failure_alerts(prometheus: Prometheus, run: dict) -> None:
+    rules = {r["alert"]: r["expr"] for r in alert_rules() if "alert" in r}
+    firing = {name: prometheus.query(rules[name]) for name in FAILURE_ALERTS}
+    assert firing == {name: [] for name in FAILURE_ALERTS}
+    outcomes = prometheus.query(measured(rules["SVDCheckpointLate"]))
+    assert [float(s["value"][1]) for s in outcomes] == [0.0]
+
+
+def test_a_wrong_expression_is_an_error_not_an_empty_result(prometheus: Prometheus) -> None:
+    with pytest.raises(QueryError, match="parse error"):
+        prometheus.query("sum by (job) (rate(svd_step_seconds_sum[5m])")
