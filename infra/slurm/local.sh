@@ -124,6 +124,8 @@ start() {
     fi
     install
     stop_daemons
+    # A step that fails says which, and where the daemons' logs are.
+    trap 'log "failed: $BASH_COMMAND; read the logs in $DIR/log"; tail -n 5 "$DIR"/log/*.out >&2 2>/dev/null' ERR
     rm -rf "$DIR"
     mkdir -p "$DIR"/{ctld,run,log,munge} "${NODES[@]/#/$DIR/spool/}"
     chmod 755 "$DIR/munge" # munged refuses a socket directory others can write to
@@ -133,7 +135,9 @@ start() {
     chmod 600 "$DIR/slurmdbd.conf" # slurmdbd refuses a readable one: it holds the database password
 
     mungekey -c -k "$DIR/munge/munge.key"
-    munged --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/run/munged.pid" \
+    # --force: munged wants every directory above its socket open to all users, which a private temporary
+    # directory (pytest's) is not; every client here is root, so that check protects no one.
+    munged --force --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/run/munged.pid" \
         --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed" 2>>"$DIR/log/munged.out"
     wait_for munged "$DIR/log/munged.log" bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET'"
 
