@@ -7,12 +7,13 @@
 #   eval "$(infra/slurm/local.sh env)"       # export SLURM_CONF for sbatch, srun, sacct, submitit
 #   infra/slurm/local.sh status              # sinfo
 #   infra/slurm/local.sh stop                # cancels jobs, stops every daemon; keeps the logs
+#   infra/slurm/local.sh stop DIR...         # the same for the clusters in other state directories
 #
 # State (configuration, munge key, database, spool, logs) lives in $SVD_SLURM_DIR (default /tmp/svd-slurm);
 # `start` wipes it, so job ids begin at 1 again. Five ports from $SVD_SLURM_PORT (default 26810): slurmctld,
 # slurmdbd, MariaDB, slurmd n1, slurmd n2. Everything runs as root with accounting (submitit needs sacct to
 # see that a job ended) and requeue enabled. A fixture for tests, not a deployment.
-set -euo pipefail
+set -Eeuo pipefail # -E: the ERR trap of `start` also sees failures inside functions
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DIR=${SVD_SLURM_DIR:-/tmp/svd-slurm}
@@ -23,6 +24,7 @@ CLUSTER=svd
 PARTITION=local
 NODES=(n1 n2)
 TIMEOUT=${SVD_SLURM_TIMEOUT:-60}  # seconds to wait for each daemon
+LAUNCHED=()                       # the daemons this start has launched so far (names of run/NAME.pid)
 
 CTLD_PORT=$PORT
 DBD_PORT=$((PORT + 1))
@@ -84,11 +86,21 @@ render() {
     fi
 }
 
-# wait_for WHAT LOG COMMAND...: retry COMMAND until it succeeds; after $TIMEOUT s name the log to read.
+# wait_for WHAT LOG COMMAND...: retry COMMAND until it succeeds. Gives up, naming the log to read, when a
+# daemon this start launched has exited (a port in use, a bad setting) or after $TIMEOUT s.
 wait_for() {
-    local what=$1 logfile=$2 deadline=$((SECONDS + TIMEOUT))
+    local what=$1 logfile=$2 deadline=$((SECONDS + TIMEOUT)) name
     shift 2
     until "$@" >/dev/null 2>&1; do
+        for name in "${LAUNCHED[@]}"; do
+            if ! kill -0 "$(cat "$DIR/run/$name.pid")" 2>/dev/null; then
+                logfile=$DIR/log/$name.log
+                [ -s "$logfile" ] || logfile=$DIR/log/$name.out
+                log "$name exited while waiting for $what; read $logfile"
+                tail -n 5 "$logfile" >&2
+                exit 1
+            fi
+        done
         if [ $SECONDS -ge "$deadline" ]; then
             log "timed out after ${TIMEOUT}s waiting for $what; read $logfile"
             tail -n 15 "$logfile" >&2 2>/dev/null || true
@@ -98,12 +110,16 @@ wait_for() {
     done
 }
 
-# launch NAME COMMAND...: start a daemon with no terminal and its stdout/stderr in the log directory, so that a
-# caller capturing our output (pytest's subprocess.run) is not held open by it.
+# launch NAME COMMAND...: run a daemon in the foreground of a new session, its output in log/NAME.out and its
+# pid in run/NAME.pid at once (the daemon writes the same pid there later): a start that fails half-way can
+# then stop even the daemon that is still starting. No terminal and no inherited pipe, so a caller capturing
+# our output (pytest's subprocess.run) is not held open by it.
 launch() {
     local name=$1
     shift
     setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 &
+    echo $! >"$DIR/run/$name.pid"
+    LAUNCHED+=("$name")
 }
 
 nodes_idle() {
@@ -124,8 +140,9 @@ start() {
     fi
     install
     stop_daemons
-    # A step that fails says which, and where the daemons' logs are.
-    trap 'log "failed: $BASH_COMMAND; read the logs in $DIR/log"; tail -n 5 "$DIR"/log/*.out >&2 2>/dev/null' ERR
+    # A step that fails says which; a start that fails stops what it started.
+    trap 'log "failed: $BASH_COMMAND"' ERR
+    trap 'start_failed $?' EXIT
     rm -rf "$DIR"
     mkdir -p "$DIR"/{ctld,run,log,munge} "${NODES[@]/#/$DIR/spool/}"
     chmod 755 "$DIR/munge" # munged refuses a socket directory others can write to
@@ -137,43 +154,54 @@ start() {
     mungekey -c -k "$DIR/munge/munge.key"
     # --force: munged wants every directory above its socket open to all users, which a private temporary
     # directory (pytest's) is not; every client here is root, so that check protects no one.
-    munged --force --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/run/munged.pid" \
-        --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed" 2>>"$DIR/log/munged.out"
+    launch munged munged --foreground --force --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" \
+        --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
     wait_for munged "$DIR/log/munged.log" bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET'"
 
     mariadb-install-db --no-defaults --datadir="$DIR/mysql" --user=root --skip-test-db \
-        --auth-root-authentication-method=socket >>"$DIR/log/mariadb.out" 2>&1
-    launch mariadb mariadbd --no-defaults --datadir="$DIR/mysql" --user=root --bind-address=127.0.0.1 \
+        --auth-root-authentication-method=socket >>"$DIR/log/mariadb-install-db.out" 2>&1
+    launch mariadbd mariadbd --no-defaults --datadir="$DIR/mysql" --user=root --bind-address=127.0.0.1 \
         --port="$MYSQL_PORT" --socket="$MYSQL_SOCKET" --pid-file="$DIR/run/mariadbd.pid" \
-        --log-error="$DIR/log/mariadb.log" --skip-name-resolve --innodb-buffer-pool-size=64M
-    wait_for MariaDB "$DIR/log/mariadb.log" mariadb-admin --no-defaults --socket="$MYSQL_SOCKET" ping
+        --log-error="$DIR/log/mariadbd.log" --skip-name-resolve --innodb-buffer-pool-size=64M
+    wait_for MariaDB "$DIR/log/mariadbd.log" mariadb-admin --no-defaults --socket="$MYSQL_SOCKET" ping
     mariadb --no-defaults --socket="$MYSQL_SOCKET" -u root <<EOF
 CREATE DATABASE slurm_acct_db;
 CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASSWORD';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
 EOF
 
-    launch slurmdbd slurmdbd
+    launch slurmdbd slurmdbd -D
     wait_for slurmdbd "$DIR/log/slurmdbd.log" sacctmgr -n list cluster
     sacctmgr -i add cluster "$CLUSTER" >/dev/null
-    launch slurmctld slurmctld -i
+    launch slurmctld slurmctld -D -i
     local node
     for node in "${NODES[@]}"; do
-        launch "slurmd-$node" slurmd -N "$node"
+        launch "slurmd-$node" slurmd -D -N "$node"
     done
     wait_for "slurmd ${NODES[*]} to be idle" "$DIR/log/slurmd-${NODES[0]}.log (and slurmctld.log)" nodes_idle
     wait_for "slurmctld to register with slurmdbd" "$DIR/log/slurmctld.log (and slurmdbd.log)" \
         cluster_registered
     touch "$DIR/ready"
+    trap - ERR EXIT
     log "Slurm cluster '$CLUSTER' ready: partition $PARTITION, nodes ${NODES[*]} (state in $DIR)"
     print_env
 }
 
-# stop_pids PIDFILE...: SIGTERM to each daemon at once, wait up to 10 s for all of them, then SIGKILL.
+start_failed() {
+    [ "$1" = 0 ] && return
+    trap - ERR
+    log "start failed; stopping the daemons it started (their logs stay in $DIR/log)"
+    stop_daemons
+}
+
+# stop_pids PIDFILE...: SIGTERM to each daemon at once, wait up to 10 s for all of them, then SIGKILL. A pid
+# whose process is not the daemon its file names (run/slurmd-n1.pid: slurmd) is left alone: pids get reused.
 stop_pids() {
-    local pids="" file pid
+    local pids="" file pid daemon
     for file in "$@"; do
         pid=$(cat "$file" 2>/dev/null) || continue
+        daemon=$(basename "$file" .pid)
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${daemon%%-*}" ] || continue
         kill "$pid" 2>/dev/null && pids="$pids $pid"
     done
     for _ in $(seq 50); do
@@ -222,6 +250,7 @@ stop_daemons() {
         daemons+=("$DIR/run/slurmd-$node.pid")
     done
     stop_pids "${daemons[@]}"
+    rm -f "${daemons[@]}" # a later stop must not signal whatever process reuses one of these pids
     # Steps whose job could not be cancelled (slurmctld already gone) would run on forever.
     local leftovers
     leftovers=$(stepd_tree)
@@ -231,6 +260,17 @@ stop_daemons() {
         kill -KILL $leftovers 2>/dev/null || true
     fi
     rm -f "$DIR/ready"
+}
+
+# stop [DIR...]: the cluster in $DIR, or those in the state directories given (CI's cleanup names the test
+# fixture's too).
+stop() {
+    local dir
+    for dir in "${@:-$DIR}"; do
+        DIR=$dir
+        SLURM_CONF=$dir/slurm.conf
+        stop_daemons
+    done
 }
 
 status() {
@@ -244,11 +284,11 @@ status() {
 case "${1:-}" in
 install) install ;;
 start) start ;;
-stop) stop_daemons ;;
+stop) stop "${@:2}" ;;
 status) status ;;
 env) print_env ;;
 *)
-    echo "usage: $0 install|start|stop|status|env" >&2
+    echo "usage: $0 install|start|stop [STATE_DIR...]|status|env" >&2
     exit 2
     ;;
 esac
