@@ -15,6 +15,7 @@
 # see that a job ended) and requeue enabled. A fixture for tests, not a deployment.
 set -Eeuo pipefail # -E: the ERR trap of `start` also sees failures inside functions
 
+PATH=$PATH:/usr/sbin:/sbin # the daemons live there; a user's PATH may lack it
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DIR=${SVD_SLURM_DIR:-/tmp/svd-slurm}
 PORT=${SVD_SLURM_PORT:-26810}
@@ -40,7 +41,7 @@ binaries_present() {
     local binary
     for binary in slurmctld slurmd slurmdbd sinfo sbatch sacct sacctmgr munged mungekey mariadbd \
         mariadb-install-db; do
-        command -v "$binary" >/dev/null || PATH=$PATH:/usr/sbin command -v "$binary" >/dev/null || return 1
+        command -v "$binary" >/dev/null || return 1
     done
 }
 

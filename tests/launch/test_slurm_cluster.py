@@ -42,7 +42,8 @@ def test_a_submitit_job_of_two_nodes_gets_a_rank_and_a_node_name_per_task(slurm_
     job = executor.submit(where)
 
     assert job.results() == [(0, "n1", "n1"), (1, "n2", "n2")]
-    assert job.get_info(mode="force")["State"] == "COMPLETED"
+    # The results exist once both tasks have written them, a moment before Slurm sees the job end.
+    assert slurm_cluster.wait_until_finished(job.job_id) == "COMPLETED"
 
 
 def test_a_requeued_running_job_runs_again_with_its_restart_count_raised(slurm_cluster, tmp_path):
