@@ -1,0 +1,106 @@
+"""A real two-node Slurm cluster (infra/slurm/local.sh) for the launcher tests, started once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "infra" / "slurm" / "local.sh"
+BINARIES = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd")
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """What a test needs to use the cluster; SLURM_CONF is already in os.environ (and so in every job)."""
+
+    conf: Path  # slurm.conf
+    directory: Path  # the state directory; the daemons' logs are in directory / "log"
+    partition: str
+    nodes: tuple[str, ...]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.conf)}
+
+    def state(self, job_id: str) -> str:
+        """The job's state as accounting has it ("" until slurmctld has reported the job to slurmdbd, which
+        lags the job by a moment); "CANCELLED by 0" reads "CANCELLED"."""
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        return out[0] if out else ""
+
+    def wait_until_finished(self, job_id: str, timeout_s: float = 60) -> str:
+        """The job's final state, once accounting reports one."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.state(job_id)) not in FINAL_STATES:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state or 'unknown to sacct'} after {timeout_s} s")
+            time.sleep(0.2)
+        return state
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free ports on 127.0.0.1, below the ephemeral range (clients' ports
+    never land on them); the search starts at a per-process offset so that concurrent sessions differ."""
+    bases = list(range(20000, 32000, 10))
+    first = os.getpid() % len(bases)
+    for base in bases[first:] + bases[:first]:
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {size} consecutive free ports between 20000 and 32000")
+
+
+def _slurm_installed() -> bool:
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return all(shutil.which(binary, path=path) for binary in BINARIES)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """Slurm with accounting and requeue, nodes n1 and n2 in partition "local", in a fresh state directory:
+    job ids start at 1, so each test gives submitit a folder of its own. Skipped where Slurm is not installed
+    (`infra/slurm/local.sh install` installs it), except in CI, where that is a failure."""
+    if not _slurm_installed():
+        message = "Slurm is not installed: `infra/slurm/local.sh install` installs it (Debian, root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    directory = tmp_path_factory.mktemp("slurm")
+    script_env = os.environ | {"SVD_SLURM_DIR": str(directory), "SVD_SLURM_PORT": str(free_port_block(5))}
+    started = subprocess.run(
+        [str(SCRIPT), "start"], env=script_env, capture_output=True, text=True, check=False
+    )
+    if started.returncode != 0:
+        subprocess.run([str(SCRIPT), "stop"], env=script_env, capture_output=True, check=False)
+        pytest.fail(f"infra/slurm/local.sh start failed:\n{started.stderr}")
+    cluster = SlurmCluster(directory / "slurm.conf", directory, partition="local", nodes=("n1", "n2"))
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        stopped = subprocess.run([str(SCRIPT), "stop"], env=script_env, capture_output=True, text=True)
+        assert stopped.returncode == 0, f"infra/slurm/local.sh stop failed:\n{stopped.stderr}"
