@@ -131,9 +131,6 @@ def launch(cfg: RunConfig) -> int:
     try:
         ex = executor(cfg.launcher.folder, train_parameters(cfg))
         job = ex.submit(SlurmTraining(to_yaml(cfg), cfg.launcher.max_requeues))
-    except ConfigError as e:
-        print(f"launch: {e}", file=sys.stderr)
-        return 2
     except submitit.core.utils.FailedJobError as e:  # sbatch refused: its own error names the option
         print(f"launch: sbatch refused the job: {_last_line(str(e))}", file=sys.stderr)
         return 2

@@ -1,0 +1,267 @@
+"""`launcher=slurm` on a real two-node Slurm: training across both nodes, a checkpoint and a requeue when the
+scheduler warns, a resume after an external requeue, the plain sbatch script, curation as a job array."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from svd.config import compose
+from svd.data.local_s3 import free_port
+from svd.launch.local import launch_local
+from svd.train.checkpoint import Checkpointer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_args(table: dict, tmp_path: Path, *extra: str) -> list[str]:
+    """A tiny run of 2 ranks, one per node, sharded HSDP (replicated across the nodes)."""
+    return [
+        "stage=video_pretrain",
+        "model=tiny",
+        "launcher=slurm",
+        "cluster=local_slurm",
+        "nodes=2",
+        "gpus_per_node=1",
+        "parallel.sharding=hsdp",
+        f"data.table={table['table']}",
+        "data.frames=4",
+        "data.fps=4",
+        "train.global_batch=2",
+        "train.log_every=1",
+        f"checkpoint.run_dir={tmp_path / 'run'}",
+        f"launcher.folder={tmp_path / 'submitit'}",
+        f"launcher.master_port={free_port()}",
+        *extra,
+    ]
+
+
+def command(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def submitted_job(stdout: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.startswith("slurm job "))
+    return line.split()[2].rstrip(":")
+
+
+def wait_for_line(path: Path, text: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"no {text!r} in {path} after {timeout_s} s"
+        time.sleep(0.2)
+
+
+def results(tmp_path: Path, job_id: str) -> list:
+    return submitit.SlurmJob(tmp_path / "submitit", job_id, tasks=(0, 1)).results()
+
+
+@pytest.mark.slow
+def test_a_two_node_job_trains_with_hsdp_to_the_losses_of_one_process_and_writes_a_checkpoint(
+    slurm_cluster, launch_table, job_env, tmp_path
+):
+    done = command(
+        "launch.py", *run_args(launch_table, tmp_path, "train.steps=3", "launcher.wait=true"), cwd=tmp_path
+    )
+
+    assert done.returncode == 0, done.stderr
+    job_id = submitted_job(done.stdout)
+    assert f"done: 3 steps in {tmp_path / 'run'}" in done.stdout
+    rank0, rank1 = results(tmp_path, job_id)
+    assert (rank0.steps, rank0.resumed_from, rank0.stopped) == (3, None, False)
+    assert rank1.losses == rank0.losses  # the all-reduced global loss
+    one = launch_local(
+        compose(
+            [
+                *run_args(launch_table, tmp_path / "one", "train.steps=3"),
+                "launcher=local",
+                "nodes=1",
+                "parallel.sharding=none",
+            ]
+        )
+    )
+    assert rank0.losses == pytest.approx(one.losses, rel=1e-5)
+    assert Checkpointer(str(tmp_path / "run")).latest_step() == 3
+    assert slurm_cluster.wait_until_finished(job_id) == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job_resumes_from_it(
+    slurm_cluster, launch_table, job_env, tmp_path
+):
+    # No periodic checkpoint before the end: the one the requeued job resumes from is the signal's.
+    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
+    submitted = command("launch.py", *args, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted_job(submitted.stdout)
+    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 2/12")
+
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+
+    assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
+    final = results(tmp_path, job_id)[0]
+    assert final.resumed_from is not None and 2 <= final.resumed_from < 12
+    assert (final.steps, len(final.losses)) == (12, 12 - final.resumed_from)
+    log = (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
+    assert f"step {final.resumed_from}/12" in log  # the step under way when the signal came, then saved
+    assert log.count("Requeued job") == 1
+
+
+@pytest.mark.slow
+def test_an_external_requeue_resumes_from_the_last_checkpoint(slurm_cluster, launch_table, job_env, tmp_path):
+    args = run_args(
+        launch_table, tmp_path, "train.steps=8", "checkpoint.every=2", "checkpoint.async_save=false"
+    )
+    submitted = command("launch.py", *args, cwd=tmp_path)
+    job_id = submitted_job(submitted.stdout)
+    # After the line of step 3, the checkpoint of step 2 is complete (saved before step 3 began).
+    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 3/8")
+
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+    assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
+    final = results(tmp_path, job_id)[0]
+    assert final.resumed_from in (2, 4, 6)
+    assert (final.steps, len(final.losses)) == (8, 8 - final.resumed_from)
+
+
+@pytest.mark.slow
+def test_the_plain_sbatch_script_runs_the_ranks_from_a_written_configuration(
+    slurm_cluster, launch_table, job_env, tmp_path, monkeypatch
+):
+    written = command("launch.py", *run_args(launch_table, tmp_path, "train.steps=2"), "--cfg", cwd=tmp_path)
+    (tmp_path / "run.yaml").write_text(written.stdout)
+    monkeypatch.setenv("SVD_PYTHON", sys.executable)
+    out = tmp_path / "slurm.out"
+
+    job_id = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={out}",
+            str(ROOT / "jobs" / "slurm" / "train.sbatch"),
+            str(tmp_path / "run.yaml"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+    assert slurm_cluster.wait_until_finished(job_id, timeout_s=120) == "COMPLETED", out.read_text()
+    assert f"done: 2 steps in {tmp_path / 'run'}" in out.read_text()
+    assert Checkpointer(str(tmp_path / "run")).latest_step() == 2
+
+
+@pytest.mark.slow
+def test_a_job_array_curates_two_shards_into_one_table(slurm_cluster, moto_s3, job_env, tmp_path):
+    from svd.curate.pipeline import list_inputs, shard_of
+    from svd.data.synthetic import moving_square
+    from svd.data.table import open_dataset
+    from svd.data.video_io import encode_mp4
+
+    bucket = f"s3://{moto_s3.new_bucket()}"
+    for v in range(4):  # 3 s each: one clip per video
+        fs, path = moto_s3.storage.fsspec(f"{bucket}/raw/v{v}.mp4")
+        fs.pipe_file(path, encode_mp4(moving_square(72, 36, 64, velocity=(0.0, 1.0 + v)), 24))
+    inputs = list_inputs(f"{bucket}/raw/", moto_s3.storage)
+    assert {shard_of(uri, 2) for uri in inputs} == {0, 1}  # both tasks have work
+
+    done = command(
+        "curate.py",
+        f"input={bucket}/raw/",
+        f"output={bucket}/clips.lance",
+        "launcher=slurm",
+        "shards=2",
+        "cluster=local_slurm",
+        "workers=0",
+        f"folder={tmp_path / 'submitit'}",
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "shard 0/2:" in done.stdout and "shard 1/2:" in done.stdout
+    rows = open_dataset(f"{bucket}/clips.lance", moto_s3.storage).to_table(columns=["video_uri"]).to_pylist()
+    assert sorted(r["video_uri"] for r in rows) == inputs
+
+
+def test_a_dry_run_shows_the_sbatch_script_of_a_32_node_job_without_a_cluster(tmp_path):
+    done = command(
+        "launch.py",
+        "launcher=slurm",
+        "nodes=32",
+        "gpus_per_node=8",
+        "data.table=s3://bucket/lvd/clips.lance",
+        "cluster.partition=h100",
+        "cluster.account=video",
+        "cluster.sbatch_extra.mail-user=me@example.com",
+        "cluster.setup=[module load cuda]",
+        f"launcher.folder={tmp_path}",
+        "--dry-run",
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 0, done.stderr
+    header = [line for line in done.stdout.splitlines() if line.startswith("#SBATCH")]
+    assert header == [
+        "#SBATCH --account=video",
+        "#SBATCH --cpus-per-task=8",
+        f"#SBATCH --error={tmp_path}/%j_0_log.err",
+        "#SBATCH --exclusive",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --job-name=video_pretrain",
+        "#SBATCH --mail-user=me@example.com",
+        "#SBATCH --mem=0",
+        "#SBATCH --nodes=32",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={tmp_path}/%j_0_log.out",
+        "#SBATCH --partition=h100",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --time=4320",
+        "#SBATCH --wckey=submitit",
+    ]
+    assert "module load cuda" in done.stdout.splitlines()
+    assert "srun --unbuffered" in done.stdout and "-m submitit.core._submit" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            "cluster.signal_delay_s=900",
+            "cluster.signal_delay_s=900 must be ≥ 0 and shorter than cluster.time_min=10",
+        ),
+        ("cluster.sbatch_extra.nodes=3", "cluster.sbatch_extra.nodes: set by the launcher"),
+    ],
+)
+def test_bad_cluster_settings_are_refused_in_one_line(setting, message, tmp_path):
+    args = ["launcher=slurm", "cluster=local_slurm", "data.table=s3://b/t.lance", setting, "--dry-run"]
+    done = command("launch.py", *args, cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"launch: {message}"]
+
+
+def test_a_partition_sbatch_refuses_is_reported_in_one_line(slurm_cluster, launch_table, job_env, tmp_path):
+    done = command("launch.py", *run_args(launch_table, tmp_path, "cluster.partition=nope"), cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "launch: sbatch refused the job: sbatch: error: invalid partition specified: nope"
+    ]
