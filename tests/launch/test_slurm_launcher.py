@@ -111,7 +111,7 @@ def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job
 
     assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
     final = results(tmp_path, job_id)[0]
-    assert final.resumed_from is not None and 2 <= final.resumed_from < 12
+    assert final.resumed_from in range(2, 12)
     assert (final.steps, len(final.losses)) == (12, 12 - final.resumed_from)
     log = (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
     assert f"step {final.resumed_from}/12" in log  # the step under way when the signal came, then saved
@@ -195,7 +195,10 @@ def test_a_job_array_curates_two_shards_into_one_table(slurm_cluster, moto_s3, j
     )
 
     assert done.returncode == 0, done.stderr
-    assert "shard 0/2:" in done.stdout and "shard 1/2:" in done.stdout
+    assert sorted(line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("shard ")) == [
+        "shard 0/2",
+        "shard 1/2",
+    ]
     rows = open_dataset(f"{bucket}/clips.lance", moto_s3.storage).to_table(columns=["video_uri"]).to_pylist()
     assert sorted(r["video_uri"] for r in rows) == inputs
 
@@ -237,7 +240,7 @@ def test_a_dry_run_shows_the_sbatch_script_of_a_32_node_job_without_a_cluster(tm
         "#SBATCH --wckey=submitit",
     ]
     assert "module load cuda" in done.stdout.splitlines()
-    assert "srun --unbuffered" in done.stdout and "-m submitit.core._submit" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("srun --unbuffered")
 
 
 @pytest.mark.parametrize(
@@ -245,9 +248,12 @@ def test_a_dry_run_shows_the_sbatch_script_of_a_32_node_job_without_a_cluster(tm
     [
         (
             "cluster.signal_delay_s=900",
-            "cluster.signal_delay_s=900 must be ≥ 0 and shorter than cluster.time_min=10",
+            "cluster.signal_delay_s=900 must be ≥ 0 and shorter than cluster.time_min=10 minutes",
         ),
-        ("cluster.sbatch_extra.nodes=3", "cluster.sbatch_extra.nodes: set by the launcher"),
+        (
+            "cluster.sbatch_extra.nodes=3",
+            "cluster.sbatch_extra.nodes: set by the launcher; use the run's settings",
+        ),
     ],
 )
 def test_bad_cluster_settings_are_refused_in_one_line(setting, message, tmp_path):
