@@ -131,8 +131,8 @@ def launch(cfg: RunConfig) -> int:
     try:
         ex = executor(cfg.launcher.folder, train_parameters(cfg))
         job = ex.submit(SlurmTraining(to_yaml(cfg), cfg.launcher.max_requeues))
-    except submitit.core.utils.FailedJobError as e:  # sbatch refused: its own error names the option
-        print(f"launch: sbatch refused the job: {_last_line(str(e))}", file=sys.stderr)
+    except submitit.core.utils.FailedJobError as e:  # sbatch refused (submitit echoed its error output)
+        print(f"launch: sbatch refused the job: {_sbatch_error(str(e))}", file=sys.stderr)
         return 2
     print(f"slurm job {job.job_id}: logs in {cfg.launcher.folder}", flush=True)
     if not cfg.launcher.wait:
@@ -144,6 +144,12 @@ def launch(cfg: RunConfig) -> int:
         return 1
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
+
+
+def _sbatch_error(text: str) -> str:
+    """sbatch's first error line: the one naming the option it refused."""
+    errors = [line.strip() for line in text.splitlines() if line.strip().startswith("sbatch: error:")]
+    return errors[0] if errors else _last_line(text)
 
 
 def _last_line(text: str) -> str:
@@ -326,7 +332,7 @@ def curate_shards(cfg: CurateConfig) -> int:
         print(f"curate: {e}", file=sys.stderr)
         return 2
     except submitit.core.utils.FailedJobError as e:
-        print(f"curate: sbatch refused the job array: {_last_line(str(e))}", file=sys.stderr)
+        print(f"curate: sbatch refused the job array: {_sbatch_error(str(e))}", file=sys.stderr)
         return 2
     print(
         f"slurm job array {jobs[0].job_id.split('_')[0]}: {cfg.shards} shards, logs in {cfg.folder}",
