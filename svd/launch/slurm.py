@@ -16,6 +16,7 @@ Curation shards are a submitit job array: task i curates `shard=i/shards` into t
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -140,7 +141,7 @@ def launch(cfg: RunConfig) -> int:
     try:
         result: TrainResult = job.results()[0]
     except Exception as e:  # the job failed: its traceback is in the log folder
-        print(f"launch: slurm job {job.job_id} failed ({job.state}): {_last_line(str(e))}", file=sys.stderr)
+        print(f"launch: slurm job {job.job_id} failed: {_raised(str(e))}", file=sys.stderr)
         return 1
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
@@ -155,6 +156,13 @@ def _sbatch_error(text: str) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _raised(failure: str) -> str:
+    """The exception that ended a job, from submitit's report of it (a traceback, then the log paths),
+    without its module: `CrashedTooOftenError: gave up …`."""
+    raised = [m for line in failure.splitlines() if (m := re.match(r"(?:\w+\.)*(\w+): (.*)", line))]
+    return f"{raised[-1][1]}: {raised[-1][2]}" if raised else _last_line(failure)
 
 
 # ---- each rank -----------------------------------------------------------------------------------------
@@ -347,7 +355,7 @@ def curate_shards(cfg: CurateConfig) -> int:
         except Exception as e:
             failed += 1
             print(
-                f"curate: shard {shard.shard} (job {job.job_id}) failed: {_last_line(str(e))}",
+                f"curate: shard {shard.shard} (job {job.job_id}) failed: {_raised(str(e))}",
                 file=sys.stderr,
             )
             continue

@@ -137,6 +137,27 @@ def test_an_external_requeue_resumes_from_the_last_checkpoint(slurm_cluster, lau
 
 
 @pytest.mark.slow
+def test_a_run_that_crashes_is_requeued_max_requeues_times_then_given_up_with_its_error(
+    slurm_cluster, launch_table, job_env, tmp_path
+):
+    no_weights = tmp_path / "no_weights"  # exists, so the run is submitted; holds no checkpoint, so it fails
+    no_weights.mkdir()
+    args = run_args(launch_table, tmp_path, "train.steps=2", f"stage.init_from={no_weights}")
+    done = command("launch.py", *args, "launcher.max_requeues=1", "launcher.wait=true", cwd=tmp_path)
+
+    assert done.returncode == 1
+    job_id = submitted_job(done.stdout)
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"launch: slurm job {job_id} failed: CrashedTooOftenError: gave up after 1 requeues "
+        f"(launcher.max_requeues=1): CheckpointError: no checkpoint at {no_weights}: neither DCP's .metadata "
+        "nor checkpoints/latest"
+    )
+    log = (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
+    assert log.count("requeue 1 of 1") == 1
+    assert slurm_cluster.wait_until_finished(job_id) == "FAILED"
+
+
+@pytest.mark.slow
 def test_the_plain_sbatch_script_runs_the_ranks_from_a_written_configuration(
     slurm_cluster, launch_table, job_env, tmp_path, monkeypatch
 ):
