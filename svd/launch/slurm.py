@@ -25,14 +25,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 from omegaconf import OmegaConf
 
 from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
 from svd.curate.config import CurateConfig
-from svd.train.trainer import TrainResult
+
+if TYPE_CHECKING:
+    from svd.train.trainer import TrainResult
 
 REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit asks Slurm to send before the time limit, and on preemption
 MASTER_PORTS = (15000, 5000)  # first port, count: job id → port, below the ephemeral range (32768+)
@@ -213,7 +215,7 @@ def train_rank(cfg: RunConfig) -> TrainResult:
             f"gpus_per_node={cfg.gpus_per_node}: give sbatch --nodes={cfg.nodes} "
             f"--ntasks-per-node={cfg.gpus_per_node}"
         )
-    with _node_metrics(cfg), StopRequest().on_signals([REQUEUE_SIGNAL]) as stop:
+    with node_metrics(cfg), StopRequest().on_signals([REQUEUE_SIGNAL]) as stop:
         return run(cfg, stop)
 
 
@@ -244,7 +246,7 @@ def job_port(job_id: str) -> int:
 
 
 @contextmanager
-def _node_metrics(cfg: RunConfig) -> Iterator[None]:
+def node_metrics(cfg: RunConfig) -> Iterator[None]:
     """With metrics.port: the node's ranks share a multiprocess folder new to this run of the job (a
     requeued run never serves the files of the last), and local rank 0 announces host:port to Prometheus
     (file_sd) while the run lasts."""
@@ -282,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     try:
         result = train_rank(cfg)
+    except ConfigError as e:  # the job does not fit the run: a requeue would not change that
+        print(f"svd: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         if restarts >= cfg.launcher.max_requeues:
             print(f"svd: gave up after {restarts} requeues (launcher.max_requeues): {e}", file=sys.stderr)

@@ -3,8 +3,11 @@ scheduler warns, a resume after an external requeue, the plain sbatch script, cu
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +17,10 @@ import submitit
 from svd.config import compose
 from svd.data.local_s3 import free_port
 from svd.launch.local import launch_local
+from svd.launch.slurm import node_metrics, rendezvous_env
+from svd.launch.targets import TARGETS_DIR_ENV
 from svd.train.checkpoint import Checkpointer
+from svd.train.metrics import ENV_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -293,3 +299,47 @@ def test_a_partition_sbatch_refuses_is_reported_in_one_line(slurm_cluster, launc
     assert done.stderr.strip().splitlines()[-1] == (
         "launch: sbatch refused the job: sbatch: error: invalid partition specified: nope"
     )
+
+
+def test_the_rendezvous_is_the_first_task_of_the_first_node_on_a_port_of_the_job(slurm_cluster):
+    slurm = {
+        "SLURM_PROCID": "9",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[007-008]",
+        "SLURM_JOB_ID": "123456",
+    }
+
+    assert rendezvous_env(slurm) == {
+        "RANK": "9",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "8",
+        "MASTER_ADDR": "gpu007",
+        "MASTER_PORT": str(15000 + 123456 % 5000),
+    }
+    assert rendezvous_env(slurm, master_port=29500)["MASTER_PORT"] == "29500"
+
+
+def test_each_node_announces_its_metrics_endpoint_to_prometheus_while_the_run_lasts(tmp_path, monkeypatch):
+    for key, value in {
+        "SLURM_JOB_ID": "42",
+        "SLURM_RESTART_COUNT": "1",
+        "SLURMD_NODENAME": "n2",
+        "LOCAL_RANK": "0",
+        TARGETS_DIR_ENV: str(tmp_path / "targets"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the multiprocess folders go
+    cfg = compose(["model=tiny", "data.table=s3://b/t.lance", "metrics.port=9400", "job_name=pretrain"])
+    target = tmp_path / "targets" / "pretrain-42-n2.json"
+
+    with node_metrics(cfg):
+        assert json.loads(target.read_text()) == [
+            {"targets": ["n2:9400"], "labels": {"job": "pretrain", "slurm_job_id": "42", "node": "n2"}}
+        ]
+        # a folder of this run of the job: the requeued run (restart 1) does not serve the files of run 0
+        assert Path(os.environ[ENV_DIR]) == tmp_path / "svd-metrics" / "pretrain-42-1"
+    assert not target.exists()
