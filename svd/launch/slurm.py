@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import submitit
 from omegaconf import OmegaConf
@@ -194,11 +194,17 @@ class SlurmTraining(submitit.helpers.Checkpointable):
         return result
 
 
-def _requeue_through_submitit() -> None:
+def _requeue_through_submitit() -> NoReturn:
     """submitit's own handler of the signal requeues the job on rank 0 (resubmitting `checkpoint()`) and
-    exits; the other ranks leave without a result, as the requeue would end them anyway."""
+    exits; the other ranks leave without a result, as the requeue would end them anyway. They leave with
+    status 0: a site with KillOnBadExit would otherwise end rank 0 before it requeues."""
     signal.raise_signal(REQUEUE_SIGNAL)
-    raise SystemExit(f"rank {os.environ.get('RANK')}: stopped for a requeue")
+    _leave_for_the_requeue()
+
+
+def _leave_for_the_requeue() -> NoReturn:
+    print(f"svd: rank {os.environ.get('RANK')} leaves for the requeue", flush=True)
+    raise SystemExit(0)
 
 
 def train_rank(cfg: RunConfig) -> TrainResult:
@@ -294,17 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"svd: crashed ({type(e).__name__}: {e}); requeue {restarts + 1} of {cfg.launcher.max_requeues}"
         )
-        return _requeue_with_scontrol()
+        _requeue_with_scontrol()
     if result.stopped:
-        return _requeue_with_scontrol()
+        _requeue_with_scontrol()
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
 
 
-def _requeue_with_scontrol() -> int:
+def _requeue_with_scontrol() -> NoReturn:
     if os.environ["RANK"] == "0":
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
-    return 1
+    _leave_for_the_requeue()
 
 
 # ---- curation shards -----------------------------------------------------------------------------------

@@ -107,39 +107,39 @@ def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job
     slurm_cluster, launch_table, job_env, tmp_path
 ):
     # No periodic checkpoint before the end: the one the requeued job resumes from is the signal's.
-    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
+    args = run_args(launch_table, tmp_path, "train.steps=8", "checkpoint.every=1000")
     submitted = command("launch.py", *args, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted_job(submitted.stdout)
-    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 2/12")
+    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 1/8")  # training: the stop is armed
 
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
     assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
     final = results(tmp_path, job_id)[0]
-    assert final.resumed_from in range(2, 12)
-    assert (final.steps, len(final.losses)) == (12, 12 - final.resumed_from)
+    assert final.resumed_from in range(2, 8)
+    assert (final.steps, len(final.losses)) == (8, 8 - final.resumed_from)
     log = (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
-    assert f"step {final.resumed_from}/12" in log  # the step under way when the signal came, then saved
+    assert f"step {final.resumed_from}/8" in log  # the step under way when the signal came, then saved
     assert log.count("Requeued job") == 1
 
 
 @pytest.mark.slow
 def test_an_external_requeue_resumes_from_the_last_checkpoint(slurm_cluster, launch_table, job_env, tmp_path):
     args = run_args(
-        launch_table, tmp_path, "train.steps=8", "checkpoint.every=2", "checkpoint.async_save=false"
+        launch_table, tmp_path, "train.steps=6", "checkpoint.every=2", "checkpoint.async_save=false"
     )
     submitted = command("launch.py", *args, cwd=tmp_path)
     job_id = submitted_job(submitted.stdout)
     # After the line of step 3, the checkpoint of step 2 is complete (saved before step 3 began).
-    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 3/8")
+    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 3/6")
 
     subprocess.run(["scontrol", "requeue", job_id], check=True)
 
     assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
     final = results(tmp_path, job_id)[0]
-    assert final.resumed_from in (2, 4, 6)
-    assert (final.steps, len(final.losses)) == (8, 8 - final.resumed_from)
+    assert final.resumed_from in (2, 4)
+    assert (final.steps, len(final.losses)) == (6, 6 - final.resumed_from)
 
 
 @pytest.mark.slow
