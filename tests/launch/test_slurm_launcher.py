@@ -164,14 +164,14 @@ def test_a_run_that_crashes_is_requeued_max_requeues_times_then_given_up_with_it
 
 
 @pytest.mark.slow
-def test_the_plain_sbatch_script_runs_the_ranks_from_a_written_configuration(
+def test_the_plain_sbatch_script_trains_and_requeues_itself_on_the_preemption_signal(
     slurm_cluster, launch_table, job_env, tmp_path, monkeypatch
 ):
-    written = command("launch.py", *run_args(launch_table, tmp_path, "train.steps=2"), "--cfg", cwd=tmp_path)
+    args = run_args(launch_table, tmp_path, "train.steps=6", "checkpoint.every=1000")
+    written = command("launch.py", *args, "--cfg", cwd=tmp_path)
     (tmp_path / "run.yaml").write_text(written.stdout)
     monkeypatch.setenv("SVD_PYTHON", sys.executable)
     out = tmp_path / "slurm.out"
-
     job_id = subprocess.run(
         [
             "sbatch",
@@ -189,10 +189,19 @@ def test_the_plain_sbatch_script_runs_the_ranks_from_a_written_configuration(
         text=True,
         check=True,
     ).stdout.strip()
+    wait_for_line(out, "step 1/6")
 
-    assert slurm_cluster.wait_until_finished(job_id, timeout_s=120) == "COMPLETED", out.read_text()
-    assert f"done: 2 steps in {tmp_path / 'run'}" in out.read_text()
-    assert Checkpointer(str(tmp_path / "run")).latest_step() == 2
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+
+    assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED", out.read_text()
+    log = out.read_text()  # both runs: the script appends
+    assert "svd: rank 0 leaves for the requeue" in log
+    # every step trained once: the requeued run went on from the step the signal saved
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("step ")] == [
+        f"{step}/6" for step in range(1, 7)
+    ]
+    assert f"done: 6 steps in {tmp_path / 'run'}" in log
+    assert Checkpointer(str(tmp_path / "run")).latest_step() == 6
 
 
 @pytest.mark.slow
