@@ -34,6 +34,7 @@ from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_e
 from svd.curate.config import CurateConfig
 
 if TYPE_CHECKING:
+    from svd.curate.pipeline import RunSummary
     from svd.train.trainer import TrainResult
 
 REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit asks Slurm to send before the time limit, and on preemption
@@ -324,7 +325,8 @@ def cluster_config(name: str) -> ClusterConfig:
         return OmegaConf.to_object(merged)
 
 
-def curate_shard(cfg: CurateConfig) -> Any:
+def curate_shard(cfg: CurateConfig) -> RunSummary:
+    """One task of the array: the local curation of one shard (its summary comes back to the submitter)."""
     from svd.curate.pipeline import run
 
     return run(cfg, progress=False)
