@@ -68,9 +68,10 @@ def sbatch_parameters(
         "cpus_per_task": cpus_per_task,
         "time": cluster.time_min,
         "signal_delay_s": cluster.signal_delay_s,
-        "setup": list(cluster.setup),
         "additional_parameters": {},
     }
+    if cluster.setup:
+        params["setup"] = list(cluster.setup)
     if cluster.gpus and gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
     if exclusive:
