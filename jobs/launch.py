@@ -70,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
 
     launcher = launcher_module(cfg.launcher.name)
     print(describe(cfg), flush=True)
-    if "--dry-run" in flags:
-        print(launcher.dry_run(cfg))
-        return 0
-    return launcher.launch(cfg)
+    try:
+        if "--dry-run" in flags:
+            print(launcher.dry_run(cfg))
+            return 0
+        return launcher.launch(cfg)
+    except ConfigError as e:  # a launcher's own settings (cluster.*), checked where they are used
+        print(f"launch: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
