@@ -1,0 +1,160 @@
+"""The Ray launcher on a real local Ray (one head on 127.0.0.1 per module): FSDP2 training by Ray Train
+workers, a killed worker restarted by Ray and resumed from our checkpoint, curation shards as Ray tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from svd.config import compose
+from svd.curate.config import CurateConfig
+from svd.launch import ray as ray_launcher
+
+from ..train.conftest import train_table  # noqa: F401 (the fixture: a clip table on the S3 server)
+
+ray = pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_TITLE = b"ray::RayTrainWorker"  # the process title of a Ray Train worker
+
+
+@pytest.fixture(scope="module")
+def ray_head(moto_s3) -> Iterator[str]:
+    """A local Ray head of 3 CPUs, started in this process; its workers inherit the S3 server's variables,
+    this checkout on PYTHONPATH and one thread each. Yields the address other drivers connect to."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in moto_s3.env.items():
+            env.setenv(key, value)
+        env.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env.setenv("OMP_NUM_THREADS", "1")
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.delenv("RAY_ADDRESS", raising=False)
+        ray.init(
+            num_cpus=3,
+            include_dashboard=False,
+            object_store_memory=ray_launcher.LOCAL_OBJECT_STORE_BYTES,
+            _node_ip_address="127.0.0.1",
+        )
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
+
+
+def settings(table: dict, run: str, *extra: str) -> list[str]:
+    return [
+        "launcher=ray",
+        "model=tiny",
+        "gpus_per_node=2",
+        "cluster.cpus_per_task=1",
+        f"data.table={table['table']}",
+        f"checkpoint.run_dir={table['bucket']}/runs/{run}",
+        "data.frames=4",
+        "data.fps=4",
+        "train.log_every=1",
+        "checkpoint.every=2",
+        "train.seed=0",
+        *extra,
+    ]
+
+
+def marker(moto_s3, table: dict, run: str) -> dict | None:
+    fs, path = moto_s3.storage.fsspec(f"{table['bucket']}/runs/{run}/checkpoints/latest")
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def test_a_32_node_job_is_256_workers_without_starting_ray():
+    cfg = compose(["launcher=ray", "nodes=32", "gpus_per_node=8", "data.table=s3://b/t.lance"])
+    text = ray_launcher.dry_run(cfg)
+    assert "ScalingConfig(num_workers=256, use_gpu=True, resources_per_worker={'CPU': 8, 'GPU': 1})" in text
+    assert "FailureConfig(max_failures=3)" in text
+    assert "RunConfig(name='video_pretrain', storage_path='outputs/runs/video_pretrain/ray')" in text
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_two_ray_workers_train_fsdp_steps_and_checkpoint(ray_head, train_table, moto_s3):  # noqa: F811
+    cfg = compose(settings(train_table, "ray-two", "train.steps=2"))
+    assert ray_launcher.train_on_ray(cfg) == 2
+    saved = marker(moto_s3, train_table, "ray-two")
+    assert (saved["step"], saved["world_size"]) == (2, 2)
+    fs, path = moto_s3.storage.fsspec(f"{train_table['bucket']}/runs/ray-two/ray/video_pretrain")
+    assert fs.exists(path)  # Ray Train's own state went to the S3 server too, beside our checkpoints
+
+
+def _train_workers() -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(WORKER_TITLE):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_by_ray_and_the_run_resumes_from_the_checkpoint(
+    ray_head,
+    train_table,  # noqa: F811
+    moto_s3,
+):
+    args = settings(
+        train_table, "ray-killed", "train.steps=8", "launcher.max_requeues=1", f"launcher.ray_address={ray_head}"
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while marker(moto_s3, train_table, "ray-killed") is None:
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        workers = _train_workers()
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert f"on the Ray cluster at {ray_head}" in output
+    finished = [line for line in output.splitlines() if "ray: rank 0 reached step" in line]
+    assert len(finished) == 1, output  # the first worker group never finished
+    resumed_from = int(finished[0].rsplit("from step ", 1)[1])
+    assert 2 <= resumed_from < 8 and resumed_from % 2 == 0, finished
+    assert "ray: rank 0 reached step 8" in finished[0]
+    assert output.rstrip().endswith(f"done: 8 steps in {train_table['bucket']}/runs/ray-killed")
+    assert marker(moto_s3, train_table, "ray-killed")["step"] == 8
+
+
+@pytest.mark.slow
+def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, moto_s3, capsys):  # noqa: F811
+    import lance
+
+    output = f"{train_table['bucket']}/ray-curated.lance"
+    cfg = CurateConfig(
+        input=f"{train_table['bucket']}/raw/", output=output, launcher="ray", shards=2, workers=0
+    )
+    assert ray_launcher.curate_shards(cfg) == 0
+    printed = capsys.readouterr().out
+    shards = [line for line in printed.splitlines() if line.startswith("shard ")]
+    assert [line.split(":")[0] for line in shards] == ["shard 0/2", "shard 1/2"]
+    inputs = [int(line.split(": ")[1].split()[0]) for line in shards]
+    assert min(inputs) > 0 and sum(inputs) == 10  # 6 videos and 4 images, split between the shards
+    clips = int(printed.split("all 2 of 2 shards: ")[1].split(" clips")[0].rsplit(" ", 1)[1])
+    rows = lance.dataset(output, storage_options=moto_s3.storage.lance_options(output)).count_rows()
+    assert rows == clips > 0
