@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from svd.config import RunConfig, from_yaml, to_yaml
-from svd.data.storage import Storage, join
+from svd.data.storage import Storage, join, scheme
 
 if TYPE_CHECKING:
     from svd.curate.config import CurateConfig
@@ -125,7 +125,7 @@ def train_on_ray(cfg: RunConfig) -> int | None:
             flush=True,
         )
         storage = Storage.from_env()
-        filesystem, storage_path = storage.pyarrow(p.storage)
+        filesystem, storage_path = ray_storage(p.storage, storage)
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"cfg": to_yaml(cfg)},
@@ -144,6 +144,19 @@ def train_on_ray(cfg: RunConfig) -> int | None:
         trainer.fit()
     with Checkpointer(cfg.checkpoint.run_dir, storage, keep=cfg.checkpoint.keep, async_save=False) as ckpt:
         return ckpt.latest_step()
+
+
+def ray_storage(uri: str, storage: Storage) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of Ray Train's storage. Object storage goes through s3fs, configured like
+    all of svd's storage (endpoint, credentials, deadlines from the AWS_* and SVD_STORAGE_* variables):
+    pyarrow's own S3 client finishes even a small file as a multipart upload, which moto's server (the
+    tests' S3) answers with an error."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    if scheme(uri) == "s3":
+        fs, path = storage.fsspec(uri)
+        return PyFileSystem(FSSpecHandler(fs)), path
+    return storage.pyarrow(uri)
 
 
 def _train_loop(config: dict[str, str]) -> None:
