@@ -109,7 +109,7 @@ def launch(cfg: RunConfig) -> int:
 
 def train_on_ray(cfg: RunConfig) -> int | None:
     """Run the TorchTrainer to the end; the step of the run's latest checkpoint."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from svd.train.checkpoint import Checkpointer
@@ -124,6 +124,9 @@ def train_on_ray(cfg: RunConfig) -> int | None:
             f"each) on {_where(p.address)}; state in {p.storage}",
             flush=True,
         )
+        quiet = not _state_api_reachable()
+        if quiet:
+            print("ray: the cluster has no state API (dashboard): Ray Train logs errors only", flush=True)
         storage = Storage.from_env()
         filesystem, storage_path = ray_storage(p.storage, storage)
         trainer = TorchTrainer(
@@ -139,11 +142,25 @@ def train_on_ray(cfg: RunConfig) -> int | None:
                 storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=p.max_failures),
                 worker_runtime_env={"env_vars": _worker_env(cfg)},
+                # Without the state API, Ray Train's placement-group cleaner warns every second that it
+                # cannot ask whether the controller lives.
+                logging_config=LoggingConfig(log_level="ERROR" if quiet else "INFO"),
             ),
         )
         trainer.fit()
     with Checkpointer(cfg.checkpoint.run_dir, storage, keep=cfg.checkpoint.keep, async_save=False) as ckpt:
         return ckpt.latest_step()
+
+
+def _state_api_reachable() -> bool:
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=5)
+    except RayStateApiException:
+        return False
+    return True
 
 
 def ray_storage(uri: str, storage: Storage) -> tuple[Any, str]:
@@ -184,7 +201,8 @@ def _train_loop(config: dict[str, str]) -> None:
 def _worker_env(cfg: RunConfig) -> dict[str, str]:
     """What the workers need before Python starts: the driver's `svd`, and the node's metrics folder
     (prometheus_client reads it at import)."""
-    env = {"PYTHONPATH": _pythonpath()}
+    # The ranks' prints (progress lines) stay plain output: Ray Train's print patch would log each twice.
+    env = {"PYTHONPATH": _pythonpath(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if cfg.metrics.port:
         from svd.train.metrics import MetricsConfig
 

@@ -107,7 +107,11 @@ def test_a_killed_worker_is_restarted_by_ray_and_the_run_resumes_from_the_checkp
     moto_s3,
 ):
     args = settings(
-        train_table, "ray-killed", "train.steps=8", "launcher.max_requeues=1", f"launcher.ray_address={ray_head}"
+        train_table,
+        "ray-killed",
+        "train.steps=8",
+        "launcher.max_requeues=1",
+        f"launcher.ray_address={ray_head}",
     )
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
