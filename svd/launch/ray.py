@@ -120,8 +120,8 @@ def train_on_ray(cfg: RunConfig) -> int | None:
     ) as ray:
         use_gpu = p.gpus and ray.cluster_resources().get("GPU", 0) > 0
         print(
-            f"ray: {p.num_workers} workers ({'one GPU' if use_gpu else 'no GPU'} and {p.cpus_per_worker} CPUs "
-            f"each) on {_where(p.address)}; state in {p.storage}",
+            f"ray: {p.num_workers} workers ({'one GPU' if use_gpu else 'no GPU'} and {p.cpus_per_worker} "
+            f"CPUs each) on {_where(p.address)}; state in {p.storage}",
             flush=True,
         )
         quiet = not _state_api_reachable()
@@ -258,11 +258,60 @@ def _first_line(e: BaseException) -> str:
 # ---- curation ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class ShardResults:
+    summaries: dict[int, RunSummary]  # by shard index, of the shards that finished
+    failures: dict[int, str]  # by shard index: the error, in one line
+
+    @property
+    def total(self) -> RunSummary:
+        from svd.curate.pipeline import RunSummary
+
+        total = RunSummary(videos_in_shard=0, skipped_existing=0, status=Counter())
+        for s in self.summaries.values():
+            total.videos_in_shard += s.videos_in_shard
+            total.skipped_existing += s.skipped_existing
+            total.curated += s.curated
+            total.clips += s.clips
+            total.status.update(s.status)
+            total.errors += s.errors
+        return total
+
+
 def curate_shards(cfg: CurateConfig) -> int:
     """`cfg.shards` Ray tasks, each curating shard=i/shards into the same table; a summary per shard and
     in all. 0 when every shard finished without transient failures, else 1."""
+    results = curate_on_ray(cfg)
+    n = cfg.shards
+    for i in range(n):
+        if i in results.summaries:
+            print(f"shard {i}/{n}: {_summary_line(results.summaries[i])}")
+        else:
+            print(f"curate: shard {i}/{n} failed: {results.failures[i]}", file=sys.stderr)
+    total = results.total
+    print(f"{len(results.summaries)} of {n} shards: {_summary_line(total)}")
+    for status, count in total.status.most_common():
+        print(f"  {status}: {count}")
+    if total.transient:
+        print(
+            f"curate: {total.transient} videos failed for a reason a rerun may not meet again; rerun the "
+            "same command to retry them",
+            file=sys.stderr,
+        )
+    if results.failures:
+        print(
+            f"curate: {len(results.failures)} of {n} shards failed; rerun the same command", file=sys.stderr
+        )
+    return 1 if results.failures or total.transient else 0
+
+
+def curate_on_ray(cfg: CurateConfig) -> ShardResults:
+    """Run the shards as Ray tasks on the cluster at $RAY_ADDRESS, else on a local Ray sized to them. A
+    task that dies with its worker is retried by Ray (curation skips what is already in the table); an
+    error of the pipeline is not."""
     cpus = cfg.cpus_per_shard or cfg.workers + 1
     address = cluster_address("")
+    results = ShardResults({}, {})
     with ray_cluster(address, cpus=cfg.shards * cpus, gpus=cfg.shards * cfg.gpus_per_shard) as ray:
         print(f"ray: {cfg.shards} curation shards ({cpus} CPUs each) on {_where(address)}", flush=True)
         task = ray.remote(num_cpus=cpus, num_gpus=cfg.gpus_per_shard)(_curate_shard)
@@ -270,30 +319,13 @@ def curate_shards(cfg: CurateConfig) -> int:
             task.remote(dataclasses.replace(cfg, shard=f"{i}/{cfg.shards}", shards=1, launcher="local"))
             for i in range(cfg.shards)
         ]
-        summaries, failed = [], 0
         for i, ref in enumerate(refs):
             try:
-                summary = ray.get(ref)
-            except Exception as e:  # the task's own error, raised again here
+                results.summaries[i] = ray.get(ref)
+            except Exception as e:  # the task's error (RayTaskError.cause), or the task's worker died
                 cause = getattr(e, "cause", None) or e
-                print(f"curate: shard {i}/{cfg.shards} failed: {type(cause).__name__}: {_first_line(cause)}")
-                failed += 1
-                continue
-            summaries.append(summary)
-            print(f"shard {i}/{cfg.shards}: {_summary_line(summary)}")
-    total = _sum(summaries)
-    print(f"all {len(summaries)} of {cfg.shards} shards: {_summary_line(total)}")
-    for status, count in total.status.most_common():
-        print(f"  {status}: {count}")
-    if total.transient:
-        print(
-            f"curate: {total.transient} videos failed for a reason a rerun may not meet again; rerun the same "
-            "command to retry them",
-            file=sys.stderr,
-        )
-    if failed:
-        print(f"curate: {failed} of {cfg.shards} shards failed; rerun the same command", file=sys.stderr)
-    return 1 if failed or total.transient else 0
+                results.failures[i] = f"{type(cause).__name__}: {_first_line(cause)}"
+    return results
 
 
 def _curate_shard(cfg: CurateConfig) -> RunSummary:
@@ -307,17 +339,3 @@ def _summary_line(s: RunSummary) -> str:
         f"{s.videos_in_shard} inputs, {s.skipped_existing} already in the table, {s.curated} curated → "
         f"{s.clips} clips"
     )
-
-
-def _sum(summaries: list[RunSummary]) -> RunSummary:
-    from svd.curate.pipeline import RunSummary
-
-    total = RunSummary(videos_in_shard=0, skipped_existing=0, status=Counter())
-    for s in summaries:
-        total.videos_in_shard += s.videos_in_shard
-        total.skipped_existing += s.skipped_existing
-        total.curated += s.curated
-        total.clips += s.clips
-        total.status.update(s.status)
-        total.errors += s.errors
-    return total
