@@ -109,7 +109,7 @@ def launch(cfg: RunConfig) -> int:
 
 def train_on_ray(cfg: RunConfig) -> int | None:
     """Run the TorchTrainer to the end; the step of the run's latest checkpoint."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from svd.train.checkpoint import Checkpointer
@@ -124,9 +124,6 @@ def train_on_ray(cfg: RunConfig) -> int | None:
             f"CPUs each) on {_where(p.address)}; state in {p.storage}",
             flush=True,
         )
-        quiet = not _state_api_reachable()
-        if quiet:
-            print("ray: the cluster has no state API (dashboard): Ray Train logs errors only", flush=True)
         storage = Storage.from_env()
         filesystem, storage_path = ray_storage(p.storage, storage)
         trainer = TorchTrainer(
@@ -142,25 +139,11 @@ def train_on_ray(cfg: RunConfig) -> int | None:
                 storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=p.max_failures),
                 worker_runtime_env={"env_vars": _worker_env(cfg)},
-                # Without the state API, Ray Train's placement-group cleaner warns every second that it
-                # cannot ask whether the controller lives.
-                logging_config=LoggingConfig(log_level="ERROR" if quiet else "INFO"),
             ),
         )
         trainer.fit()
     with Checkpointer(cfg.checkpoint.run_dir, storage, keep=cfg.checkpoint.keep, async_save=False) as ckpt:
         return ckpt.latest_step()
-
-
-def _state_api_reachable() -> bool:
-    from ray.util.state import list_nodes
-    from ray.util.state.exception import RayStateApiException
-
-    try:
-        list_nodes(limit=1, timeout=5)
-    except RayStateApiException:
-        return False
-    return True
 
 
 def ray_storage(uri: str, storage: Storage) -> tuple[Any, str]:
@@ -219,9 +202,8 @@ def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
     if ray.is_initialized():  # a driver that connected already (a notebook, a test)
         yield ray
         return
-    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env(), logging_level=logging.WARNING)
     else:
         import torch
 
@@ -231,7 +213,7 @@ def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
             num_gpus=min(gpus, torch.cuda.device_count()),
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            runtime_env=runtime_env,
+            runtime_env=runtime_env(),
             logging_level=logging.WARNING,
             _node_ip_address="127.0.0.1",
         )
@@ -239,6 +221,23 @@ def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def runtime_env() -> dict[str, Any]:
+    """The job's runtime environment: the driver's `svd` in every worker, and a quiet Ray."""
+    return {"env_vars": {"PYTHONPATH": _pythonpath()}, "worker_process_setup_hook": QUIET_HOOK}
+
+
+QUIET_HOOK = "svd.launch.ray.quiet_ray_internals"
+
+
+def quiet_ray_internals() -> None:
+    """Run in each worker process at start. Ray Train's placement-group cleaner asks the state API every
+    second whether the controller lives and warns each time it cannot: on a cluster without a dashboard
+    (a local Ray here) that is a warning a second for the whole run."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR
+    )
 
 
 def _pythonpath() -> str:

@@ -40,6 +40,7 @@ def ray_head(moto_s3) -> Iterator[str]:
             num_cpus=3,
             include_dashboard=False,
             object_store_memory=ray_launcher.LOCAL_OBJECT_STORE_BYTES,
+            runtime_env=ray_launcher.runtime_env(),
             _node_ip_address="127.0.0.1",
         )
         try:
