@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from svd.curate.pipeline import RunSummary
 
 SVD_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds the `svd` package
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a Ray of this host alone, on 127.0.0.1
 LOCAL_OBJECT_STORE_BYTES = 128 << 20  # a local Ray moves configs and summaries only, never tensors
 
 
@@ -109,15 +110,15 @@ def launch(cfg: RunConfig) -> int:
 
 def train_on_ray(cfg: RunConfig) -> int | None:
     """Run the TorchTrainer to the end; the step of the run's latest checkpoint."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from svd.train.checkpoint import Checkpointer
 
     p = plan(cfg)
     with ray_cluster(
         p.address, cpus=p.num_workers * p.cpus_per_worker, gpus=p.num_workers if p.gpus else 0
     ) as ray:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
         use_gpu = p.gpus and ray.cluster_resources().get("GPU", 0) > 0
         print(
             f"ray: {p.num_workers} workers ({'one GPU' if use_gpu else 'no GPU'} and {p.cpus_per_worker} "
@@ -197,6 +198,11 @@ def _worker_env(cfg: RunConfig) -> dict[str, str]:
 def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
     """Connected to the cluster at `address`, or to a local Ray of `cpus` CPUs (and `gpus` GPUs, where this
     host has them) started quietly for this job and stopped after it. Yields the `ray` module."""
+    if not address:  # set before Ray is imported: it reads them then
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # One host: everything on 127.0.0.1 (else Ray advertises the host's outward address, even when
+        # given 127.0.0.1)
+        os.environ.setdefault(LOCAL_ONLY, "0")
     import ray
 
     if ray.is_initialized():  # a driver that connected already (a notebook, a test)
@@ -207,7 +213,6 @@ def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
     else:
         import torch
 
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
             num_cpus=cpus,
             num_gpus=min(gpus, torch.cuda.device_count()),
@@ -215,7 +220,6 @@ def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             runtime_env=runtime_env(),
             logging_level=logging.WARNING,
-            _node_ip_address="127.0.0.1",
         )
     try:
         yield ray
