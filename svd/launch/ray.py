@@ -139,7 +139,7 @@ def train_on_ray(cfg: RunConfig) -> int | None:
                 storage_path=storage_path,
                 storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=p.max_failures),
-                worker_runtime_env={"env_vars": _worker_env(cfg)},
+                worker_runtime_env={"env_vars": _worker_env(cfg, use_gpu)},
             ),
         )
         trainer.fit()
@@ -182,11 +182,14 @@ def _train_loop(config: dict[str, str]) -> None:
         print(f"ray: rank 0 reached step {result.steps}, from {resumed}", flush=True)
 
 
-def _worker_env(cfg: RunConfig) -> dict[str, str]:
-    """What the workers need before Python starts: the driver's `svd`, and the node's metrics folder
-    (prometheus_client reads it at import)."""
+def _worker_env(cfg: RunConfig, use_gpu: bool) -> dict[str, str]:
+    """What the workers need before Python starts: the driver's `svd`; no visible GPU when they were given
+    none (Ray leaves a GPU node's devices visible, and `parallel` would pick CUDA beside Ray's gloo group);
+    the node's metrics folder (prometheus_client reads it at import)."""
     # The ranks' prints (progress lines) stay plain output: Ray Train's print patch would log each twice.
     env = {"PYTHONPATH": _pythonpath(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not use_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     if cfg.metrics.port:
         from svd.train.metrics import MetricsConfig
 

@@ -96,12 +96,17 @@ def test_two_ray_workers_train_fsdp_steps_and_checkpoint(ray_head, train_table, 
 
 
 def _train_workers() -> list[int]:
+    """The Ray Train workers of this module's Ray: processes titled so whose parent (the raylet) this
+    process started."""
     pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if cmdline.read_bytes().startswith(WORKER_TITLE):
-                pids.append(int(cmdline.parent.name))
-        except OSError:
+            if not (stat.parent / "cmdline").read_bytes().startswith(WORKER_TITLE):
+                continue
+            raylet = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if int(Path(f"/proc/{raylet}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
             continue
     return sorted(pids)
 
