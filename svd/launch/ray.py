@@ -102,7 +102,7 @@ def launch(cfg: RunConfig) -> int:
     try:
         steps = train_on_ray(cfg)
     except Exception as e:  # Ray Train already retried max_failures times
-        print(f"launch: training on Ray failed: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        print(f"launch: training on Ray failed: {_failure_line(e)}", file=sys.stderr)
         return 1
     print(f"done: {steps} steps in {cfg.checkpoint.run_dir}")
     return 0
@@ -254,6 +254,19 @@ def _pythonpath() -> str:
 
 def _where(address: str) -> str:
     return f"the Ray cluster at {address}" if address else "a local Ray on this host"
+
+
+def _failure_line(e: BaseException) -> str:
+    """The error that ended the run, in one line: the lowest failed rank's own exception, not the
+    "Training failed due to worker errors:" of Ray Train's WorkerGroupError around it."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if not failures:
+        return f"{type(e).__name__}: {_first_line(e)}"
+    rank = min(failures)
+    cause = failures[rank]
+    cause = getattr(cause, "cause", None) or cause  # a RayTaskError carries the rank's exception
+    more = f" (and {len(failures) - 1} more ranks)" if len(failures) > 1 else ""
+    return f"rank {rank}{more}: {type(cause).__name__}: {_first_line(cause)}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -195,3 +195,16 @@ def test_failed_shards_are_reported_one_line_each(ray_head, train_table, capsys)
     ]
     assert "missing" in errors[0]
     assert errors[2] == "curate: 2 of 2 shards failed; rerun the same command"
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_on_every_worker_is_one_line_and_status_1(ray_head, train_table, capsys):  # noqa: F811
+    table = f"{train_table['bucket']}/no-such-table.lance"
+    args = settings(train_table, "ray-failed", "gpus_per_node=1", "launcher.max_requeues=0")
+    cfg = compose([*args, f"data.table={table}"])  # not checked here: the workers find it missing
+    assert ray_launcher.launch(cfg) == 1
+    (line,) = [e for e in capsys.readouterr().err.splitlines() if e.startswith("launch:")]
+    assert line.startswith(
+        "launch: training on Ray failed: rank 0: FileNotFoundError: cannot open clip table "
+    )
+    assert table in line
