@@ -24,8 +24,14 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 T = TypeVar("T")
 CONF_DIR = Path(__file__).resolve().parents[1] / "jobs" / "conf"
-GROUPS = ("stage", "model", "launcher", "cluster")
-DEFAULT_OPTIONS = {"stage": "video_pretrain", "model": "svd", "launcher": "local", "cluster": "default"}
+GROUPS = ("stage", "model", "launcher", "cluster", "gpu")
+DEFAULT_OPTIONS = {
+    "stage": "video_pretrain",
+    "model": "svd",
+    "launcher": "local",
+    "cluster": "default",
+    "gpu": "h100-80gb",
+}
 TASKS = ("image", "text_to_video", "image_to_video", "interpolation", "multiview")
 
 
@@ -175,6 +181,29 @@ class ClusterConfig:
 
 
 @dataclass
+class GpuConfig:
+    """One GPU kind of the catalogue (jobs/conf/gpu/<kind>.yaml): what the capacity planner plans for."""
+
+    name: str = "h100-80gb"
+    memory_gib: float = 80.0  # device memory
+    bf16_tflops: float = 989.0  # dense bf16 tensor-core peak, TFLOP/s
+    intra_node_gbps: float = 450.0  # GB/s per GPU, one direction, between GPUs of a node (NVLink)
+    inter_node_gbps: float = 50.0  # GB/s per GPU, one direction, between nodes (InfiniBand/RoCE)
+    node_gpus: int = 8  # GPUs in one node of this kind (the planner's default gpus_per_node)
+
+
+@dataclass
+class PlanConfig:
+    """Assumptions of the capacity planner (svd/launch/plan.py) and whether launch.py consults it."""
+
+    check: bool = True  # launch.py refuses a GPU job whose plan does not fit the GPU's memory
+    mfu: float = 0.35  # share of the bf16 peak sustained on the FLOPs a step executes (recompute included)
+    workspace_fraction: float = 0.10  # allocator fragmentation and kernel workspaces, of everything else
+    cuda_context_gib: float = 0.75  # CUDA context, NCCL buffers and libraries, per process
+    video_bits_per_pixel: float = 0.15  # compressed clip bytes the loader reads when it serves frames
+
+
+@dataclass
 class RunConfig:
     job_name: str = "${stage.name}"
     nodes: int = 1
@@ -189,6 +218,8 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     @property
     def world_size(self) -> int:
@@ -345,6 +376,18 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         ("metrics.port", cfg.metrics.port),
     ]:
         _check(value >= 0, f"{key}={value} must be ≥ 0")
+    for key, value in [
+        ("gpu.memory_gib", cfg.gpu.memory_gib),
+        ("gpu.bf16_tflops", cfg.gpu.bf16_tflops),
+        ("gpu.intra_node_gbps", cfg.gpu.intra_node_gbps),
+        ("gpu.inter_node_gbps", cfg.gpu.inter_node_gbps),
+        ("gpu.node_gpus", cfg.gpu.node_gpus),
+        ("plan.video_bits_per_pixel", cfg.plan.video_bits_per_pixel),
+    ]:
+        _check(value > 0, f"{key}={value} must be > 0")
+    _check(0 < cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
+    _check(cfg.plan.workspace_fraction >= 0, f"plan.workspace_fraction={cfg.plan.workspace_fraction} must be ≥ 0")
+    _check(cfg.plan.cuda_context_gib >= 0, f"plan.cuda_context_gib={cfg.plan.cuda_context_gib} must be ≥ 0")
     _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")
     _check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
     _check(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1)")
