@@ -52,6 +52,7 @@ class Block:
     act: float = 0.0  # elements kept for backward in the activation dtype
     stats: float = 0.0  # elements kept in fp32 (normalisation statistics, attention log-sum-exp)
     input: float = 0.0  # elements of the block's input (what a checkpointed block keeps)
+    params: dict[str, float] = field(default_factory=dict)  # spatial | temporal: parameters it declares
 
     def saved_bytes(self, act_bytes: int) -> float:
         return self.act * act_bytes + self.stats * FP32
@@ -74,6 +75,11 @@ class UNetCost:
     height: int  # latent
     width: int
     context_tokens: int
+
+    def parameters(self, kind: str | None = None) -> float:
+        """Parameters of the network: all, or only the `spatial` or `temporal` ones (as
+        `VideoUNet.temporal_parameters` splits them)."""
+        return sum(v for b in self.blocks for k, v in b.params.items() if kind in (None, k))
 
     def layers(self) -> list[Layer]:
         return [layer for block in self.blocks for layer in block.layers]
@@ -128,10 +134,11 @@ class UNetCost:
 
 
 class _Walk:
-    """Builds the blocks of `unet_cost`; each method mirrors one module's forward."""
+    """Builds the blocks of `unet_cost`; each method mirrors one module's forward (and declares its
+    parameters, used or not)."""
 
-    def __init__(self, cfg: Any, frames: int, context_tokens: int):
-        self.cfg, self.t, self.ctx = cfg, frames, context_tokens
+    def __init__(self, cfg: Any, frames: int, context_tokens: int, temporal: bool):
+        self.cfg, self.t, self.ctx, self.temporal = cfg, frames, context_tokens, temporal
         self.e = cfg.emb_dim
         self.blocks: list[Block] = []
         self.block = self._open("embed", pair=False)
@@ -142,14 +149,24 @@ class _Walk:
         self.block = block
         return block
 
-    def linear(self, name: str, path: str, rows: float, k: int, n: int, needs_input_grad: bool = True) -> None:
-        flops = 2.0 * rows * k * n
-        self.block.layers.append(Layer(name, path, flops, flops * (2 if needs_input_grad else 1)))
+    def param(self, path: str, count: float) -> None:
+        kind = "temporal" if path == "temporal" else "spatial"
+        self.block.params[kind] = self.block.params.get(kind, 0.0) + count
+
+    def linear(
+        self, name: str, path: str, rows: float, k: int, n: int, needs_input_grad: bool = True, bias=True
+    ) -> None:
+        self.param(path, k * n + (n if bias else 0))
+        if rows:
+            flops = 2.0 * rows * k * n
+            self.block.layers.append(Layer(name, path, flops, flops * (2 if needs_input_grad else 1)))
 
     def conv(self, name: str, path: str, outputs: float, k: int, n: int, taps: int, needs_input_grad=True):
         """`outputs` positions × (k inputs × taps) → n channels."""
-        flops = 2.0 * outputs * k * taps * n
-        self.block.layers.append(Layer(name, path, flops, flops * (2 if needs_input_grad else 1)))
+        self.param(path, k * taps * n + n)
+        if outputs:
+            flops = 2.0 * outputs * k * taps * n
+            self.block.layers.append(Layer(name, path, flops, flops * (2 if needs_input_grad else 1)))
 
     def attention(
         self, name: str, path: str, batch_heads: float, queries: float, keys: int, head_dim: int, backward=2.5
@@ -177,6 +194,7 @@ class _Walk:
         t, e, p = self.t, self.e, h * w
         n = t * p  # positions of one video
         self._open(name, pair=True, input_elements=n * c_in)
+        self.param("spatial", 2 * c_in + 2 * c)  # GroupNorms
         self.conv(f"{name}.spatial.conv1", "spatial", n, c_in, c, 9)
         self.linear(f"{name}.spatial.emb_proj", "spatial", t, e, c)
         self.conv(f"{name}.spatial.conv2", "spatial", n, c, c, 9)
@@ -184,60 +202,89 @@ class _Walk:
             self.conv(f"{name}.spatial.skip", "spatial", n, c_in, c, 1)
         # x, norm1 and silu outputs at c_in; h+e, norm2 and silu outputs at c; silu(emb)
         self.keep(3 * n * c_in + 3 * n * c + t * e, stats=2 * 2 * t * GN_GROUPS)
-        self.conv(f"{name}.temporal.conv1", "temporal", n, c, c, 3)
-        self.linear(f"{name}.temporal.emb_proj", "temporal", t, e, c)
-        self.conv(f"{name}.temporal.conv2", "temporal", n, c, c, 3)
+        on = self.temporal
+        self.param("temporal", 4 * c + 1)  # GroupNorms, the blend's α
+        self.conv(f"{name}.temporal.conv1", "temporal", n * on, c, c, 3)
+        self.linear(f"{name}.temporal.emb_proj", "temporal", t * on, e, c)
+        self.conv(f"{name}.temporal.conv2", "temporal", n * on, c, c, 3)
         # GroupNorm's contiguous copy of the (B, C, T, H, W) view, norm/silu/h+e/norm/silu as above,
         # silu(emb), then the blend keeps both branches (spatial output, temporal output)
-        self.keep(6 * n * c + t * e + 2 * n * c, stats=2 * 2 * GN_GROUPS)
+        self.keep((6 * n * c + t * e + 2 * n * c) * on, stats=2 * 2 * GN_GROUPS * on)
 
     def transformer(self, name: str, c: int, h: int, w: int) -> None:
-        cfg, t, s = self.cfg, self.t, h * w
+        cfg, t, s, on = self.cfg, self.t, h * w, self.temporal
         n, heads, d = t * s, c // cfg.head_channels, cfg.head_channels
         self._open(name, pair=True, input_elements=n * c)
+        self.param("spatial", 2 * c)  # GroupNorm
         self.keep(2 * n * c, stats=2 * t * GN_GROUPS)  # x (GroupNorm), its permuted copy (proj_in)
         self.linear(f"{name}.proj_in", "shared", n, c, c)
-        self.linear(f"{name}.frame_pos_embed.linear_1", "temporal", t, c, 4 * c, needs_input_grad=False)
-        self.linear(f"{name}.frame_pos_embed.linear_2", "temporal", t, 4 * c, c)
-        self.keep(t * c + 8 * t * c)
+        self.linear(f"{name}.frame_pos_embed.linear_1", "temporal", t * on, c, 4 * c, needs_input_grad=False)
+        self.linear(f"{name}.frame_pos_embed.linear_2", "temporal", t * on, 4 * c, c)
+        self.keep(9 * t * c * on)
         for i in range(cfg.transformer_depth):
             sp, tp = f"{name}.spatial.{i}", f"{name}.temporal.{i}"
-            # spatial: norm1 in/out, q k v, attention output (+ log-sum-exp), norm3 in/out, feed-forward
-            self.linear(f"{sp}.self_attn.qkv", "spatial", n, c, 3 * c)
-            self.attention(f"{sp}.self_attn.sdpa", "spatial", t * heads, s, s, d)
-            self.linear(f"{sp}.self_attn.to_out", "spatial", n, c, c)
-            self.keep(6 * n * c, stats=2 * n + heads * n)
-            self._cross_attention(sp, "spatial", n, c, heads, d)
-            self.keep(n * c, stats=2 * n)  # norm3 input
-            self._feed_forward(f"{sp}.ff", "spatial", n, c)
-            # temporal: x + positions (norm_in), ff_in, norm1 in, three copies of the transposed norm1
-            # output (one per projection), math attention (q, k, v, scores), its output's copy (to_out)
+            # spatial: norm1 in/out, q k v, attention output (+ log-sum-exp); cross-attention; norm3 input
+            self.param("spatial", 2 * 2 * c)  # norm1, norm3 (norm2 with the cross-attention)
+            self._self_attention(sp, "spatial", n, c, heads, t, s)
+            self._cross_attention(sp, "spatial", n, c, heads)
             self.keep(n * c, stats=2 * n)
-            self._feed_forward(f"{tp}.ff_in", "temporal", n, c)
-            self.linear(f"{tp}.self_attn.qkv", "temporal", n, c, 3 * c)
-            self.attention(f"{tp}.self_attn.sdpa", "temporal", s * heads, t, t, d, backward=2.0)
-            self.linear(f"{tp}.self_attn.to_out", "temporal", n, c, c)
-            self.keep(1 * n * c + 3 * n * c + 3 * n * c + n * heads * t + n * c, stats=2 * n)
-            self._cross_attention(tp, "temporal", n, c, heads, d)
-            self.keep(n * c, stats=2 * n)  # norm3 input
-            self._feed_forward(f"{tp}.ff", "temporal", n, c)
-        self.keep(2 * n * c)  # the blend keeps both branches
+            self._feed_forward(f"{sp}.ff", "spatial", n, c)
+            # temporal: x + positions (norm_in), ff_in, norm1 input, attention over time, cross-attention,
+            # norm3 input, feed-forward
+            self.param("temporal", 3 * 2 * c)  # norm_in, norm1, norm3
+            nt = n * on
+            self.keep(nt * c, stats=2 * nt)
+            self._feed_forward(f"{tp}.ff_in", "temporal", nt, c)
+            self.keep(nt * c, stats=2 * nt)
+            self._self_attention(tp, "temporal", nt, c, heads, s, t)
+            self._cross_attention(tp, "temporal", nt, c, heads)
+            self.keep(nt * c, stats=2 * nt)
+            self._feed_forward(f"{tp}.ff", "temporal", nt, c)
+        self.param("temporal", 1)
+        self.keep(2 * n * c * on)  # the blend keeps both branches
         self.linear(f"{name}.proj_out", "shared", n, c, c)
         self.keep(n * c)
 
-    def _cross_attention(self, name: str, path: str, n: float, c: int, heads: int, d: int) -> None:
-        ctx, cd = self.ctx, self.cfg.context_dim
-        if ctx == 1:  # one key: its weight is 1, the output is to_out(to_v(context)) for every query
-            self.linear(f"{name}.cross_attn.to_v", path, 1, cd, c, needs_input_grad=False)
-            self.linear(f"{name}.cross_attn.to_out", path, 1, c, c)
-            self.keep(c)
+    def _self_attention(self, name: str, path: str, n: float, c: int, heads: int, groups: int, length: int):
+        """Attention within `groups` sequences of `length` tokens: over h·w per frame (spatial, the fused
+        kernel), over T per pixel (temporal: 5-D, the math path). One token: v and out only."""
+        d = c // heads
+        if length == 1:
+            self.linear(f"{name}.self_attn.qk", path, 0, c, 2 * c, bias=False)
+            self.linear(f"{name}.self_attn.to_v", path, n, c, c, bias=False)
+            self.linear(f"{name}.self_attn.to_out", path, n, c, c)
+            # norm1 output (to_v), to_v output (to_out); the spatial norm1 input and statistics
+            self.keep(2 * n * c + (n * c if path == "spatial" else 0), stats=2 * n if path == "spatial" else 0)
             return
-        self.linear(f"{name}.cross_attn.to_q", path, n, c, c)
-        self.linear(f"{name}.cross_attn.to_kv", path, ctx, cd, 2 * c, needs_input_grad=False)
-        self.attention(f"{name}.cross_attn.sdpa", path, heads, n, ctx, d)
+        self.linear(f"{name}.self_attn.qkv", path, n, c, 3 * c, bias=False)
+        if path == "spatial":
+            self.attention(f"{name}.self_attn.sdpa", path, groups * heads, length, length, d)
+            self.linear(f"{name}.self_attn.to_out", path, n, c, c)
+            # norm1 output, q, k, v, attention output (+ log-sum-exp); norm1 input
+            self.keep(5 * n * c + n * c, stats=2 * n + heads * n)
+        else:
+            self.attention(f"{name}.self_attn.sdpa", path, groups * heads, length, length, d, backward=2.0)
+            self.linear(f"{name}.self_attn.to_out", path, n, c, c)
+            # three copies of the transposed norm1 output (one per projection), q, k, v, the scores, the
+            # copy of the output that to_out reads
+            self.keep(3 * n * c + 3 * n * c + n * heads * length + n * c, stats=0)
+
+    def _cross_attention(self, name: str, path: str, n: float, c: int, heads: int) -> None:
+        ctx, cd, d = self.ctx, self.cfg.context_dim, c // heads
+        self.param(path, 2 * c)  # norm2
+        if ctx == 1:  # one key: its weight is 1, the output is to_out(to_v(context)) for every query
+            self.linear(f"{name}.cross_attn.to_qk", path, 0, c + cd, c, bias=False)
+            self.linear(f"{name}.cross_attn.to_v", path, 1 if n else 0, cd, c, needs_input_grad=False, bias=False)
+            self.linear(f"{name}.cross_attn.to_out", path, 1 if n else 0, c, c)
+            self.keep(c if n else 0)
+            return
+        self.linear(f"{name}.cross_attn.to_q", path, n, c, c, bias=False)
+        self.linear(f"{name}.cross_attn.to_kv", path, ctx if n else 0, cd, 2 * c, needs_input_grad=False, bias=False)
+        if n:
+            self.attention(f"{name}.cross_attn.sdpa", path, heads, n, ctx, d)
         self.linear(f"{name}.cross_attn.to_out", path, n, c, c)
         # norm2 input and output, q, attention output (+ log-sum-exp), k and v
-        self.keep(4 * n * c + 2 * ctx * c, stats=2 * n + heads * n)
+        self.keep(4 * n * c + 2 * ctx * c * (n > 0), stats=2 * n + heads * n)
 
     def _feed_forward(self, name: str, path: str, n: float, c: int) -> None:
         """GEGLU: norm output → proj_in (8c, kept for gelu and the product) → gelu (4c) → product (4c)."""
@@ -251,10 +298,13 @@ class _Walk:
         self.keep(self.t * (h_in * w_in if h_out < h_in else h_out * w_out) * c)  # the conv's input
 
 
-def unet_cost(cfg: Any, frames: int, height: int, width: int, context_tokens: int) -> UNetCost:
+def unet_cost(
+    cfg: Any, frames: int, height: int, width: int, context_tokens: int, temporal: bool = True
+) -> UNetCost:
     """Per-sample FLOPs and saved activations of `VideoUNet(cfg)` on one video of `frames` latent frames of
-    height×width, cross-attending to `context_tokens` tokens. `cfg` is a `VideoUNetConfig`."""
-    walk = _Walk(cfg, frames, context_tokens)
+    height×width, cross-attending to `context_tokens` tokens. `cfg` is a `VideoUNetConfig`; `temporal=False`
+    is the image-only path of Stage I, where every temporal layer is skipped."""
+    walk = _Walk(cfg, frames, context_tokens, temporal)
     mc, t = cfg.model_channels, frames
     walk.embeddings()
     walk.conv("conv_in", "shared", t * height * width, cfg.in_channels, mc, 9, needs_input_grad=False)
@@ -294,5 +344,6 @@ def unet_cost(cfg: Any, frames: int, height: int, width: int, context_tokens: in
             h, w = h2, w2
     walk._open("out", pair=False)
     walk.conv("conv_out", "shared", t * h * w, ch, cfg.out_channels, 9)
+    walk.param("spatial", 2 * ch)
     walk.keep(3 * t * h * w * ch, stats=2 * t * GN_GROUPS)  # norm_out input, its output, silu output
     return UNetCost(tuple(walk.blocks), frames, height, width, context_tokens)
