@@ -53,6 +53,8 @@ class Block:
     stats: float = 0.0  # elements kept in fp32 (normalisation statistics, attention log-sum-exp)
     input: float = 0.0  # elements of the block's input (what a checkpointed block keeps)
     params: dict[str, float] = field(default_factory=dict)  # spatial | temporal: parameters it declares
+    largest: float = 0.0  # elements of its largest activation (what backward's gradient buffers scale with)
+    channels: int = 0  # a transformer's width (LoRA adapters scale with it)
 
     def saved_bytes(self, act_bytes: int) -> float:
         return self.act * act_bytes + self.stats * FP32
@@ -193,7 +195,7 @@ class _Walk:
     def res_block(self, name: str, c_in: int, c: int, h: int, w: int) -> None:
         t, e, p = self.t, self.e, h * w
         n = t * p  # positions of one video
-        self._open(name, pair=True, input_elements=n * c_in)
+        self._open(name, pair=True, input_elements=n * c_in).largest = n * max(c_in, c)
         self.param("spatial", 2 * c_in + 2 * c)  # GroupNorms
         self.conv(f"{name}.spatial.conv1", "spatial", n, c_in, c, 9)
         self.linear(f"{name}.spatial.emb_proj", "spatial", t, e, c)
@@ -214,7 +216,8 @@ class _Walk:
     def transformer(self, name: str, c: int, h: int, w: int) -> None:
         cfg, t, s, on = self.cfg, self.t, h * w, self.temporal
         n, heads, d = t * s, c // cfg.head_channels, cfg.head_channels
-        self._open(name, pair=True, input_elements=n * c)
+        block = self._open(name, pair=True, input_elements=n * c)
+        block.largest, block.channels = 8 * n * c, c  # the feed-forward's hidden layer
         self.param("spatial", 2 * c)  # GroupNorm
         self.keep(2 * n * c, stats=2 * t * GN_GROUPS)  # x (GroupNorm), its permuted copy (proj_in)
         self.linear(f"{name}.proj_in", "shared", n, c, c)
@@ -254,7 +257,9 @@ class _Walk:
             self.linear(f"{name}.self_attn.to_v", path, n, c, c, bias=False)
             self.linear(f"{name}.self_attn.to_out", path, n, c, c)
             # norm1 output (to_v), to_v output (to_out); the spatial norm1 input and statistics
-            self.keep(2 * n * c + (n * c if path == "spatial" else 0), stats=2 * n if path == "spatial" else 0)
+            self.keep(
+                2 * n * c + (n * c if path == "spatial" else 0), stats=2 * n if path == "spatial" else 0
+            )
             return
         self.linear(f"{name}.self_attn.qkv", path, n, c, 3 * c, bias=False)
         if path == "spatial":
@@ -274,12 +279,16 @@ class _Walk:
         self.param(path, 2 * c)  # norm2
         if ctx == 1:  # one key: its weight is 1, the output is to_out(to_v(context)) for every query
             self.linear(f"{name}.cross_attn.to_qk", path, 0, c + cd, c, bias=False)
-            self.linear(f"{name}.cross_attn.to_v", path, 1 if n else 0, cd, c, needs_input_grad=False, bias=False)
+            self.linear(
+                f"{name}.cross_attn.to_v", path, 1 if n else 0, cd, c, needs_input_grad=False, bias=False
+            )
             self.linear(f"{name}.cross_attn.to_out", path, 1 if n else 0, c, c)
             self.keep(c if n else 0)
             return
         self.linear(f"{name}.cross_attn.to_q", path, n, c, c, bias=False)
-        self.linear(f"{name}.cross_attn.to_kv", path, ctx if n else 0, cd, 2 * c, needs_input_grad=False, bias=False)
+        self.linear(
+            f"{name}.cross_attn.to_kv", path, ctx if n else 0, cd, 2 * c, needs_input_grad=False, bias=False
+        )
         if n:
             self.attention(f"{name}.cross_attn.sdpa", path, heads, n, ctx, d)
         self.linear(f"{name}.cross_attn.to_out", path, n, c, c)
