@@ -386,8 +386,11 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     ]:
         _check(value > 0, f"{key}={value} must be > 0")
     _check(0 < cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
-    _check(cfg.plan.workspace_fraction >= 0, f"plan.workspace_fraction={cfg.plan.workspace_fraction} must be ≥ 0")
-    _check(cfg.plan.cuda_context_gib >= 0, f"plan.cuda_context_gib={cfg.plan.cuda_context_gib} must be ≥ 0")
+    for key, value in [
+        ("plan.workspace_fraction", cfg.plan.workspace_fraction),
+        ("plan.cuda_context_gib", cfg.plan.cuda_context_gib),
+    ]:
+        _check(value >= 0, f"{key}={value} must be ≥ 0")
     _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")
     _check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
     _check(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1)")

@@ -215,7 +215,7 @@ class _Walk:
 
     def transformer(self, name: str, c: int, h: int, w: int) -> None:
         cfg, t, s, on = self.cfg, self.t, h * w, self.temporal
-        n, heads, d = t * s, c // cfg.head_channels, cfg.head_channels
+        n, heads = t * s, c // cfg.head_channels
         block = self._open(name, pair=True, input_elements=n * c)
         block.largest, block.channels = 8 * n * c, c  # the feed-forward's hidden layer
         self.param("spatial", 2 * c)  # GroupNorm
