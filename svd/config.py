@@ -200,7 +200,9 @@ class PlanConfig:
     mfu: float = 0.35  # share of the bf16 peak sustained on the FLOPs a step executes (recompute included)
     workspace_fraction: float = 0.10  # allocator fragmentation and kernel workspaces, of everything else
     cuda_context_gib: float = 0.75  # CUDA context, NCCL buffers and libraries, per process
-    video_bits_per_pixel: float = 0.15  # compressed clip bytes the loader reads when it serves frames
+    # bitrate of the stored clips (Mbit/s): serving frames, the loader reads the span of source video
+    # that covers the sampled frames (data.frames / data.fps seconds)
+    source_mbps: float = 8.0
 
 
 @dataclass
@@ -382,7 +384,7 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         ("gpu.intra_node_gbps", cfg.gpu.intra_node_gbps),
         ("gpu.inter_node_gbps", cfg.gpu.inter_node_gbps),
         ("gpu.node_gpus", cfg.gpu.node_gpus),
-        ("plan.video_bits_per_pixel", cfg.plan.video_bits_per_pixel),
+        ("plan.source_mbps", cfg.plan.source_mbps),
     ]:
         _check(value > 0, f"{key}={value} must be > 0")
     _check(0 < cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")

@@ -359,7 +359,7 @@ def plan(cfg: RunConfig) -> Plan:
     frames = serves_frames(cfg)
     d = cfg.data
     decoded = d.frames * 3 * d.height * d.width if frames else d.frames * channels * h * w * 2
-    read = d.frames * d.height * d.width * cfg.plan.video_bits_per_pixel / 8 if frames else decoded
+    read = d.frames / d.fps * cfg.plan.source_mbps * 1e6 / 8 if frames else decoded
 
     notes = []
     if comm > compute:
