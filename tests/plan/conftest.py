@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from svd.model.video_unet import VideoUNet, VideoUNetConfig
 
 
 class _Box:
@@ -64,3 +69,47 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors`."""
     sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(sizes.values())
+
+
+def count_flops(step: Callable[[], Any]) -> int:
+    """FLOPs of `step()` by PyTorch's FlopCounterMode, taught the CPU flash-attention kernels (which it
+    does not count by itself) with its own attention formulas."""
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
+            sdpa_flop_count(q, k, v)
+        ),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw: (
+            sdpa_backward_flop_count(g, q, k, v)
+        ),
+    }
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def unet_inputs(cfg: VideoUNetConfig, frames: int, height: int, width: int, tokens: int, seed: int = 0):
+    """(x, c_noise, context, micro) of one video, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, frames, cfg.in_channels, height, width, generator=g)
+    context = torch.randn(1, tokens, cfg.context_dim, generator=g)
+    micro = {name: torch.rand(1, generator=g) for name, _ in cfg.micro_conditioning}
+    return x, torch.rand(1, generator=g), context, micro
+
+
+def build_unet(cfg: VideoUNetConfig, seed: int = 0) -> VideoUNet:
+    torch.manual_seed(seed)
+    return VideoUNet(cfg)
+
+
+@pytest.fixture
+def measure() -> SimpleNamespace:
+    """The measuring tools of this module, for the tests of tests/plan."""
+    return SimpleNamespace(
+        saved_activation_bytes=saved_activation_bytes,
+        peak_increment_bytes=peak_increment_bytes,
+        storage_bytes=storage_bytes,
+        count_flops=count_flops,
+        unet_inputs=unet_inputs,
+        build_unet=build_unet,
+    )
