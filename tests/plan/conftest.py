@@ -75,13 +75,16 @@ def count_flops(step: Callable[[], Any]) -> int:
     """FLOPs of `step()` by PyTorch's FlopCounterMode, taught the CPU flash-attention kernels (which it
     does not count by itself) with its own attention formulas."""
     aten = torch.ops.aten
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad, q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad, q, k, v)
+
     mapping = {
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
-            sdpa_flop_count(q, k, v)
-        ),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw: (
-            sdpa_backward_flop_count(g, q, k, v)
-        ),
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
     }
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
