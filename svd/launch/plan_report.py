@@ -216,8 +216,10 @@ def scaling_doc(gpu: str = "h100-80gb", nodes: int = 32) -> str:
         "| compute / communication (s) | samples/s | days | read per node (MB/s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    bound = []
     for n in SCALING_NODES:
         p = plan(stage_config("video_pretrain", n, gpu))
+        bound += [n] if p.comm_seconds > p.compute_seconds else []
         lines.append(
             f"| {n} | {n * p.gpus_per_node} | {p.sharding} | {p.micro_batch} × {p.accumulation:g} "
             f"| {gib(p.memory.peak)} | {p.step_seconds:.2f} | {p.compute_seconds:.2f} / {p.comm_seconds:.2f} "
@@ -230,7 +232,12 @@ def scaling_doc(gpu: str = "h100-80gb", nodes: int = 32) -> str:
         "still computes one sample at a time (gradient accumulation keeps the no-sync gradients while",
         "accumulation > 1). Samples/s grows with the GPUs because a step's samples are spread thinner;",
         "the all-gathers of every micro-batch stay on NVLink and only the gradient all-reduce crosses",
-        "nodes, so communication stays below compute up to 64 nodes.",
+        "nodes, so "
+        + (
+            f"communication stays below compute up to {SCALING_NODES[-1]} nodes."
+            if not bound
+            else f"communication exceeds compute from {bound[0]} nodes on."
+        ),
         "",
     ]
     return "\n".join(lines)
