@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--cfg" in flags:
         print(to_yaml(cfg), end="")
         return 0
+    planned = None
     if cfg.plan.check and runs_on_gpus(cfg):
         from svd.launch.plan import plan
         from svd.launch.plan_report import refusal
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     launcher = launcher_module(cfg.launcher.name)
     print(describe(cfg), flush=True)
+    if planned is not None:
+        from svd.launch.plan_report import summary
+
+        print(summary(planned), flush=True)
     if "--dry-run" in flags:
         print(launcher.dry_run(cfg))
         return 0

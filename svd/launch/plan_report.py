@@ -99,6 +99,14 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def summary(p: Plan) -> str:
+    """One line for launch.py: the plan the job was admitted on."""
+    return (
+        f"plan: peak {gib(p.memory.peak)} of {gib(p.memory_limit)} GiB per {p.gpu}, "
+        f"step {p.step_seconds:.2f} s at MFU {p.mfu:.0%}, {p.samples_per_second:,.0f} samples/s, {p.days:.2f} days for {p.steps:,} steps"
+    )
+
+
 def largest_term(m: Memory) -> tuple[str, float]:
     terms = {k: v for k, v in m.terms().items() if k not in ("peak", "workspace")}
     name = max(terms, key=terms.get)
