@@ -103,7 +103,8 @@ def summary(p: Plan) -> str:
     """One line for launch.py: the plan the job was admitted on."""
     return (
         f"plan: peak {gib(p.memory.peak)} of {gib(p.memory_limit)} GiB per {p.gpu}, "
-        f"step {p.step_seconds:.2f} s at MFU {p.mfu:.0%}, {p.samples_per_second:,.0f} samples/s, {p.days:.2f} days for {p.steps:,} steps"
+        f"step {p.step_seconds:.2f} s at MFU {p.mfu:.0%}, {p.samples_per_second:,.0f} samples/s, "
+        f"{p.days:.2f} days for {p.steps:,} steps"
     )
 
 

@@ -3,6 +3,7 @@ fit, bench/gpu.py without a GPU, and the committed docs/scaling.md against what 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import runpy
 import subprocess
@@ -144,6 +145,17 @@ def test_launch_refuses_a_gpu_job_that_cannot_fit_naming_the_term_and_the_fix(tm
     assert "the largest term is activations (saved for backward)" in message
     assert "parallel.activation_checkpointing=full data.micro_batch=" in message
     assert "plan.check=false" in message
+
+
+def test_launch_summarises_the_plan_it_admits_a_gpu_job_on(capsys, tmp_path):
+    if importlib.util.find_spec("svd.launch.slurm") is None:
+        pytest.skip("svd.launch.slurm is not on this branch")
+    launch = _main("jobs/launch.py")
+    args = ["stage=video_pretrain", "nodes=1", "gpus_per_node=8", f"data.table={tmp_path}", "--dry-run"]
+    assert launch([*args, "launcher=slurm"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: peak" in out
+    assert "GiB per h100-80gb" in out
 
 
 def test_launch_checks_gpu_jobs_only_and_can_be_told_not_to():
