@@ -81,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     planned = None
     if cfg.plan.check and runs_on_gpus(cfg):
-        from svd.launch.plan import plan
+        from svd.launch.plan import PlanError, plan
         from svd.launch.plan_report import refusal
 
-        planned = plan(cfg)
+        try:
+            planned = plan(cfg)
+        except PlanError as e:
+            print(f"launch: {e}", file=sys.stderr)
+            return 2
         if not planned.fits:
             print(f"launch: {refusal(cfg, planned)}", file=sys.stderr)
             return 2

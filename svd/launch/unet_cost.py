@@ -4,14 +4,14 @@ The walk below follows `svd.model.video_unet.VideoUNet.forward` layer by layer (
 attention matmuls, spatial and temporal) for one video of T frames at a latent size h×w with L context
 tokens, and records for each block pair (the unit `parallel.py` shards and checkpoints) its FLOPs and the
 activations autograd keeps for backward. Nothing is run: the planner prices a 1.5B-parameter model at
-576×1024 in microseconds, and the tests hold the counts against PyTorch's own FLOP counter and a real
+576×1024 in milliseconds, and the tests hold the counts against PyTorch's own FLOP counter and a real
 CPU step's saved tensors and peak memory.
 
 FLOPs follow `torch.utils.flop_counter` conventions: 2 per multiply-add of matmuls, convolutions and
 attention; normalisation and elementwise ops are free. Backward is 2× forward for a layer whose input
 needs a gradient, 1× (the weight gradient only) for a layer fed by a constant (the input convolution,
-sinusoidal features, the frozen context); attention backward is 2.5× its forward (flash attention
-recomputes the scores).
+sinusoidal features, the frozen context); attention backward is 2.5× its forward in the fused kernels
+(flash attention recomputes the scores) and 2× on the math path.
 
 Saved activations are what PyTorch's autograd keeps, op by op (found by reading the kernels' backward
 formulas and checked against `saved_tensors_hooks` on CPU): a convolution or linear keeps its input,
@@ -115,15 +115,6 @@ class UNetCost:
             b.input * act_bytes if ac else b.saved_bytes(act_bytes)
             for b, ac in zip(self.blocks, flags, strict=True)
         )
-
-    def recompute_peak_bytes(self, act_bytes: int, mode: str, every: int = 2) -> float:
-        """Bytes a checkpointed block holds again while its backward runs (the largest one)."""
-        flags = self.checkpointed(mode, every)
-        sizes = [b.saved_bytes(act_bytes) for b, ac in zip(self.blocks, flags, strict=True) if ac]
-        return max(sizes, default=0.0)
-
-    def largest_block_bytes(self, act_bytes: int) -> float:
-        return max(b.saved_bytes(act_bytes) for b in self.blocks if b.pair)
 
     def by_path(self) -> dict[str, dict[str, float]]:
         """Forward and backward FLOPs split into spatial, temporal and shared layers."""
