@@ -73,16 +73,17 @@ def format_plan(p: Plan) -> str:
         "",
         f"{'compute per sample':44s}{'TFLOP':>8s}",
     ]
-    paths = p.flops_by_path
-    split = ", ".join(f"{k} {v['forward'] / 1e12:.2f}" for k, v in sorted(paths.items()))
     for name, label in [
-        ("forward", f"UNet forward ({split})"),
+        ("forward", "UNet forward"),
         ("backward", "UNet backward"),
         ("recompute", "recomputation (checkpointing)"),
         ("encoders", "frozen encoders (forward)"),
         ("step", "executed per sample"),
     ]:
         lines.append(f"  {label:42s}{f[name] / 1e12:>8.2f}")
+        if name == "forward":
+            paths = sorted(p.flops_by_path.items())
+            lines.append("    of which " + ", ".join(f"{k} {v['forward'] / 1e12:.2f}" for k, v in paths))
     lines += [
         "",
         f"time at {p.mfu:.0%} of the bf16 peak (plan.mfu)",
