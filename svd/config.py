@@ -185,7 +185,7 @@ class GpuConfig:
     """One GPU kind of the catalogue (jobs/conf/gpu/<kind>.yaml): what the capacity planner plans for."""
 
     name: str = "h100-80gb"
-    memory_gib: float = 80.0  # device memory
+    memory_gib: float = 79.6  # device memory as nvidia-smi reports it
     bf16_tflops: float = 989.0  # dense bf16 tensor-core peak, TFLOP/s
     intra_node_gbps: float = 450.0  # GB/s per GPU, one direction, between GPUs of a node (NVLink)
     inter_node_gbps: float = 50.0  # GB/s per GPU, one direction, between nodes (InfiniBand/RoCE)

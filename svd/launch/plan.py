@@ -221,19 +221,18 @@ def memory(cfg: RunConfig, cost: UNetCost, micro_batch: int) -> Memory:
     ]
     activations = sum(kept)
 
-    # Backward, last block first: activations not yet freed (a checkpointed block's come back), gradients
-    # produced so far (sharded ones are reduced as they come; the block's unsharded gradient and its fp32
-    # reduce-scatter input are buffers), and the block's gradient buffers.
-    extra, grads_so_far, remaining = float("-inf"), 0.0, activations
+    # Backward runs the blocks last to first. While block i runs, memory differs from
+    # `held + activations` by: + the activations a checkpointed block i computes again, + its gradient
+    # buffers and (sharded) its unsharded gradient with the fp32 reduce-scatter input, − the activations
+    # of the blocks after i (already freed), − the gradients of the blocks before i (not produced yet).
+    extra, freed, pending = float("-inf"), 0.0, gradients
     for block, params, f, keep in reversed(list(zip(cost.blocks, block_params, flags, kept, strict=True))):
+        pending -= params * share * FP32 / group
         recomputed = block.saved_bytes(act) * micro_batch if f else 0.0
         buffers = BACKWARD_BUFFERS * block.largest * act * micro_batch
-        grads_so_far += params * share * FP32 / group
         reduce = params * share * (act + FP32) if sharded else 0.0
-        extra = max(
-            extra, recomputed + buffers + reduce + grads_so_far - gradients + (remaining - activations)
-        )
-        remaining -= keep
+        extra = max(extra, recomputed + buffers + reduce - freed - pending)
+        freed += keep
     backward_extra = extra
     step_temporaries = trainable * FP32 / group  # AdamW's foreach update: one temporary per moment shard
 
