@@ -3,6 +3,7 @@
     python jobs/plan.py stage=video_pretrain nodes=32                  # 32 nodes × 8 H100 (gpu=h100-80gb)
     python jobs/plan.py stage=video_finetune_hq nodes=4 gpu=a100-80gb parallel.activation_checkpointing=full
     python jobs/plan.py stage=video_pretrain nodes=32 --json           # the same plan, machine-readable
+    python jobs/plan.py stage=video_pretrain nodes=32 --blocks         # + per-block params, FLOPs, memory
     python jobs/plan.py --scaling-doc docs/scaling.md                   # regenerate docs/scaling.md
 
 Arguments are those of jobs/launch.py (`group=option`, `key=value`); `gpu=` picks a GPU of
@@ -17,10 +18,10 @@ import sys
 from pathlib import Path
 
 from svd.config import ConfigError, compose, options
-from svd.launch.plan import PlanError, plan
-from svd.launch.plan_report import format_plan, scaling_doc
+from svd.launch.plan import PlanError, compute_bytes, cost_of, plan, resolved_sharding
+from svd.launch.plan_report import format_blocks, format_plan, scaling_doc
 
-FLAGS = ("--help", "-h", "--json", "--scaling-doc")
+FLAGS = ("--help", "-h", "--json", "--blocks", "--scaling-doc")
 
 
 def compose_for_plan(args: list[str]):
@@ -53,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan: unknown flag {unknown[0]}; flags are {list(FLAGS)}", file=sys.stderr)
         return 2
     try:
-        p = plan(compose_for_plan([a for a in argv if not a.startswith("-")]))
+        cfg = compose_for_plan([a for a in argv if not a.startswith("-")])
+        p = plan(cfg)
     except (ConfigError, PlanError) as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
     print(json.dumps(p.to_dict(), indent=2) if "--json" in argv else format_plan(p))
+    if "--blocks" in argv:
+        print("\n" + format_blocks(cost_of(cfg), compute_bytes(cfg, resolved_sharding(cfg)[0])))
     return 0 if p.fits else 1
 
 

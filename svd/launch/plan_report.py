@@ -8,6 +8,7 @@ import copy
 
 from svd.config import RunConfig, compose
 from svd.launch.plan import GIB, Memory, Plan, plan
+from svd.launch.unet_cost import UNetCost
 
 TERM_LABELS = {
     "parameters": "parameters (fp32 shards)",
@@ -97,6 +98,17 @@ def format_plan(p: Plan) -> str:
         f"per sample; {p.node_read_bytes_per_second / 1e6:,.1f} MB/s read per node",
     ]
     lines += [f"note: {note}" for note in p.notes]
+    return "\n".join(lines)
+
+
+def format_blocks(cost: UNetCost, act_bytes: int) -> str:
+    """Per block pair (and the stretches between them): parameters, FLOPs per sample, saved activations."""
+    lines = [f"{'block':22s}{'params (M)':>12s}{'fwd GFLOP':>12s}{'bwd GFLOP':>12s}{'saved MiB':>12s}"]
+    for b in cost.blocks:
+        lines.append(
+            f"{b.name:22s}{sum(b.params.values()) / 1e6:>12.2f}{b.forward / 1e9:>12.1f}"
+            f"{b.backward / 1e9:>12.1f}{b.saved_bytes(act_bytes) / 2**20:>12.1f}"
+        )
     return "\n".join(lines)
 
 

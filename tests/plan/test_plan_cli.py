@@ -62,6 +62,16 @@ def test_json_is_the_same_plan_machine_readable(capsys):
     assert data["days"] == pytest.approx(150_000 * data["step_seconds"] / 86400)
 
 
+def test_blocks_list_every_block_pair_with_its_share(capsys):
+    assert _main("jobs/plan.py")(["stage=video_pretrain", "nodes=32", "--blocks"]) == 0
+    rows = capsys.readouterr().out.split("params (M)")[1].strip().splitlines()
+    names = [row.split()[0] for row in rows]
+    assert names[0] == "embed"
+    assert names[-1] == "out"
+    assert "mid.attn.0" in names
+    assert sum(float(row.split()[1]) for row in rows) == pytest.approx(1524.6, abs=0.2)
+
+
 def test_a_plan_that_does_not_fit_exits_1_and_a_bad_key_2(capsys):
     main = _main("jobs/plan.py")
     assert main(["stage=video_finetune_hq", "gpu=a100-40gb", "nodes=1", "data.micro_batch=8"]) == 1
