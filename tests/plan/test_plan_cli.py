@@ -64,7 +64,8 @@ def test_json_is_the_same_plan_machine_readable(capsys):
 
 def test_blocks_list_every_block_pair_with_its_share(capsys):
     assert _main("jobs/plan.py")(["stage=video_pretrain", "nodes=32", "--blocks"]) == 0
-    rows = capsys.readouterr().out.split("params (M)")[1].strip().splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    rows = lines[next(i for i, line in enumerate(lines) if "params (M)" in line) + 1 :]
     names = [row.split()[0] for row in rows]
     assert names[0] == "embed"
     assert names[-1] == "out"
