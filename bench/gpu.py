@@ -90,7 +90,7 @@ def format_comparison(rows: list[tuple[str, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def measure(steps: int, folder: Path) -> Measured:
+def measure(steps: int, folder: Path, gpu: str) -> Measured:
     import numpy as np
     import torch
 
@@ -101,6 +101,7 @@ def measure(steps: int, folder: Path) -> Measured:
     bench_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_train)
     table = bench_train.make_table(folder, videos=4, size=(320, 576), seconds=2.0)
+    peak = compose([f"gpu={gpu}", "data.table=unread"]).gpu.bf16_tflops * 1e12
     run_dir = folder / "run"
     cfg = compose(
         [
@@ -112,6 +113,8 @@ def measure(steps: int, folder: Path) -> Measured:
             f"data.cache_dir={folder / 'rows'}",
             "data.num_workers=4",
             "metrics.port=9400",  # the trainer counts FLOPs (for MFU) when it serves metrics
+            f"metrics.gpu={gpu}",  # MFU against the catalogue's peak, as the plan's
+            f"metrics.gpu_peak_flops.{gpu}={peak}",
         ]
     )
     result = launch_local(cfg)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.gpu or gpu_kind(torch.cuda.get_device_name())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="svd-bench-gpu-") as tmp:
-        measured = measure(args.steps, Path(tmp))
+        measured = measure(args.steps, Path(tmp), gpu)
     plan = planned(gpu)
     print(
         f"\nsvd preset, 14×320×576, bf16, FSDP2 + full activation checkpointing, 1 × {gpu}, "
