@@ -10,10 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from svd.config import ConfigError, compose, options
-from svd.launch.plan import GIB, plan
+from svd.launch.plan import GIB, cost_of, plan, trainable_parameters
 from svd.launch.plan_report import SCALING_DOC_COMMAND, scaling_doc, summary
+from svd.model.lora import apply_lora
+from svd.model.video_unet import VideoUNet
+from svd.train.task import unet_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,3 +215,18 @@ def test_committed_scaling_doc_is_what_the_planner_generates():
     assert committed == scaling_doc(), (
         f"docs/scaling.md is out of date: regenerate it with {SCALING_DOC_COMMAND}"
     )
+
+
+@pytest.mark.parametrize(("stage", "extra"), [("camera_lora", ["stage.lora_rank=4"]), ("image_pretrain", [])])
+def test_trainable_parameters_are_those_the_trainer_trains(stage, extra):
+    """LoRA adapters of the temporal attention; in Stage I everything but the temporal layers."""
+    cfg = compose(["data.table=unread", f"stage={stage}", "model=tiny", *extra])
+    with torch.device("meta"):
+        model = VideoUNet(unet_config(cfg, latent_channels=12))
+    if stage == "camera_lora":
+        apply_lora(model, rank=4)
+    else:
+        for _, p in model.temporal_parameters():
+            p.requires_grad_(False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable_parameters(cfg, cost_of(cfg)) == trained
