@@ -43,8 +43,10 @@ GIB = 2**30
 FP32 = 4
 BACKWARD_BUFFERS = 3.0  # gradient buffers of a block's backward, in units of its largest activation
 TEXT_TOKENS = 77  # CLIP text context length
-# Frozen encoders, parameters (kept in fp32 on the device) and forward FLOPs per sample.
-AUTOENCODER_PARAMS = {"kl_temporal": 97.7e6, "kl": 83.7e6, "space_to_depth": 0.0}
+# Frozen encoders, parameters (kept in fp32 on the device) and forward FLOPs per sample. The autoencoders:
+# diffusers' AutoencoderKLTemporalDecoder and AutoencoderKL at the released layout (SD 2.1 encoder).
+AUTOENCODER_PARAMS = {"kl_temporal": 97_742_847, "kl": 83_653_863, "space_to_depth": 0}
+ENCODE_FEATURE_MAPS = 4.25  # full-resolution feature maps alive while a chunk encodes (CPU-measured)
 TEXT_ENCODER_PARAMS = 354e6  # OpenCLIP ViT-H-14 text tower
 IMAGE_ENCODER_PARAMS = 632e6  # OpenCLIP ViT-H-14 vision tower
 IMAGE_ENCODER_TOKENS = 257  # 224² / 14² patches + class token
@@ -253,9 +255,14 @@ def serves_frames(cfg: RunConfig) -> bool:
     return cfg.stage.task in CONDITIONED_ON_IMAGE or cfg.data.serve != "latents"
 
 
+def encode_work_bytes(frames: int, height: int, width: int, channels: int) -> float:
+    """Peak working memory of the image encoder on `frames` frames in fp32 without gradients: the input
+    and `ENCODE_FEATURE_MAPS` feature maps of its first (full-resolution) width `channels`."""
+    return frames * height * width * (3 + ENCODE_FEATURE_MAPS * channels) * FP32
+
+
 def frozen_encoder_memory(cfg: RunConfig) -> tuple[float, float]:
-    """(weights, encoding work) in bytes. The work is the SD encoder's full-resolution stage on one chunk
-    of frames in fp32 without gradients: its input, two 128-channel feature maps and the residual."""
+    """(weights, encoding work) in bytes; the autoencoder encodes 14 frames at a time (its chunk)."""
     params = AUTOENCODER_PARAMS[cfg.model.autoencoder]
     on_image = cfg.stage.task in CONDITIONED_ON_IMAGE
     if cfg.model.image_encoder and on_image:
@@ -265,7 +272,7 @@ def frozen_encoder_memory(cfg: RunConfig) -> tuple[float, float]:
     work = 0.0
     if serves_frames(cfg) and cfg.model.autoencoder != "space_to_depth":
         chunk = min(14, cfg.data.frames * cfg.data.micro_batch)
-        work = chunk * cfg.data.height * cfg.data.width * (3 + 3 * SD_ENCODER_CHANNELS[0]) * FP32
+        work = encode_work_bytes(chunk, cfg.data.height, cfg.data.width, SD_ENCODER_CHANNELS[0])
     return params * FP32, work
 
 
