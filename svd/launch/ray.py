@@ -10,6 +10,15 @@ Failures: when a worker dies, Ray Train stops the others and starts a new worker
 checkpoint of `checkpoint.run_dir`, as after a Slurm requeue: Ray's own checkpointing is not used, its
 storage (`launcher.ray_storage`, else `<run_dir>/ray`) only keeps the run's state and logs.
 
+GPUs: with `cluster.gpus` each worker gets one GPU when the cluster has GPUs when the job starts (Ray
+Train then picks NCCL), else the workers train on CPUs and see no GPU. An autoscaling cluster that has
+no GPU node yet would so train on CPUs: give it a minimum of GPU workers (the chart's RayJob has fixed
+worker replicas). The driver stays until the run ends (`launcher.wait` does not apply): it owns the
+trainer, and on KubeRay the RayJob is the driver.
+
+Storage: `launcher.ray_storage` must be shared by all nodes (s3://…) on a cluster of several nodes; a
+local path serves one host only.
+
 Curation: `curate_shards` runs `shards` Ray tasks, each one `shard=i/shards` of the same pipeline.
 
 The workers import the `svd` the driver imported (its folder leads their PYTHONPATH): the same checkout

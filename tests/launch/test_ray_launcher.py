@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from svd.config import compose
 from svd.curate.config import CurateConfig
+from svd.data.local_s3 import free_port
 from svd.launch import ray as ray_launcher
 
 from ..train.conftest import train_table  # noqa: F401 (the fixture: a clip table on the S3 server)
@@ -107,12 +109,14 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
     train_table,  # noqa: F811
     moto_s3,
 ):
+    port = free_port()
     args = settings(
         train_table,
         "ray-killed",
         "train.steps=6",
         "launcher.max_requeues=1",
         f"launcher.ray_address={ray_head}",
+        f"metrics.port={port}",
     )
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
@@ -127,6 +131,8 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
             assert process.poll() is None, process.communicate()[0]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
         workers = _train_workers()
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
@@ -136,6 +142,8 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
             process.kill()
             process.wait()
     assert process.returncode == 0, output
+    samples = [line for line in scraped.splitlines() if line.startswith("svd_samples_total{")]
+    assert sorted(line.split('rank="')[1].split('"')[0] for line in samples) == ["0", "1"]  # one endpoint
     assert ray_head.startswith("127.0.0.1:")
     assert f"on the Ray cluster at {ray_head}" in output
     finished = [line for line in output.splitlines() if "ray: rank 0 reached step" in line]
