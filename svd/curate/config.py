@@ -24,6 +24,7 @@ class CurateConfig:
     cpus_per_shard: int = 0  # slurm/ray; 0: workers + 1
     gpus_per_shard: int = 0  # slurm/ray: CLIP, captioning and latents run on a GPU where there is one
     folder: str = "outputs/launch/curate"  # slurm: submitit's logs and pickles (a shared filesystem)
+    wait: bool = True  # slurm: stay until every shard ends and report each (else print the job id)
     commit_every: int = 8  # videos per Lance commit (a crash loses at most this many)
     source: str = ""  # the `source` column; default: the input URI
     split: str = "train"

@@ -1,0 +1,385 @@
+"""Slurm: `nodes` × `gpus_per_node` tasks started by `srun`, one rank each, submitted through submitit.
+
+One sbatch job holds the whole run. Every task reads its rank from Slurm (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID) and finds rank 0 on the first node of the job, on a port derived from the job id, so that
+two jobs sharing a node never meet. The same rank entry serves submitit and a hand-written sbatch script
+(`python -m svd.launch.slurm run.yaml`, jobs/slurm/train.sbatch).
+
+Slurm warns `cluster.signal_delay_s` before the time limit, and on preemption, with SIGUSR2 (submitit's
+`--signal=USR2@delay`). Every rank then finishes its step and the run saves a checkpoint of it; after that,
+rank 0 requeues the job, which resumes from that checkpoint (the trainer resumes from `checkpoint.run_dir`).
+A crash is requeued too, at most `launcher.max_requeues` times, then given up with the error.
+
+Curation shards are a submitit job array: task i curates `shard=i/shards` into the shared table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import submitit
+from omegaconf import OmegaConf
+
+from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
+from svd.curate.config import CurateConfig
+
+if TYPE_CHECKING:
+    from svd.curate.pipeline import RunSummary
+    from svd.train.trainer import TrainResult
+
+REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit asks Slurm to send before the time limit, and on preemption
+MASTER_PORTS = (15000, 5000)  # first port, count: job id → port, below the ephemeral range (32768+)
+# A time limit or a preemption always requeues (the run resumes from its checkpoint, losing nothing); submitit
+# counts them against this, so it is large rather than a limit anyone should meet.
+TIME_LIMIT_REQUEUES = 10_000
+
+
+class CrashedTooOftenError(RuntimeError):
+    """A run that crashed more often than launcher.max_requeues allows."""
+
+
+# ---- what is submitted ---------------------------------------------------------------------------------
+def sbatch_parameters(
+    cluster: ClusterConfig,
+    *,
+    job_name: str,
+    nodes: int,
+    tasks_per_node: int,
+    cpus_per_task: int,
+    gpus_per_node: int,
+    exclusive: bool,
+) -> dict[str, Any]:
+    """submitit's Slurm parameters (sbatch's options, `_` for `-`) of a job on `cluster`."""
+    check_cluster(cluster)
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "nodes": nodes,
+        "ntasks_per_node": tasks_per_node,
+        "cpus_per_task": cpus_per_task,
+        "time": cluster.time_min,
+        "signal_delay_s": cluster.signal_delay_s,
+        "additional_parameters": {},
+    }
+    if cluster.setup:
+        params["setup"] = list(cluster.setup)
+    if cluster.gpus and gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if exclusive:
+        params["exclusive"] = True
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(cluster, key):
+            params[key] = getattr(cluster, key)
+    # --mem as sbatch reads it (submitit's own `mem` takes GB and cannot say 0, the whole node)
+    if cluster.mem_gb or exclusive:
+        params["additional_parameters"]["mem"] = f"{cluster.mem_gb}G" if cluster.mem_gb else "0"
+    params["additional_parameters"].update(cluster.sbatch_extra)
+    return params
+
+
+def check_cluster(cluster: ClusterConfig) -> None:
+    """Raises ConfigError naming the first setting that sbatch would refuse, or that makes no sense."""
+    for key in ("time_min", "cpus_per_task"):
+        if getattr(cluster, key) < 1:
+            raise ConfigError(f"cluster.{key}={getattr(cluster, key)} must be ≥ 1")
+    if cluster.mem_gb < 0:
+        raise ConfigError(f"cluster.mem_gb={cluster.mem_gb} must be ≥ 0 (0: Slurm's default)")
+    if not 0 <= cluster.signal_delay_s < cluster.time_min * 60:
+        raise ConfigError(
+            f"cluster.signal_delay_s={cluster.signal_delay_s} must be ≥ 0 and shorter than "
+            f"cluster.time_min={cluster.time_min} minutes"
+        )
+    for key in cluster.sbatch_extra:
+        if key.replace("_", "-") in ("nodes", "ntasks-per-node", "array", "output", "error", "signal"):
+            raise ConfigError(f"cluster.sbatch_extra.{key}: set by the launcher; use the run's settings")
+
+
+def train_parameters(cfg: RunConfig) -> dict[str, Any]:
+    return sbatch_parameters(
+        cfg.cluster,
+        job_name=cfg.job_name,
+        nodes=cfg.nodes,
+        tasks_per_node=cfg.gpus_per_node,
+        cpus_per_task=cfg.cluster.cpus_per_task,
+        gpus_per_node=cfg.gpus_per_node,
+        exclusive=cfg.cluster.exclusive,
+    )
+
+
+def executor(folder: str | Path, params: dict[str, Any]) -> submitit.SlurmExecutor:
+    """submitit's Slurm executor: its parameters are sbatch's, the same ones `dry_run` shows."""
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=TIME_LIMIT_REQUEUES)
+    ex.update_parameters(**params)
+    return ex
+
+
+def dry_run(cfg: RunConfig) -> str:
+    """The sbatch script submitit would submit (no cluster needed)."""
+    from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes, without submitting
+
+    folder = Path(cfg.launcher.folder).resolve()
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, **train_parameters(cfg))
+
+
+# ---- the submitter's side ------------------------------------------------------------------------------
+def launch(cfg: RunConfig) -> int:
+    try:
+        ex = executor(cfg.launcher.folder, train_parameters(cfg))
+        job = ex.submit(SlurmTraining(to_yaml(cfg), cfg.launcher.max_requeues))
+    except submitit.core.utils.FailedJobError as e:  # sbatch refused (submitit echoed its error output)
+        print(f"launch: sbatch refused the job: {_sbatch_error(str(e))}", file=sys.stderr)
+        return 2
+    print(f"slurm job {job.job_id}: logs in {cfg.launcher.folder}", flush=True)
+    if not cfg.launcher.wait:
+        return 0
+    try:
+        result: TrainResult = job.results()[0]
+    except Exception as e:  # the job failed: its traceback is in the log folder
+        print(f"launch: slurm job {job.job_id} failed: {_raised(str(e))}", file=sys.stderr)
+        return 1
+    print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
+    return 0
+
+
+def _sbatch_error(text: str) -> str:
+    """sbatch's first error line: the one naming the option it refused."""
+    errors = [line.strip() for line in text.splitlines() if line.strip().startswith("sbatch: error:")]
+    return errors[0] if errors else _last_line(text)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _raised(failure: str) -> str:
+    """The exception that ended a job, from submitit's report of it (a traceback, then the log paths),
+    without its module: `CrashedTooOftenError: gave up …`."""
+    raised = [m for line in failure.splitlines() if (m := re.match(r"(?:\w+\.)*(\w+): (.*)", line))]
+    return f"{raised[-1][1]}: {raised[-1][2]}" if raised else _last_line(failure)
+
+
+# ---- each rank -----------------------------------------------------------------------------------------
+class SlurmTraining(submitit.helpers.Checkpointable):
+    """What submitit runs in every task. On the requeue signal, submitit resubmits `checkpoint()`: this
+    object as it is, since the state worth keeping is in the run directory, except how often it crashed."""
+
+    def __init__(self, config_yaml: str, max_requeues: int) -> None:
+        self.config_yaml = config_yaml
+        self.max_requeues = max_requeues
+        self.crashes = 0
+
+    def __call__(self) -> TrainResult:
+        try:
+            result = train_rank(from_yaml(self.config_yaml))
+        except Exception as e:
+            if self.crashes >= self.max_requeues:
+                raise CrashedTooOftenError(
+                    f"gave up after {self.crashes} requeues (launcher.max_requeues={self.max_requeues}): "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            self.crashes += 1
+            print(f"svd: crashed ({type(e).__name__}: {e}); requeue {self.crashes} of {self.max_requeues}")
+            _requeue_through_submitit()
+        if result.stopped:
+            _requeue_through_submitit()
+        return result
+
+
+def _requeue_through_submitit() -> NoReturn:
+    """submitit's own handler of the signal requeues the job on rank 0 (resubmitting `checkpoint()`) and
+    exits; the other ranks leave without a result, as the requeue would end them anyway. They leave with
+    status 0: a site with KillOnBadExit would otherwise end rank 0 before it requeues."""
+    signal.raise_signal(REQUEUE_SIGNAL)
+    _leave_for_the_requeue()
+
+
+def _leave_for_the_requeue() -> NoReturn:
+    print(f"svd: rank {os.environ.get('RANK')} leaves for the requeue", flush=True)
+    raise SystemExit(0)
+
+
+def train_rank(cfg: RunConfig) -> TrainResult:
+    """One rank of the run: the torch.distributed environment from Slurm's, the node's metrics endpoint
+    announced to Prometheus, training until done or until the requeue signal asks for a checkpoint."""
+    from svd.train import run
+    from svd.train.stop import StopRequest
+
+    os.environ.update(rendezvous_env(os.environ, cfg.launcher.master_port))
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != cfg.world_size:
+        raise ConfigError(
+            f"the job has {world_size} tasks but the run wants nodes={cfg.nodes} × "
+            f"gpus_per_node={cfg.gpus_per_node}: give sbatch --nodes={cfg.nodes} "
+            f"--ntasks-per-node={cfg.gpus_per_node}"
+        )
+    with node_metrics(cfg), StopRequest().on_signals([REQUEUE_SIGNAL]) as stop:
+        return run(cfg, stop)
+
+
+def rendezvous_env(slurm: Mapping[str, str], master_port: int = 0) -> dict[str, str]:
+    """torch.distributed's variables from Slurm's: rank 0 is the first task of the first node."""
+    tasks, nodes = int(slurm["SLURM_NTASKS"]), int(slurm["SLURM_JOB_NUM_NODES"])
+    return {
+        "RANK": slurm["SLURM_PROCID"],
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": slurm["SLURM_LOCALID"],
+        "LOCAL_WORLD_SIZE": str(tasks // nodes),
+        "MASTER_ADDR": first_host(slurm["SLURM_JOB_NODELIST"]),
+        "MASTER_PORT": str(master_port or job_port(slurm["SLURM_JOB_ID"])),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("gpu[003-010,012]" → "gpu003"), as Slurm expands it."""
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return hosts[0]
+
+
+def job_port(job_id: str) -> int:
+    first, count = MASTER_PORTS
+    return first + int(job_id) % count
+
+
+@contextmanager
+def node_metrics(cfg: RunConfig) -> Iterator[None]:
+    """With metrics.port: the node's ranks share a multiprocess folder new to this run of the job (a
+    requeued run never serves the files of the last), and local rank 0 announces host:port to Prometheus
+    (file_sd) while the run lasts."""
+    if not cfg.metrics.port:
+        yield
+        return
+    from svd.launch.targets import remove_target, write_target
+    from svd.train.metrics import ENV_DIR, MetricsConfig
+
+    job_id, restarts = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
+    folder = MetricsConfig(port=cfg.metrics.port).directory(f"{cfg.job_name}-{job_id}-{restarts}")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV_DIR] = str(folder)
+    if os.environ["LOCAL_RANK"] != "0":
+        yield
+        return
+    node = os.environ["SLURMD_NODENAME"]
+    name = f"{cfg.job_name}-{job_id}-{node}"
+    labels = {"job": cfg.job_name, "slurm_job_id": job_id, "node": node}
+    write_target(name, node, cfg.metrics.port, labels)
+    try:
+        yield
+    finally:
+        remove_target(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The rank entry of a hand-written sbatch script: `srun python -m svd.launch.slurm run.yaml`. Without
+    submitit, rank 0 requeues the job itself; crashes count against SLURM_RESTART_COUNT (every requeue)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: srun python -m svd.launch.slurm run.yaml  (from `jobs/launch.py … --cfg > run.yaml`)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cfg = from_yaml(Path(argv[0]).read_text())
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    try:
+        result = train_rank(cfg)
+    except ConfigError as e:  # the job does not fit the run: a requeue would not change that
+        print(f"svd: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if restarts >= cfg.launcher.max_requeues:
+            print(f"svd: gave up after {restarts} requeues (launcher.max_requeues): {e}", file=sys.stderr)
+            return 1
+        print(
+            f"svd: crashed ({type(e).__name__}: {e}); requeue {restarts + 1} of {cfg.launcher.max_requeues}"
+        )
+        _requeue_with_scontrol()
+    if result.stopped:
+        _requeue_with_scontrol()
+    print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
+    return 0
+
+
+def _requeue_with_scontrol() -> NoReturn:
+    if os.environ["RANK"] == "0":
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
+    _leave_for_the_requeue()
+
+
+# ---- curation shards -----------------------------------------------------------------------------------
+def cluster_config(name: str) -> ClusterConfig:
+    """The `cluster:` settings of jobs/conf/cluster/<name>.yaml."""
+    path = CONF_DIR / "cluster" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"cluster={name!r}: no {path}")
+    with config_errors(ClusterConfig):
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), OmegaConf.load(path).get("cluster", {}))
+        return OmegaConf.to_object(merged)
+
+
+def curate_shard(cfg: CurateConfig) -> RunSummary:
+    """One task of the array: the local curation of one shard (its summary comes back to the submitter)."""
+    from svd.curate.pipeline import run
+
+    return run(cfg, progress=False)
+
+
+def curate_shards(cfg: CurateConfig) -> int:
+    """A job array of `cfg.shards` tasks, each curating one shard into the same table."""
+    try:
+        cluster = cluster_config(cfg.cluster)
+        params = sbatch_parameters(
+            cluster,
+            job_name="curate",
+            nodes=1,
+            tasks_per_node=1,
+            cpus_per_task=cfg.cpus_per_shard or cfg.workers + 1,
+            gpus_per_node=cfg.gpus_per_shard,
+            exclusive=False,  # shards share nodes; the site's `exclusive` is for training
+        )
+        shards = [
+            replace(cfg, shard=f"{i}/{cfg.shards}", shards=1, launcher="local") for i in range(cfg.shards)
+        ]
+        jobs = executor(cfg.folder, params).map_array(curate_shard, shards)
+    except ConfigError as e:
+        print(f"curate: {e}", file=sys.stderr)
+        return 2
+    except submitit.core.utils.FailedJobError as e:
+        print(f"curate: sbatch refused the job array: {_sbatch_error(str(e))}", file=sys.stderr)
+        return 2
+    print(
+        f"slurm job array {jobs[0].job_id.split('_')[0]}: {cfg.shards} shards, logs in {cfg.folder}",
+        flush=True,
+    )
+    if not cfg.wait:
+        return 0
+    failed = 0
+    for shard, job in zip(shards, jobs, strict=True):
+        try:
+            summary = job.result()
+        except Exception as e:
+            failed += 1
+            print(
+                f"curate: shard {shard.shard} (job {job.job_id}) failed: {_raised(str(e))}",
+                file=sys.stderr,
+            )
+            continue
+        failed += summary.transient > 0
+        print(
+            f"shard {shard.shard}: {summary.curated} curated → {summary.clips} clips, "
+            f"{summary.transient} to retry"
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
