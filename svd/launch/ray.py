@@ -29,7 +29,6 @@ the driver's).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.storage import Storage, join, scheme
+from svd.launch import curate_shard, shard_configs
 
 if TYPE_CHECKING:
     from svd.curate.config import CurateConfig
@@ -342,11 +342,8 @@ def curate_on_ray(cfg: CurateConfig) -> ShardResults:
     results = ShardResults({}, {})
     with ray_cluster(address, cpus=cfg.shards * cpus, gpus=cfg.shards * cfg.gpus_per_shard) as ray:
         print(f"ray: {cfg.shards} curation shards ({cpus} CPUs each) on {_where(address)}", flush=True)
-        task = ray.remote(num_cpus=cpus, num_gpus=cfg.gpus_per_shard)(_curate_shard)
-        refs = [
-            task.remote(dataclasses.replace(cfg, shard=f"{i}/{cfg.shards}", shards=1, launcher="local"))
-            for i in range(cfg.shards)
-        ]
+        task = ray.remote(num_cpus=cpus, num_gpus=cfg.gpus_per_shard)(curate_shard)
+        refs = [task.remote(shard) for shard in shard_configs(cfg)]
         for i, ref in enumerate(refs):
             try:
                 results.summaries[i] = ray.get(ref)
@@ -354,12 +351,6 @@ def curate_on_ray(cfg: CurateConfig) -> ShardResults:
                 cause = getattr(e, "cause", None) or e
                 results.failures[i] = f"{type(cause).__name__}: {_first_line(cause)}"
     return results
-
-
-def _curate_shard(cfg: CurateConfig) -> RunSummary:
-    from svd.curate.pipeline import run
-
-    return run(cfg, progress=False)
 
 
 def _summary_line(s: RunSummary) -> str:
