@@ -158,6 +158,21 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
     assert fs.exists(path)  # Ray Train's own state went to the S3 server too, beside our checkpoints
 
 
+def test_ray_storage_on_s3_goes_through_svds_storage_settings_and_a_local_path_is_absolute(
+    moto_s3, tmp_path, monkeypatch
+):
+    from pyarrow.fs import LocalFileSystem, PyFileSystem
+
+    fs, path = ray_launcher.ray_storage("s3://bucket/runs/a/ray", moto_s3.storage)
+    assert isinstance(fs, PyFileSystem)
+    assert path == "bucket/runs/a/ray"
+    assert fs.handler.fs.endpoint_url == moto_s3.env["AWS_ENDPOINT_URL_S3"]
+    monkeypatch.chdir(tmp_path)
+    fs, path = ray_launcher.ray_storage("runs/a/ray", moto_s3.storage)
+    assert isinstance(fs, LocalFileSystem)
+    assert path == str(tmp_path / "runs" / "a" / "ray")
+
+
 @pytest.mark.slow
 def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, moto_s3, capsys):  # noqa: F811
     import lance
