@@ -274,7 +274,7 @@ def _failure_line(e: BaseException) -> str:
     rank = min(failures)
     cause = failures[rank]
     cause = getattr(cause, "cause", None) or cause  # a RayTaskError carries the rank's exception
-    more = f" (and {len(failures) - 1} more ranks)" if len(failures) > 1 else ""
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
     return f"rank {rank}{more}: {type(cause).__name__}: {_first_line(cause)}"
 
 
@@ -340,7 +340,9 @@ def curate_on_ray(cfg: CurateConfig) -> ShardResults:
     cpus = cfg.cpus_per_shard or cfg.workers + 1
     address = cluster_address("")
     results = ShardResults({}, {})
-    with ray_cluster(address, cpus=cfg.shards * cpus, gpus=cfg.shards * cfg.gpus_per_shard) as ray:
+    # A local Ray of this host's CPUs (at least one shard's): the shards beyond wait their turn
+    local_cpus = max(cpus, min(cfg.shards * cpus, os.cpu_count() or 1))
+    with ray_cluster(address, cpus=local_cpus, gpus=cfg.shards * cfg.gpus_per_shard) as ray:
         print(f"ray: {cfg.shards} curation shards ({cpus} CPUs each) on {_where(address)}", flush=True)
         task = ray.remote(num_cpus=cpus, num_gpus=cfg.gpus_per_shard)(curate_shard)
         refs = [task.remote(shard) for shard in shard_configs(cfg)]
