@@ -12,8 +12,14 @@ Each launcher module (`local`, `slurm`, `ray`) offers the same three functions, 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from svd.curate.config import CurateConfig
+    from svd.curate.pipeline import RunSummary
 
 LAUNCHERS = ("local", "slurm", "ray")
 
@@ -22,3 +28,18 @@ def launcher_module(name: str) -> ModuleType:
     if name not in LAUNCHERS:
         raise ValueError(f"launcher {name!r}: expected one of {', '.join(LAUNCHERS)}")
     return importlib.import_module(f"svd.launch.{name}")
+
+
+def shard_configs(cfg: CurateConfig) -> list[CurateConfig]:
+    """What each of the `cfg.shards` tasks of a launcher curates: shard i/shards, locally."""
+    return [
+        dataclasses.replace(cfg, shard=f"{i}/{cfg.shards}", shards=1, launcher="local")
+        for i in range(cfg.shards)
+    ]
+
+
+def curate_shard(cfg: CurateConfig) -> RunSummary:
+    """One task: the local curation of one shard; its summary goes back to the submitter."""
+    from svd.curate.pipeline import run
+
+    return run(cfg, progress=False)

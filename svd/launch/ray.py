@@ -10,6 +10,15 @@ Failures: when a worker dies, Ray Train stops the others and starts a new worker
 checkpoint of `checkpoint.run_dir`, as after a Slurm requeue: Ray's own checkpointing is not used, its
 storage (`launcher.ray_storage`, else `<run_dir>/ray`) only keeps the run's state and logs.
 
+GPUs: with `cluster.gpus` each worker gets one GPU when the cluster has GPUs when the job starts (Ray
+Train then picks NCCL), else the workers train on CPUs and see no GPU. An autoscaling cluster that has
+no GPU node yet would so train on CPUs: give it a minimum of GPU workers (the chart's RayJob has fixed
+worker replicas). The driver stays until the run ends (`launcher.wait` does not apply): it owns the
+trainer, and on KubeRay the RayJob is the driver.
+
+Storage: `launcher.ray_storage` must be shared by all nodes (s3://…) on a cluster of several nodes; a
+local path serves one host only.
+
 Curation: `curate_shards` runs `shards` Ray tasks, each one `shard=i/shards` of the same pipeline.
 
 The workers import the `svd` the driver imported (its folder leads their PYTHONPATH): the same checkout
@@ -20,7 +29,6 @@ the driver's).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -33,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.storage import Storage, join, scheme
+from svd.launch import curate_shard, shard_configs
 
 if TYPE_CHECKING:
     from svd.curate.config import CurateConfig
@@ -265,7 +274,7 @@ def _failure_line(e: BaseException) -> str:
     rank = min(failures)
     cause = failures[rank]
     cause = getattr(cause, "cause", None) or cause  # a RayTaskError carries the rank's exception
-    more = f" (and {len(failures) - 1} more ranks)" if len(failures) > 1 else ""
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
     return f"rank {rank}{more}: {type(cause).__name__}: {_first_line(cause)}"
 
 
@@ -331,13 +340,12 @@ def curate_on_ray(cfg: CurateConfig) -> ShardResults:
     cpus = cfg.cpus_per_shard or cfg.workers + 1
     address = cluster_address("")
     results = ShardResults({}, {})
-    with ray_cluster(address, cpus=cfg.shards * cpus, gpus=cfg.shards * cfg.gpus_per_shard) as ray:
+    # A local Ray of this host's CPUs (at least one shard's): the shards beyond wait their turn
+    local_cpus = max(cpus, min(cfg.shards * cpus, os.cpu_count() or 1))
+    with ray_cluster(address, cpus=local_cpus, gpus=cfg.shards * cfg.gpus_per_shard) as ray:
         print(f"ray: {cfg.shards} curation shards ({cpus} CPUs each) on {_where(address)}", flush=True)
-        task = ray.remote(num_cpus=cpus, num_gpus=cfg.gpus_per_shard)(_curate_shard)
-        refs = [
-            task.remote(dataclasses.replace(cfg, shard=f"{i}/{cfg.shards}", shards=1, launcher="local"))
-            for i in range(cfg.shards)
-        ]
+        task = ray.remote(num_cpus=cpus, num_gpus=cfg.gpus_per_shard)(curate_shard)
+        refs = [task.remote(shard) for shard in shard_configs(cfg)]
         for i, ref in enumerate(refs):
             try:
                 results.summaries[i] = ray.get(ref)
@@ -345,12 +353,6 @@ def curate_on_ray(cfg: CurateConfig) -> ShardResults:
                 cause = getattr(e, "cause", None) or e
                 results.failures[i] = f"{type(cause).__name__}: {_first_line(cause)}"
     return results
-
-
-def _curate_shard(cfg: CurateConfig) -> RunSummary:
-    from svd.curate.pipeline import run
-
-    return run(cfg, progress=False)
 
 
 def _summary_line(s: RunSummary) -> str:

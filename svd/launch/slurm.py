@@ -23,7 +23,6 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -32,9 +31,9 @@ from omegaconf import OmegaConf
 
 from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
 from svd.curate.config import CurateConfig
+from svd.launch import curate_shard, shard_configs
 
 if TYPE_CHECKING:
-    from svd.curate.pipeline import RunSummary
     from svd.train.trainer import TrainResult
 
 REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit asks Slurm to send before the time limit, and on preemption
@@ -326,13 +325,6 @@ def cluster_config(name: str) -> ClusterConfig:
         return OmegaConf.to_object(merged)
 
 
-def curate_shard(cfg: CurateConfig) -> RunSummary:
-    """One task of the array: the local curation of one shard (its summary comes back to the submitter)."""
-    from svd.curate.pipeline import run
-
-    return run(cfg, progress=False)
-
-
 def curate_shards(cfg: CurateConfig) -> int:
     """A job array of `cfg.shards` tasks, each curating one shard into the same table."""
     try:
@@ -346,9 +338,7 @@ def curate_shards(cfg: CurateConfig) -> int:
             gpus_per_node=cfg.gpus_per_shard,
             exclusive=False,  # shards share nodes; the site's `exclusive` is for training
         )
-        shards = [
-            replace(cfg, shard=f"{i}/{cfg.shards}", shards=1, launcher="local") for i in range(cfg.shards)
-        ]
+        shards = shard_configs(cfg)
         jobs = executor(cfg.folder, params).map_array(curate_shard, shards)
     except ConfigError as e:
         print(f"curate: {e}", file=sys.stderr)

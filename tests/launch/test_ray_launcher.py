@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from svd.config import compose
 from svd.curate.config import CurateConfig
+from svd.data.local_s3 import free_port
 from svd.launch import ray as ray_launcher
 
 from ..train.conftest import train_table  # noqa: F401 (the fixture: a clip table on the S3 server)
@@ -85,6 +87,20 @@ def test_a_32_node_job_is_256_workers_without_starting_ray():
     assert ("ray" in sys.modules) == imported  # nor imported it
 
 
+def test_the_cluster_is_ray_address_else_the_environments_else_a_local_ray(monkeypatch):
+    cfg = compose(["launcher=ray", "data.table=s3://b/t.lance"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_launcher.dry_run(cfg).startswith("Ray Train TorchTrainer on a local Ray started here\n")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as KubeRay sets it for a RayJob's entrypoint
+    assert ray_launcher.dry_run(cfg).startswith(
+        "Ray Train TorchTrainer on the Ray cluster at 127.0.0.1:6379\n"
+    )
+    cfg.launcher.ray_address = "127.0.0.1:6380"
+    assert ray_launcher.dry_run(cfg).startswith(
+        "Ray Train TorchTrainer on the Ray cluster at 127.0.0.1:6380\n"
+    )
+
+
 def _train_workers() -> list[int]:
     """The Ray Train workers of this module's Ray: processes titled so whose parent (the raylet) this
     process started."""
@@ -107,12 +123,14 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
     train_table,  # noqa: F811
     moto_s3,
 ):
+    port = free_port()
     args = settings(
         train_table,
         "ray-killed",
         "train.steps=6",
         "launcher.max_requeues=1",
         f"launcher.ray_address={ray_head}",
+        f"metrics.port={port}",
     )
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
@@ -127,6 +145,8 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
             assert process.poll() is None, process.communicate()[0]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
         workers = _train_workers()
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
@@ -136,6 +156,8 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
             process.kill()
             process.wait()
     assert process.returncode == 0, output
+    samples = [line for line in scraped.splitlines() if line.startswith("svd_samples_total{")]
+    assert sorted(line.split('rank="')[1].split('"')[0] for line in samples) == ["0", "1"]  # one endpoint
     assert ray_head.startswith("127.0.0.1:")
     assert f"on the Ray cluster at {ray_head}" in output
     finished = [line for line in output.splitlines() if "ray: rank 0 reached step" in line]
@@ -148,6 +170,21 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
     assert (saved["step"], saved["world_size"]) == (6, 2)
     fs, path = moto_s3.storage.fsspec(f"{train_table['bucket']}/runs/ray-killed/ray/video_pretrain")
     assert fs.exists(path)  # Ray Train's own state went to the S3 server too, beside our checkpoints
+
+
+def test_ray_storage_on_s3_goes_through_svds_storage_settings_and_a_local_path_is_absolute(
+    moto_s3, tmp_path, monkeypatch
+):
+    from pyarrow.fs import LocalFileSystem, PyFileSystem
+
+    fs, path = ray_launcher.ray_storage("s3://bucket/runs/a/ray", moto_s3.storage)
+    assert isinstance(fs, PyFileSystem)
+    assert path == "bucket/runs/a/ray"
+    assert fs.handler.fs.endpoint_url == moto_s3.env["AWS_ENDPOINT_URL_S3"]
+    monkeypatch.chdir(tmp_path)
+    fs, path = ray_launcher.ray_storage("runs/a/ray", moto_s3.storage)
+    assert isinstance(fs, LocalFileSystem)
+    assert path == str(tmp_path / "runs" / "a" / "ray")
 
 
 @pytest.mark.slow
@@ -172,22 +209,32 @@ def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, 
     assert "2 of 2 shards: 10 inputs, 10 already in the table, 0 curated → 0 clips" in capsys.readouterr().out
 
 
-def test_failed_shards_are_reported_one_line_each(ray_head, train_table, capsys):  # noqa: F811
-    cfg = CurateConfig(
-        input=f"{train_table['bucket']}/missing/",
-        output=f"{train_table['bucket']}/never.lance",
-        launcher="ray",
-        shards=2,
-        workers=0,
+@pytest.mark.slow
+def test_curation_on_a_local_ray_reports_each_failed_shard_in_one_line(train_table, moto_s3):  # noqa: F811
+    """Through the command line, without $RAY_ADDRESS: the launcher starts (and stops) a Ray of its own."""
+    missing = f"{train_table['bucket']}/missing/"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | moto_s3.env
+    env |= {
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    argv = [f"input={missing}", f"output={train_table['bucket']}/never.lance", "launcher=ray", "shards=2"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "curate.py"), *argv, "workers=0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
-    assert ray_launcher.curate_shards(cfg) == 1
-    errors = capsys.readouterr().err.splitlines()
-    assert [line.split(":")[0:2] for line in errors[:2]] == [
-        ["curate", " shard 0/2 failed"],
-        ["curate", " shard 1/2 failed"],
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith("ray: 2 curation shards (1 CPUs each) on a local Ray on this host\n")
+    cause = f"InputError: input={missing}: no such file or folder, or nothing in it"
+    assert [line for line in done.stderr.splitlines() if line.startswith("curate:")] == [
+        f"curate: shard 0/2 failed: {cause}",
+        f"curate: shard 1/2 failed: {cause}",
+        "curate: 2 of 2 shards failed; rerun the same command",
     ]
-    assert "missing" in errors[0]
-    assert errors[2] == "curate: 2 of 2 shards failed; rerun the same command"
 
 
 @pytest.mark.slow
