@@ -43,6 +43,7 @@ def run_args(table: dict, tmp_path: Path, *extra: str) -> list[str]:
         "train.log_every=1",
         f"checkpoint.run_dir={tmp_path / 'run'}",
         f"launcher.folder={tmp_path / 'submitit'}",
+        # not the port derived from the job id: job ids restart at 1 in every test session's cluster
         f"launcher.master_port={free_port()}",
         *extra,
     ]
