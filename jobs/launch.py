@@ -5,6 +5,10 @@
     python jobs/launch.py stage=video_pretrain data.table=… --cfg        # print the resolved configuration
     python jobs/launch.py --help                                          # groups, options and settings
 
+A GPU job (launcher slurm or ray with cluster.gpus, or local where CUDA is available) is planned first
+(svd/launch/plan.py, for the GPU of `gpu=`) and refused when its peak memory per GPU does not fit, with the
+term that is too large and the settings that would fix it; `plan.check=false` skips the check.
+
 Arguments are `group=option` (a YAML file of jobs/conf/<group>/) and `key=value` overrides of any setting
 (svd/config.py says what each means). Object-storage credentials come from the AWS_* variables.
 """
@@ -48,6 +52,15 @@ def describe(cfg: RunConfig) -> str:
     )
 
 
+def runs_on_gpus(cfg: RunConfig) -> bool:
+    """Slurm and Ray jobs run on GPUs unless the cluster says otherwise; local runs where CUDA is."""
+    if cfg.launcher.name in ("slurm", "ray"):
+        return cfg.cluster.gpus
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -66,10 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     if "--cfg" in flags:
         print(to_yaml(cfg), end="")
         return 0
+    planned = None
+    if cfg.plan.check and runs_on_gpus(cfg):
+        from svd.launch.plan import PlanError, plan
+        from svd.launch.plan_report import refusal
+
+        try:
+            planned = plan(cfg)
+        except PlanError as e:
+            print(f"launch: {e}", file=sys.stderr)
+            return 2
+        if not planned.fits:
+            print(f"launch: {refusal(cfg, planned)}", file=sys.stderr)
+            return 2
     from svd.launch import launcher_module
 
     launcher = launcher_module(cfg.launcher.name)
     print(describe(cfg), flush=True)
+    if planned is not None:
+        from svd.launch.plan_report import summary
+
+        print(summary(planned), flush=True)
     try:
         if "--dry-run" in flags:
             print(launcher.dry_run(cfg))

@@ -24,8 +24,14 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 T = TypeVar("T")
 CONF_DIR = Path(__file__).resolve().parents[1] / "jobs" / "conf"
-GROUPS = ("stage", "model", "launcher", "cluster")
-DEFAULT_OPTIONS = {"stage": "video_pretrain", "model": "svd", "launcher": "local", "cluster": "default"}
+GROUPS = ("stage", "model", "launcher", "cluster", "gpu")
+DEFAULT_OPTIONS = {
+    "stage": "video_pretrain",
+    "model": "svd",
+    "launcher": "local",
+    "cluster": "default",
+    "gpu": "h100-80gb",
+}
 TASKS = ("image", "text_to_video", "image_to_video", "interpolation", "multiview")
 
 
@@ -175,6 +181,31 @@ class ClusterConfig:
 
 
 @dataclass
+class GpuConfig:
+    """One GPU kind of the catalogue (jobs/conf/gpu/<kind>.yaml): what the capacity planner plans for."""
+
+    name: str = "h100-80gb"
+    memory_gib: float = 79.6  # device memory as nvidia-smi reports it
+    bf16_tflops: float = 989.0  # dense bf16 tensor-core peak, TFLOP/s
+    intra_node_gbps: float = 450.0  # GB/s per GPU, one direction, between GPUs of a node (NVLink)
+    inter_node_gbps: float = 50.0  # GB/s per GPU, one direction, between nodes (InfiniBand/RoCE)
+    node_gpus: int = 8  # GPUs in one node of this kind (the planner's default gpus_per_node)
+
+
+@dataclass
+class PlanConfig:
+    """Assumptions of the capacity planner (svd/launch/plan.py) and whether launch.py consults it."""
+
+    check: bool = True  # launch.py refuses a GPU job whose plan does not fit the GPU's memory
+    mfu: float = 0.35  # share of the bf16 peak sustained on the FLOPs a step executes (recompute included)
+    workspace_fraction: float = 0.10  # allocator fragmentation and kernel workspaces, of everything else
+    cuda_context_gib: float = 0.75  # CUDA context, NCCL buffers and libraries, per process
+    # bitrate of the stored clips (Mbit/s): serving frames, the loader reads the span of source video
+    # that covers the sampled frames (data.frames / data.fps seconds)
+    source_mbps: float = 8.0
+
+
+@dataclass
 class RunConfig:
     job_name: str = "${stage.name}"
     nodes: int = 1
@@ -189,6 +220,8 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     @property
     def world_size(self) -> int:
@@ -343,6 +376,21 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         ("train.val_every", cfg.train.val_every),
         ("train.preview_every", cfg.train.preview_every),
         ("metrics.port", cfg.metrics.port),
+    ]:
+        _check(value >= 0, f"{key}={value} must be ≥ 0")
+    for key, value in [
+        ("gpu.memory_gib", cfg.gpu.memory_gib),
+        ("gpu.bf16_tflops", cfg.gpu.bf16_tflops),
+        ("gpu.intra_node_gbps", cfg.gpu.intra_node_gbps),
+        ("gpu.inter_node_gbps", cfg.gpu.inter_node_gbps),
+        ("gpu.node_gpus", cfg.gpu.node_gpus),
+        ("plan.source_mbps", cfg.plan.source_mbps),
+    ]:
+        _check(value > 0, f"{key}={value} must be > 0")
+    _check(0 < cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
+    for key, value in [
+        ("plan.workspace_fraction", cfg.plan.workspace_fraction),
+        ("plan.cuda_context_gib", cfg.plan.cuda_context_gib),
     ]:
         _check(value >= 0, f"{key}={value} must be ≥ 0")
     _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")

@@ -3,7 +3,8 @@
 - Device and backend: CUDA + NCCL when a GPU is visible, else CPU + gloo. Nothing else in svd asks.
 - The process group comes from the torch.distributed environment variables (RANK, WORLD_SIZE,
   LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that every launcher sets; collectives get a timeout, so a dead
-  rank fails the job instead of hanging it.
+  rank fails the job instead of hanging it. A group the launcher already created (Ray Train's, with the
+  same timeout) is joined as it is.
 - The mesh: plain FSDP2 over all ranks, or HSDP (replicate across nodes, shard within a node), where
   parameters are all-gathered over the fast intra-node links only.
 - `parallelize` is applied *to* a built model (torchtitan's pattern; the model never knows it is
@@ -74,6 +75,8 @@ def init_distributed(timeout_s: float) -> DistEnv:
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
+    else:  # the launcher made the group (Ray Train: NCCL where it placed GPUs, else gloo)
+        backend = dist.get_backend()
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
 
 

@@ -1,0 +1,203 @@
+"""The Ray launcher on a real local Ray (one head on 127.0.0.1 per module): FSDP2 training by Ray Train
+workers, a killed worker restarted by Ray and resumed from our checkpoint, curation shards as Ray tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from svd.config import compose
+from svd.curate.config import CurateConfig
+from svd.launch import ray as ray_launcher
+
+from ..train.conftest import train_table  # noqa: F401 (the fixture: a clip table on the S3 server)
+
+pytestmark = pytest.mark.skipif(find_spec("ray") is None, reason="ray is not installed (the ray extra)")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_TITLE = b"ray::RayTrainWorker"  # the process title of a Ray Train worker
+
+
+@pytest.fixture(scope="module")
+def ray_head(moto_s3) -> Iterator[str]:
+    """A local Ray head of 3 CPUs on 127.0.0.1, started in this process; its workers inherit the S3 server's
+    variables, this checkout on PYTHONPATH and one thread each. Yields the address other drivers connect
+    to. (Ray reads its settings when imported: this is the first import.)"""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in moto_s3.env.items():
+            env.setenv(key, value)
+        env.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env.setenv("OMP_NUM_THREADS", "1")
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv(ray_launcher.LOCAL_ONLY, "0")
+        env.delenv("RAY_ADDRESS", raising=False)
+        import ray
+
+        ray.init(
+            num_cpus=3,
+            include_dashboard=False,
+            object_store_memory=ray_launcher.LOCAL_OBJECT_STORE_BYTES,
+            runtime_env=ray_launcher.runtime_env(),
+        )
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
+
+
+def settings(table: dict, run: str, *extra: str) -> list[str]:
+    return [
+        "launcher=ray",
+        "model=tiny",
+        "gpus_per_node=2",
+        "cluster.cpus_per_task=1",
+        f"data.table={table['table']}",
+        f"checkpoint.run_dir={table['bucket']}/runs/{run}",
+        "data.frames=4",
+        "data.fps=4",
+        "train.log_every=1",
+        "checkpoint.every=2",
+        "train.seed=0",
+        *extra,
+    ]
+
+
+def marker(moto_s3, table: dict, run: str) -> dict | None:
+    fs, path = moto_s3.storage.fsspec(f"{table['bucket']}/runs/{run}/checkpoints/latest")
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def test_a_32_node_job_is_256_workers_without_starting_ray():
+    cfg = compose(["launcher=ray", "nodes=32", "gpus_per_node=8", "data.table=s3://b/t.lance"])
+    imported = "ray" in sys.modules
+    text = ray_launcher.dry_run(cfg)
+    assert "ScalingConfig(num_workers=256, use_gpu=True, resources_per_worker={'CPU': 8, 'GPU': 1})" in text
+    assert "FailureConfig(max_failures=3)" in text
+    assert "RunConfig(name='video_pretrain', storage_path='outputs/runs/video_pretrain/ray')" in text
+    assert ("ray" in sys.modules) == imported  # nor imported it
+
+
+def _train_workers() -> list[int]:
+    """The Ray Train workers of this module's Ray: processes titled so whose parent (the raylet) this
+    process started."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if not (stat.parent / "cmdline").read_bytes().startswith(WORKER_TITLE):
+                continue
+            raylet = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if int(Path(f"/proc/{raylet}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(pids)
+
+
+@pytest.mark.slow
+def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from_the_checkpoint(
+    ray_head,
+    train_table,  # noqa: F811
+    moto_s3,
+):
+    args = settings(
+        train_table,
+        "ray-killed",
+        "train.steps=6",
+        "launcher.max_requeues=1",
+        f"launcher.ray_address={ray_head}",
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while marker(moto_s3, train_table, "ray-killed") is None:
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        workers = _train_workers()
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert ray_head.startswith("127.0.0.1:")
+    assert f"on the Ray cluster at {ray_head}" in output
+    finished = [line for line in output.splitlines() if "ray: rank 0 reached step" in line]
+    assert len(finished) == 1, output  # the first worker group never finished
+    resumed_from = int(finished[0].rsplit("from step ", 1)[1])
+    assert resumed_from in (2, 4), finished  # a checkpoint of the first worker group
+    assert "ray: rank 0 reached step 6" in finished[0]
+    assert output.rstrip().endswith(f"done: 6 steps in {train_table['bucket']}/runs/ray-killed")
+    saved = marker(moto_s3, train_table, "ray-killed")
+    assert (saved["step"], saved["world_size"]) == (6, 2)
+    fs, path = moto_s3.storage.fsspec(f"{train_table['bucket']}/runs/ray-killed/ray/video_pretrain")
+    assert fs.exists(path)  # Ray Train's own state went to the S3 server too, beside our checkpoints
+
+
+@pytest.mark.slow
+def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, moto_s3, capsys):  # noqa: F811
+    import lance
+
+    output = f"{train_table['bucket']}/ray-curated.lance"
+    cfg = CurateConfig(
+        input=f"{train_table['bucket']}/raw/", output=output, launcher="ray", shards=2, workers=0
+    )
+    results = ray_launcher.curate_on_ray(cfg)
+    assert results.failures == {}
+    inputs = [results.summaries[i].videos_in_shard for i in (0, 1)]
+    assert min(inputs) > 0  # both shards had work
+    assert sum(inputs) == 10  # 6 videos and 4 images
+    total = results.total
+    assert total.curated == 10
+    rows = lance.dataset(output, storage_options=moto_s3.storage.lance_options(output)).count_rows()
+    assert rows == total.clips > 0
+    capsys.readouterr()
+    assert ray_launcher.curate_shards(cfg) == 0  # a rerun finds everything in the table
+    assert "2 of 2 shards: 10 inputs, 10 already in the table, 0 curated → 0 clips" in capsys.readouterr().out
+
+
+def test_failed_shards_are_reported_one_line_each(ray_head, train_table, capsys):  # noqa: F811
+    cfg = CurateConfig(
+        input=f"{train_table['bucket']}/missing/",
+        output=f"{train_table['bucket']}/never.lance",
+        launcher="ray",
+        shards=2,
+        workers=0,
+    )
+    assert ray_launcher.curate_shards(cfg) == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0:2] for line in errors[:2]] == [
+        ["curate", " shard 0/2 failed"],
+        ["curate", " shard 1/2 failed"],
+    ]
+    assert "missing" in errors[0]
+    assert errors[2] == "curate: 2 of 2 shards failed; rerun the same command"
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_on_every_worker_is_one_line_and_status_1(ray_head, train_table, capsys):  # noqa: F811
+    table = f"{train_table['bucket']}/no-such-table.lance"
+    args = settings(train_table, "ray-failed", "gpus_per_node=1", "launcher.max_requeues=0")
+    cfg = compose([*args, f"data.table={table}"])  # not checked here: the workers find it missing
+    assert ray_launcher.launch(cfg) == 1
+    (line,) = [e for e in capsys.readouterr().err.splitlines() if e.startswith("launch:")]
+    assert line.startswith(
+        "launch: training on Ray failed: rank 0: FileNotFoundError: cannot open clip table "
+    )
+    assert table in line
