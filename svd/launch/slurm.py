@@ -8,7 +8,10 @@ two jobs sharing a node never meet. The same rank entry serves submitit and a ha
 Slurm warns `cluster.signal_delay_s` before the time limit, and on preemption, with SIGUSR2 (submitit's
 `--signal=USR2@delay`). Every rank then finishes its step and the run saves a checkpoint of it; after that,
 rank 0 requeues the job, which resumes from that checkpoint (the trainer resumes from `checkpoint.run_dir`).
-A crash is requeued too, at most `launcher.max_requeues` times, then given up with the error.
+When Slurm ends the step itself (`scancel`, `scontrol requeue`, preemption that requeues), the ranks get
+SIGTERM `KillWait` seconds before they are killed: they save the step under way the same way and return,
+and Slurm ends or requeues the job on its own. A crash is requeued too, at most `launcher.max_requeues`
+times, then given up with the error.
 
 Curation shards are a submitit job array: task i curates `shard=i/shards` into the shared table.
 """
@@ -32,11 +35,15 @@ from omegaconf import OmegaConf
 from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
 from svd.curate.config import CurateConfig
 from svd.launch import curate_shard, shard_configs
+from svd.train.stop import StopRequest
 
 if TYPE_CHECKING:
     from svd.train.trainer import TrainResult
 
 REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit asks Slurm to send before the time limit, and on preemption
+# Slurm's own end of a job step (scancel, `scontrol requeue`, preemption by requeue): Slurm itself ends or
+# requeues the job, and KillWait later kills the ranks, so they save the step under way and return.
+END_SIGNAL = signal.SIGTERM
 MASTER_PORTS = (15000, 5000)  # first port, count: job id → port, below the ephemeral range (32768+)
 # A time limit or a preemption always requeues (the run resumes from its checkpoint, losing nothing); submitit
 # counts them against this, so it is large rather than a limit anyone should meet.
@@ -179,8 +186,9 @@ class SlurmTraining(submitit.helpers.Checkpointable):
         self.crashes = 0
 
     def __call__(self) -> TrainResult:
+        stop = StopRequest()
         try:
-            result = train_rank(from_yaml(self.config_yaml))
+            result = train_rank(from_yaml(self.config_yaml), stop)
         except Exception as e:
             if self.crashes >= self.max_requeues:
                 raise CrashedTooOftenError(
@@ -190,7 +198,7 @@ class SlurmTraining(submitit.helpers.Checkpointable):
             self.crashes += 1
             print(f"svd: crashed ({type(e).__name__}: {e}); requeue {self.crashes} of {self.max_requeues}")
             _requeue_through_submitit()
-        if result.stopped:
+        if result.stopped and stop.signal == REQUEUE_SIGNAL:
             _requeue_through_submitit()
         return result
 
@@ -208,11 +216,11 @@ def _leave_for_the_requeue() -> NoReturn:
     raise SystemExit(0)
 
 
-def train_rank(cfg: RunConfig) -> TrainResult:
+def train_rank(cfg: RunConfig, stop: StopRequest) -> TrainResult:
     """One rank of the run: the torch.distributed environment from Slurm's, the node's metrics endpoint
-    announced to Prometheus, training until done or until the requeue signal asks for a checkpoint."""
+    announced to Prometheus, training until done or until a signal (`stop.signal`: REQUEUE_SIGNAL or
+    END_SIGNAL) asks for a checkpoint of the step under way."""
     from svd.train import run
-    from svd.train.stop import StopRequest
 
     os.environ.update(rendezvous_env(os.environ, cfg.launcher.master_port))
     world_size = int(os.environ["WORLD_SIZE"])
@@ -222,7 +230,7 @@ def train_rank(cfg: RunConfig) -> TrainResult:
             f"gpus_per_node={cfg.gpus_per_node}: give sbatch --nodes={cfg.nodes} "
             f"--ntasks-per-node={cfg.gpus_per_node}"
         )
-    with node_metrics(cfg), StopRequest().on_signals([REQUEUE_SIGNAL]) as stop:
+    with node_metrics(cfg), stop.on_signals([REQUEUE_SIGNAL, END_SIGNAL]):
         return run(cfg, stop)
 
 
@@ -289,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cfg = from_yaml(Path(argv[0]).read_text())
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    stop = StopRequest()
     try:
-        result = train_rank(cfg)
+        result = train_rank(cfg, stop)
     except ConfigError as e:  # the job does not fit the run: a requeue would not change that
         print(f"svd: {e}", file=sys.stderr)
         return 2
@@ -302,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             f"svd: crashed ({type(e).__name__}: {e}); requeue {restarts + 1} of {cfg.launcher.max_requeues}"
         )
         _requeue_with_scontrol()
-    if result.stopped:
+    if result.stopped and stop.signal == REQUEUE_SIGNAL:
         _requeue_with_scontrol()
+    if result.stopped:
+        print(f"stopped by Slurm after step {result.steps}, saved in {cfg.checkpoint.run_dir}")
+        return 0
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
 

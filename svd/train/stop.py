@@ -21,7 +21,10 @@ class StopRequest:
         self.signal: int | None = None  # the signal that asked, if one did
 
     def set(self, signum: int | None = None, _frame: object = None) -> None:
-        self.signal = signum
+        """The first request wins: a scheduler that warns (SIGUSR2) and then terminates (SIGTERM) asked for
+        what its first signal means."""
+        if not self._event.is_set():
+            self.signal = signum
         self._event.set()
 
     def is_set(self) -> bool:

@@ -128,21 +128,25 @@ def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job
 
 
 @pytest.mark.slow
-def test_an_external_requeue_resumes_from_the_last_checkpoint(slurm_cluster, launch_table, job_env, tmp_path):
-    args = run_args(
-        launch_table, tmp_path, "train.steps=6", "checkpoint.every=2", "checkpoint.async_save=false"
-    )
+def test_an_external_requeue_saves_the_step_under_way_and_the_requeued_job_resumes_from_it(
+    slurm_cluster, launch_table, job_env, tmp_path
+):
+    # no periodic checkpoint: the one the requeued job resumes from is saved on Slurm's SIGTERM
+    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
     submitted = command("launch.py", *args, cwd=tmp_path)
     job_id = submitted_job(submitted.stdout)
-    # After the line of step 3, the checkpoint of step 2 is complete (saved before step 3 began).
-    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 3/6")
+    log_file = tmp_path / "submitit" / f"{job_id}_0_log.out"
+    wait_for_line(log_file, "step 3/12")
 
     subprocess.run(["scontrol", "requeue", job_id], check=True)
 
     assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
     final = results(tmp_path, job_id)[0]
-    assert final.resumed_from in (2, 4)
-    assert (final.steps, len(final.losses)) == (6, 6 - final.resumed_from)
+    assert 3 <= final.resumed_from < 12
+    assert (final.steps, len(final.losses)) == (12, 12 - final.resumed_from)
+    log = log_file.read_text()
+    assert log.count(f"step {final.resumed_from}/12") == 1  # the step under way was saved, not trained again
+    assert log.count("step 12/12") == 1
 
 
 @pytest.mark.slow
