@@ -376,6 +376,8 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         ("train.val_every", cfg.train.val_every),
         ("train.preview_every", cfg.train.preview_every),
         ("metrics.port", cfg.metrics.port),
+        ("plan.workspace_fraction", cfg.plan.workspace_fraction),
+        ("plan.cuda_context_gib", cfg.plan.cuda_context_gib),
     ]:
         _check(value >= 0, f"{key}={value} must be ≥ 0")
     for key, value in [
@@ -388,11 +390,6 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     ]:
         _check(value > 0, f"{key}={value} must be > 0")
     _check(0 < cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
-    for key, value in [
-        ("plan.workspace_fraction", cfg.plan.workspace_fraction),
-        ("plan.cuda_context_gib", cfg.plan.cuda_context_gib),
-    ]:
-        _check(value >= 0, f"{key}={value} must be ≥ 0")
     _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")
     _check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
     _check(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1)")
