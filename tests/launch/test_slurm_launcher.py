@@ -110,20 +110,20 @@ def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job
     slurm_cluster, launch_table, job_env, tmp_path
 ):
     # No periodic checkpoint before the end: the one the requeued job resumes from is the signal's.
-    args = run_args(launch_table, tmp_path, "train.steps=8", "checkpoint.every=1000")
+    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
     submitted = command("launch.py", *args, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted_job(submitted.stdout)
-    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 1/8")  # training: the stop is armed
+    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 1/12")  # training: the stop is armed
 
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
     assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
     final = results(tmp_path, job_id)[0]
-    assert final.resumed_from in range(2, 8)
-    assert (final.steps, len(final.losses)) == (8, 8 - final.resumed_from)
+    assert final.resumed_from in range(2, 12)
+    assert (final.steps, len(final.losses)) == (12, 12 - final.resumed_from)
     log = (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
-    assert f"step {final.resumed_from}/8" in log  # the step under way when the signal came, then saved
+    assert f"step {final.resumed_from}/12" in log  # the step under way when the signal came, then saved
     assert log.count("Requeued job") == 1
 
 
@@ -174,7 +174,7 @@ def test_a_run_that_crashes_is_requeued_max_requeues_times_then_given_up_with_it
 def test_the_plain_sbatch_script_trains_and_requeues_itself_on_the_preemption_signal(
     slurm_cluster, launch_table, job_env, tmp_path, monkeypatch
 ):
-    args = run_args(launch_table, tmp_path, "train.steps=6", "checkpoint.every=1000")
+    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
     written = command("launch.py", *args, "--cfg", cwd=tmp_path)
     (tmp_path / "run.yaml").write_text(written.stdout)
     monkeypatch.setenv("SVD_PYTHON", sys.executable)
@@ -196,7 +196,7 @@ def test_the_plain_sbatch_script_trains_and_requeues_itself_on_the_preemption_si
         text=True,
         check=True,
     ).stdout.strip()
-    wait_for_line(out, "step 1/6")
+    wait_for_line(out, "step 1/12")
 
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
@@ -205,10 +205,10 @@ def test_the_plain_sbatch_script_trains_and_requeues_itself_on_the_preemption_si
     assert "svd: rank 0 leaves for the requeue" in log
     # every step trained once: the requeued run went on from the step the signal saved
     assert [line.split()[1] for line in log.splitlines() if line.startswith("step ")] == [
-        f"{step}/6" for step in range(1, 7)
+        f"{step}/12" for step in range(1, 13)
     ]
-    assert f"done: 6 steps in {tmp_path / 'run'}" in log
-    assert Checkpointer(str(tmp_path / "run")).latest_step() == 6
+    assert f"done: 12 steps in {tmp_path / 'run'}" in log
+    assert Checkpointer(str(tmp_path / "run")).latest_step() == 12
 
 
 @pytest.mark.slow
