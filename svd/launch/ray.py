@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,11 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.storage import Storage, join, scheme
-from svd.launch import curate_shard, shard_configs
+from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 
 if TYPE_CHECKING:
     from svd.curate.config import CurateConfig
-    from svd.curate.pipeline import RunSummary
 
 SVD_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds the `svd` package
 LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a Ray of this host alone, on 127.0.0.1
@@ -286,51 +284,10 @@ def _first_line(e: BaseException) -> str:
 # ---- curation ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class ShardResults:
-    summaries: dict[int, RunSummary]  # by shard index, of the shards that finished
-    failures: dict[int, str]  # by shard index: the error, in one line
-
-    @property
-    def total(self) -> RunSummary:
-        from svd.curate.pipeline import RunSummary
-
-        total = RunSummary(videos_in_shard=0, skipped_existing=0, status=Counter())
-        for s in self.summaries.values():
-            total.videos_in_shard += s.videos_in_shard
-            total.skipped_existing += s.skipped_existing
-            total.curated += s.curated
-            total.clips += s.clips
-            total.status.update(s.status)
-            total.errors += s.errors
-        return total
-
-
 def curate_shards(cfg: CurateConfig) -> int:
     """`cfg.shards` Ray tasks, each curating shard=i/shards into the same table; a summary per shard and
-    in all. 0 when every shard finished without transient failures, else 1."""
-    results = curate_on_ray(cfg)
-    n = cfg.shards
-    for i in range(n):
-        if i in results.summaries:
-            print(f"shard {i}/{n}: {_summary_line(results.summaries[i])}")
-        else:
-            print(f"curate: shard {i}/{n} failed: {results.failures[i]}", file=sys.stderr)
-    total = results.total
-    print(f"{len(results.summaries)} of {n} shards: {_summary_line(total)}")
-    for status, count in total.status.most_common():
-        print(f"  {status}: {count}")
-    if total.transient:
-        print(
-            f"curate: {total.transient} videos failed for a reason a rerun may not meet again; rerun the "
-            "same command to retry them",
-            file=sys.stderr,
-        )
-    if results.failures:
-        print(
-            f"curate: {len(results.failures)} of {n} shards failed; rerun the same command", file=sys.stderr
-        )
-    return 1 if results.failures or total.transient else 0
+    in all."""
+    return report_shards(curate_on_ray(cfg), cfg.shards)
 
 
 def curate_on_ray(cfg: CurateConfig) -> ShardResults:
@@ -353,10 +310,3 @@ def curate_on_ray(cfg: CurateConfig) -> ShardResults:
                 cause = getattr(e, "cause", None) or e
                 results.failures[i] = f"{type(cause).__name__}: {_first_line(cause)}"
     return results
-
-
-def _summary_line(s: RunSummary) -> str:
-    return (
-        f"{s.videos_in_shard} inputs, {s.skipped_existing} already in the table, {s.curated} curated → "
-        f"{s.clips} clips"
-    )

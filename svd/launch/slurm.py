@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
 from svd.curate.config import CurateConfig
-from svd.launch import curate_shard, shard_configs
+from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 from svd.train.stop import StopRequest
 
 if TYPE_CHECKING:
@@ -350,8 +350,7 @@ def curate_shards(cfg: CurateConfig) -> int:
             gpus_per_node=cfg.gpus_per_shard,
             exclusive=False,  # shards share nodes; the site's `exclusive` is for training
         )
-        shards = shard_configs(cfg)
-        jobs = executor(cfg.folder, params).map_array(curate_shard, shards)
+        jobs = executor(cfg.folder, params).map_array(curate_shard, shard_configs(cfg))
     except ConfigError as e:
         print(f"curate: {e}", file=sys.stderr)
         return 2
@@ -364,23 +363,13 @@ def curate_shards(cfg: CurateConfig) -> int:
     )
     if not cfg.wait:
         return 0
-    failed = 0
-    for shard, job in zip(shards, jobs, strict=True):
+    results = ShardResults({}, {})
+    for i, job in enumerate(jobs):
         try:
-            summary = job.result()
+            results.summaries[i] = job.result()
         except Exception as e:
-            failed += 1
-            print(
-                f"curate: shard {shard.shard} (job {job.job_id}) failed: {_raised(str(e))}",
-                file=sys.stderr,
-            )
-            continue
-        failed += summary.transient > 0
-        print(
-            f"shard {shard.shard}: {summary.curated} curated → {summary.clips} clips, "
-            f"{summary.transient} to retry"
-        )
-    return 1 if failed else 0
+            results.failures[i] = f"{_raised(str(e))} (job {job.job_id}, logs in {cfg.folder})"
+    return report_shards(results, cfg.shards)
 
 
 if __name__ == "__main__":
