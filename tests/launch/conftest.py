@@ -106,25 +106,10 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
         assert stopped.returncode == 0, f"infra/slurm/local.sh stop failed:\n{stopped.stderr}"
 
 
-@pytest.fixture(scope="session")
-def launch_table(moto_s3) -> dict:
-    """6 clips of 3 synthetic videos (3 s at 8 fps, 32×48) on the S3 server: enough for a few steps."""
-    from svd.data.synthetic import synthetic_corpus
-    from svd.data.table import write_clip_table
-
-    bucket = f"s3://{moto_s3.new_bucket()}"
-    rows = synthetic_corpus(f"{bucket}/raw", moto_s3.storage, videos=3, seconds=3.0, clip_seconds=1.5)
-    table = f"{bucket}/clips.lance"
-    write_clip_table(table, rows, moto_s3.storage)
-    return {"table": table, "bucket": bucket}
-
-
 @pytest.fixture
-def job_env(moto_s3, monkeypatch) -> dict[str, str]:
+def job_env(s3_env, monkeypatch) -> dict[str, str]:
     """What a job needs from its submitter's environment (Slurm passes it on): the S3 server, this checkout's
     svd ahead of any installed one, one thread per rank (both nodes share this machine's cores)."""
-    for key, value in moto_s3.env.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return dict(os.environ)

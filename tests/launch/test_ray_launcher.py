@@ -21,8 +21,6 @@ from svd.curate.config import CurateConfig
 from svd.data.local_s3 import free_port
 from svd.launch import ray as ray_launcher
 
-from ..train.conftest import train_table  # noqa: F401 (the fixture: a clip table on the S3 server)
-
 pytestmark = pytest.mark.skipif(find_spec("ray") is None, reason="ray is not installed (the ray extra)")
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_TITLE = b"ray::RayTrainWorker"  # the process title of a Ray Train worker
@@ -120,7 +118,7 @@ def _train_workers() -> list[int]:
 @pytest.mark.slow
 def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from_the_checkpoint(
     ray_head,
-    train_table,  # noqa: F811
+    train_table,
     moto_s3,
 ):
     port = free_port()
@@ -188,7 +186,7 @@ def test_ray_storage_on_s3_goes_through_svds_storage_settings_and_a_local_path_i
 
 
 @pytest.mark.slow
-def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, moto_s3, capsys):  # noqa: F811
+def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, moto_s3, capsys):
     import lance
 
     output = f"{train_table['bucket']}/ray-curated.lance"
@@ -210,7 +208,7 @@ def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, 
 
 
 @pytest.mark.slow
-def test_curation_on_a_local_ray_reports_each_failed_shard_in_one_line(train_table, moto_s3):  # noqa: F811
+def test_curation_on_a_local_ray_reports_each_failed_shard_in_one_line(train_table, moto_s3):
     """Through the command line, without $RAY_ADDRESS: the launcher starts (and stops) a Ray of its own."""
     missing = f"{train_table['bucket']}/missing/"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | moto_s3.env
@@ -238,7 +236,7 @@ def test_curation_on_a_local_ray_reports_each_failed_shard_in_one_line(train_tab
 
 
 @pytest.mark.slow
-def test_a_run_that_fails_on_every_worker_is_one_line_and_status_1(ray_head, train_table, capsys):  # noqa: F811
+def test_a_run_that_fails_on_every_worker_is_one_line_and_status_1(ray_head, train_table, capsys):
     table = f"{train_table['bucket']}/no-such-table.lance"
     args = settings(train_table, "ray-failed", "gpus_per_node=1", "launcher.max_requeues=0")
     cfg = compose([*args, f"data.table={table}"])  # not checked here: the workers find it missing

@@ -78,10 +78,10 @@ def results(tmp_path: Path, job_id: str) -> list:
 
 @pytest.mark.slow
 def test_a_two_node_job_trains_with_hsdp_to_the_losses_of_one_process_and_writes_a_checkpoint(
-    slurm_cluster, launch_table, job_env, tmp_path
+    slurm_cluster, train_table, job_env, tmp_path
 ):
     done = command(
-        "launch.py", *run_args(launch_table, tmp_path, "train.steps=3", "launcher.wait=true"), cwd=tmp_path
+        "launch.py", *run_args(train_table, tmp_path, "train.steps=3", "launcher.wait=true"), cwd=tmp_path
     )
 
     assert done.returncode == 0, done.stderr
@@ -93,7 +93,7 @@ def test_a_two_node_job_trains_with_hsdp_to_the_losses_of_one_process_and_writes
     one = launch_local(
         compose(
             [
-                *run_args(launch_table, tmp_path / "one", "train.steps=3"),
+                *run_args(train_table, tmp_path / "one", "train.steps=3"),
                 "launcher=local",
                 "nodes=1",
                 "parallel.sharding=none",
@@ -107,10 +107,10 @@ def test_a_two_node_job_trains_with_hsdp_to_the_losses_of_one_process_and_writes
 
 @pytest.mark.slow
 def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job_resumes_from_it(
-    slurm_cluster, launch_table, job_env, tmp_path
+    slurm_cluster, train_table, job_env, tmp_path
 ):
     # No periodic checkpoint before the end: the one the requeued job resumes from is the signal's.
-    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
+    args = run_args(train_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
     submitted = command("launch.py", *args, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted_job(submitted.stdout)
@@ -129,10 +129,10 @@ def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job
 
 @pytest.mark.slow
 def test_an_external_requeue_saves_the_step_under_way_and_the_requeued_job_resumes_from_it(
-    slurm_cluster, launch_table, job_env, tmp_path
+    slurm_cluster, train_table, job_env, tmp_path
 ):
     # no periodic checkpoint: the one the requeued job resumes from is saved on Slurm's SIGTERM
-    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
+    args = run_args(train_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
     submitted = command("launch.py", *args, cwd=tmp_path)
     job_id = submitted_job(submitted.stdout)
     log_file = tmp_path / "submitit" / f"{job_id}_0_log.out"
@@ -151,11 +151,11 @@ def test_an_external_requeue_saves_the_step_under_way_and_the_requeued_job_resum
 
 @pytest.mark.slow
 def test_a_run_that_crashes_is_requeued_max_requeues_times_then_given_up_with_its_error(
-    slurm_cluster, launch_table, job_env, tmp_path
+    slurm_cluster, train_table, job_env, tmp_path
 ):
     no_weights = tmp_path / "no_weights"  # exists, so the run is submitted; holds no checkpoint, so it fails
     no_weights.mkdir()
-    args = run_args(launch_table, tmp_path, "train.steps=2", f"stage.init_from={no_weights}")
+    args = run_args(train_table, tmp_path, "train.steps=2", f"stage.init_from={no_weights}")
     done = command("launch.py", *args, "launcher.max_requeues=1", "launcher.wait=true", cwd=tmp_path)
 
     assert done.returncode == 1
@@ -172,9 +172,9 @@ def test_a_run_that_crashes_is_requeued_max_requeues_times_then_given_up_with_it
 
 @pytest.mark.slow
 def test_the_plain_sbatch_script_trains_and_requeues_itself_on_the_preemption_signal(
-    slurm_cluster, launch_table, job_env, tmp_path, monkeypatch
+    slurm_cluster, train_table, job_env, tmp_path, monkeypatch
 ):
-    args = run_args(launch_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
+    args = run_args(train_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
     written = command("launch.py", *args, "--cfg", cwd=tmp_path)
     (tmp_path / "run.yaml").write_text(written.stdout)
     monkeypatch.setenv("SVD_PYTHON", sys.executable)
@@ -325,8 +325,8 @@ def test_curation_on_an_unknown_cluster_is_refused_before_anything_is_submitted(
     ]
 
 
-def test_a_partition_sbatch_refuses_is_reported_in_one_line(slurm_cluster, launch_table, job_env, tmp_path):
-    done = command("launch.py", *run_args(launch_table, tmp_path, "cluster.partition=nope"), cwd=tmp_path)
+def test_a_partition_sbatch_refuses_is_reported_in_one_line(slurm_cluster, train_table, job_env, tmp_path):
+    done = command("launch.py", *run_args(train_table, tmp_path, "cluster.partition=nope"), cwd=tmp_path)
 
     assert done.returncode == 2
     # sbatch's own lines (echoed by submitit as they came), then one line of the launcher's
