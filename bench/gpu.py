@@ -53,10 +53,12 @@ class Measured:
 
 def gpu_kind(device_name: str) -> str:
     """The jobs/conf/gpu option of a CUDA device name, e.g. "NVIDIA H100 80GB HBM3" → h100-80gb."""
-    found = [key for key in GPU_KINDS if key.lower() in device_name.lower()]
-    if not found:
+    from svd.train.metrics import match_device_name
+
+    kind = match_device_name(device_name, GPU_KINDS)
+    if kind is None:
         raise SystemExit(f"bench/gpu.py: no jobs/conf/gpu entry for {device_name!r}; pass --gpu")
-    return GPU_KINDS[max(found, key=len)]
+    return kind
 
 
 def planned(gpu: str):

@@ -33,12 +33,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+T = TypeVar("T")
 
 # Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s, from the vendors' data sheets. A name
 # matches when it occurs in `torch.cuda.get_device_name()`; the longest match wins ("H100 PCIe" over "H100").
@@ -98,11 +100,12 @@ class MetricsConfig:
             return self.peak_flops[self.gpu]
         if device.type != "cuda":
             return None
-        return match_peak_flops(torch.cuda.get_device_name(device), self.peak_flops)
+        return match_device_name(torch.cuda.get_device_name(device), self.peak_flops)
 
 
-def match_peak_flops(device_name: str, table: Mapping[str, float]) -> float | None:
-    """The entry of `table` whose key is the longest one found in `device_name` (case-insensitive)."""
+def match_device_name(device_name: str, table: Mapping[str, T]) -> T | None:
+    """The entry of `table` whose key is the longest one found in `device_name` (case-insensitive): a
+    CUDA device name ("NVIDIA H100 PCIe") to what is known of its kind."""
     found = [key for key in table if key.lower() in device_name.lower()]
     return table[max(found, key=len)] if found else None
 

@@ -23,7 +23,7 @@ from svd.train.metrics import (
     ProgressLine,
     TrainMetrics,
     flops_per_sample,
-    match_peak_flops,
+    match_device_name,
     prepare_multiprocess_dir,
     serve_node_metrics,
 )
@@ -242,12 +242,12 @@ def test_flop_counter_equals_the_hand_count_of_forward_and_backward_per_sample()
 
 
 def test_gpu_names_match_the_longest_table_entry() -> None:
-    assert match_peak_flops("NVIDIA H100 80GB HBM3", PEAK_FLOPS) == 989e12
-    assert match_peak_flops("NVIDIA H100 PCIe", PEAK_FLOPS) == 756e12
-    assert match_peak_flops("NVIDIA A100-SXM4-80GB", PEAK_FLOPS) == 312e12
-    assert match_peak_flops("NVIDIA L40S", PEAK_FLOPS) == 362e12
-    assert match_peak_flops("NVIDIA L4", PEAK_FLOPS) == 121e12
-    assert match_peak_flops("NVIDIA GeForce GTX 1080", PEAK_FLOPS) is None
+    assert match_device_name("NVIDIA H100 80GB HBM3", PEAK_FLOPS) == 989e12
+    assert match_device_name("NVIDIA H100 PCIe", PEAK_FLOPS) == 756e12
+    assert match_device_name("NVIDIA A100-SXM4-80GB", PEAK_FLOPS) == 312e12
+    assert match_device_name("NVIDIA L40S", PEAK_FLOPS) == 362e12
+    assert match_device_name("NVIDIA L4", PEAK_FLOPS) == 121e12
+    assert match_device_name("NVIDIA GeForce GTX 1080", PEAK_FLOPS) is None
 
 
 @pytest.mark.parametrize(
