@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from svd.config import RunConfig
 from svd.launch.unet_cost import UNetCost, unet_cost
+from svd.train.parallel import resolve_sharding
 from svd.train.task import CONDITIONED_ON_IMAGE, unet_config
 
 GIB = 2**30
@@ -161,10 +162,8 @@ def context_tokens(cfg: RunConfig) -> int:
 
 
 def resolved_sharding(cfg: RunConfig) -> tuple[str, int]:
-    """(mode, shard group size), as `parallel.build_mesh` resolves `parallel.sharding`."""
-    mode = cfg.parallel.sharding
-    if mode == "auto":
-        mode = "hsdp" if cfg.nodes > 1 else "fsdp"
+    """(mode, shard group size) of the mesh `parallel.build_mesh` builds."""
+    mode = resolve_sharding(cfg.parallel.sharding, cfg.nodes)
     group = {"fsdp": cfg.world_size, "hsdp": cfg.gpus_per_node, "none": 1}[mode]
     return mode, group
 
@@ -185,9 +184,9 @@ def cost_of(cfg: RunConfig) -> UNetCost:
 def trainable_parameters(cfg: RunConfig, cost: UNetCost) -> float:
     """All of them; the non-temporal ones in Stage I; the LoRA adapters of the temporal attention."""
     if cfg.stage.trainable == "lora":
-        r, d = cfg.stage.lora_rank, unet_config(cfg, latent_geometry(cfg)[0]).context_dim
+        unet = unet_config(cfg, latent_geometry(cfg)[0])
+        r, d, depth = cfg.stage.lora_rank, unet.context_dim, unet.transformer_depth
         per_block = [b.channels for b in cost.blocks if b.channels]
-        depth = unet_config(cfg, latent_geometry(cfg)[0]).transformer_depth
         # self-attention q, k, v, out (c → c) and cross-attention q, out (c → c), k, v (d → c)
         return sum(depth * r * (14 * c + 2 * d) for c in per_block)
     if cfg.stage.task == "image":

@@ -80,10 +80,16 @@ def init_distributed(timeout_s: float) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
 
 
+def resolve_sharding(setting: str, nodes: int) -> str:
+    """`parallel.sharding` with `auto` decided: HSDP across several nodes, FSDP within one."""
+    if setting == "auto":
+        return "hsdp" if nodes > 1 else "fsdp"
+    return setting
+
+
 def build_mesh(env: DistEnv, sharding: str) -> DeviceMesh | None:
     """None when not sharding; a 1-D mesh for FSDP; (replicate, shard) = (nodes, gpus per node) for HSDP."""
-    if sharding == "auto":
-        sharding = "hsdp" if env.nodes > 1 else "fsdp"
+    sharding = resolve_sharding(sharding, env.nodes)
     if sharding == "none":
         if env.world_size > 1:
             raise ValueError("parallel.sharding=none runs one process; use fsdp or hsdp for several")
