@@ -216,10 +216,7 @@ def memory(cfg: RunConfig, cost: UNetCost, micro_batch: int) -> Memory:
 
     ac, every = cfg.parallel.activation_checkpointing, cfg.parallel.ac_every
     flags = cost.checkpointed(ac, every)
-    kept = [
-        (b.input * act if f else b.saved_bytes(act)) * micro_batch
-        for b, f in zip(cost.blocks, flags, strict=True)
-    ]
+    kept = [k * micro_batch for k in cost.kept_bytes(act, ac, every)]
     activations = sum(kept)
 
     # Backward runs the blocks last to first. While block i runs, memory differs from

@@ -108,13 +108,16 @@ class UNetCost:
         flags = self.checkpointed(mode, every)
         return sum(b.forward for b, ac in zip(self.blocks, flags, strict=True) if ac)
 
-    def activation_bytes(self, act_bytes: int, mode: str = "none", every: int = 2) -> float:
-        """Bytes kept from forward to backward: a checkpointed block keeps only its input."""
+    def kept_bytes(self, act_bytes: int, mode: str = "none", every: int = 2) -> list[float]:
+        """Bytes each block keeps from forward to backward: a checkpointed block keeps only its input."""
         flags = self.checkpointed(mode, every)
-        return sum(
+        return [
             b.input * act_bytes if ac else b.saved_bytes(act_bytes)
             for b, ac in zip(self.blocks, flags, strict=True)
-        )
+        ]
+
+    def activation_bytes(self, act_bytes: int, mode: str = "none", every: int = 2) -> float:
+        return sum(self.kept_bytes(act_bytes, mode, every))
 
     def by_path(self) -> dict[str, dict[str, float]]:
         """Forward and backward FLOPs split into spatial, temporal and shared layers."""
