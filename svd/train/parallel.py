@@ -148,4 +148,3 @@ def parallelize(
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(model, mesh=mesh, mp_policy=root_policy)
     return model
-
