@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,28 +69,50 @@ def free_port_block(size: int) -> int:
     raise RuntimeError(f"no {size} consecutive free ports between 20000 and 32000")
 
 
-def _slurm_installed() -> bool:
-    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    return all(shutil.which(binary, path=path) for binary in BINARIES)
+class LocalSlurm:
+    """infra/slurm/local.sh for one state directory, on five free ports: `start()`, then `stop()`."""
+
+    def __init__(self, directory: Path, env: Mapping[str, str] | None = None) -> None:
+        self.directory = directory
+        self.env = dict(env or os.environ) | {
+            "SVD_SLURM_DIR": str(directory),
+            "SVD_SLURM_PORT": str(free_port_block(5)),
+        }
+
+    def start(self) -> subprocess.CompletedProcess:
+        return self._script("start")
+
+    def stop(self) -> subprocess.CompletedProcess:
+        return self._script("stop")
+
+    def _script(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(SCRIPT), command], env=self.env, capture_output=True, text=True, check=False
+        )
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+def slurm_installed() -> None:
+    """Skips where Slurm is not installed (`infra/slurm/local.sh install` installs it), except in CI, where
+    that is a failure."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    if all(shutil.which(binary, path=path) for binary in BINARIES):
+        return
+    message = "Slurm is not installed: `infra/slurm/local.sh install` installs it (Debian, root)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(slurm_installed, tmp_path_factory) -> Iterator[SlurmCluster]:
     """Slurm with accounting and requeue, nodes n1 and n2 in partition "local", in a fresh state directory:
-    job ids start at 1, so each test gives submitit a folder of its own. Skipped where Slurm is not installed
-    (`infra/slurm/local.sh install` installs it), except in CI, where that is a failure."""
-    if not _slurm_installed():
-        message = "Slurm is not installed: `infra/slurm/local.sh install` installs it (Debian, root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    job ids start at 1, so each test gives submitit a folder of its own."""
     directory = tmp_path_factory.mktemp("slurm")
-    script_env = os.environ | {"SVD_SLURM_DIR": str(directory), "SVD_SLURM_PORT": str(free_port_block(5))}
-    started = subprocess.run(
-        [str(SCRIPT), "start"], env=script_env, capture_output=True, text=True, check=False
-    )
+    local = LocalSlurm(directory)
+    started = local.start()
     if started.returncode != 0:
-        subprocess.run([str(SCRIPT), "stop"], env=script_env, capture_output=True, check=False)
+        local.stop()
         pytest.fail(f"infra/slurm/local.sh start failed:\n{started.stderr}")
     cluster = SlurmCluster(directory / "slurm.conf", directory, partition="local", nodes=("n1", "n2"))
     previous = os.environ.get("SLURM_CONF")
@@ -102,7 +124,22 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
-        stopped = subprocess.run([str(SCRIPT), "stop"], env=script_env, capture_output=True, text=True)
+        stopped = local.stop()
+        assert stopped.returncode == 0, f"infra/slurm/local.sh stop failed:\n{stopped.stderr}"
+
+
+@pytest.fixture
+def local_slurm() -> Iterator[Callable[..., LocalSlurm]]:
+    """`local_slurm(directory, env)`: a cluster of its own for a test of local.sh itself, stopped after it."""
+    made: list[LocalSlurm] = []
+
+    def make(directory: Path, env: Mapping[str, str] | None = None) -> LocalSlurm:
+        made.append(LocalSlurm(directory, env))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        stopped = cluster.stop()
         assert stopped.returncode == 0, f"infra/slurm/local.sh stop failed:\n{stopped.stderr}"
 
 
