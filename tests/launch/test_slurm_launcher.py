@@ -19,7 +19,7 @@ from svd.config import compose
 from svd.curate.config import CurateConfig
 from svd.data.local_s3 import free_port
 from svd.launch.local import launch_local
-from svd.launch.slurm import curate_shards, node_metrics, rendezvous_env
+from svd.launch.slurm import curate_shards, node_metrics
 from svd.launch.targets import TARGETS_DIR_ENV
 from svd.train.checkpoint import Checkpointer
 from svd.train.metrics import ENV_DIR
@@ -333,27 +333,6 @@ def test_a_partition_sbatch_refuses_is_reported_in_one_line(slurm_cluster, train
     assert done.stderr.strip().splitlines()[-1] == (
         "launch: sbatch refused the job: sbatch: error: invalid partition specified: nope"
     )
-
-
-def test_the_rendezvous_is_the_first_task_of_the_first_node_on_a_port_of_the_job(slurm_cluster):
-    slurm = {
-        "SLURM_PROCID": "9",
-        "SLURM_NTASKS": "16",
-        "SLURM_LOCALID": "1",
-        "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_JOB_NODELIST": "gpu[007-008]",
-        "SLURM_JOB_ID": "123456",
-    }
-
-    assert rendezvous_env(slurm) == {
-        "RANK": "9",
-        "WORLD_SIZE": "16",
-        "LOCAL_RANK": "1",
-        "LOCAL_WORLD_SIZE": "8",
-        "MASTER_ADDR": "gpu007",
-        "MASTER_PORT": str(15000 + 123456 % 5000),
-    }
-    assert rendezvous_env(slurm, master_port=29500)["MASTER_PORT"] == "29500"
 
 
 def test_each_node_announces_its_metrics_endpoint_to_prometheus_while_the_run_lasts(tmp_path, monkeypatch):
