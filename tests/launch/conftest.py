@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from svd.data.local_s3 import create_bucket
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "slurm" / "local.sh"
 BINARIES = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd")
@@ -150,3 +152,24 @@ def job_env(s3_env, monkeypatch) -> dict[str, str]:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return dict(os.environ)
+
+
+@pytest.fixture
+def radosgw_job_env(radosgw, job_env, monkeypatch) -> dict[str, str]:
+    """job_env with radosgw, a real object store, instead of moto."""
+    for key, value in radosgw.env.items():
+        monkeypatch.setenv(key, value)
+    return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def radosgw_train_table(train_table, moto_s3, radosgw) -> dict:
+    """train_table copied to radosgw, object by object into a bucket of the same name, so that the URIs its
+    rows hold (videos, images) name the copies."""
+    bucket = train_table["bucket"]
+    create_bucket(radosgw.storage, bucket.removeprefix("s3://"))
+    source, root = moto_s3.storage.fsspec(bucket)
+    target, _ = radosgw.storage.fsspec(bucket)
+    for path in source.find(root):
+        target.pipe_file(path, source.cat_file(path))
+    return train_table

@@ -18,7 +18,7 @@ import submitit
 from svd.config import compose
 from svd.curate.config import CurateConfig
 from svd.data.local_s3 import free_port
-from svd.launch.local import launch_local
+from svd.data.storage import Storage, join
 from svd.launch.slurm import curate_shards, node_metrics
 from svd.launch.targets import TARGETS_DIR_ENV
 from svd.train.checkpoint import Checkpointer
@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_args(table: dict, tmp_path: Path, *extra: str) -> list[str]:
-    """A tiny run of 2 ranks, one per node, sharded HSDP (replicated across the nodes)."""
+    """A tiny run of 2 ranks, one per node, sharded HSDP (replicated across the nodes), in the production
+    configuration: 2 loader workers per rank, the metrics endpoint on a free port (both nodes are this host:
+    the second takes the next port), validation and previews every few steps, asynchronous checkpoints."""
     return [
         "stage=video_pretrain",
         "model=tiny",
@@ -40,8 +42,13 @@ def run_args(table: dict, tmp_path: Path, *extra: str) -> list[str]:
         f"data.table={table['table']}",
         "data.frames=4",
         "data.fps=4",
+        "data.num_workers=2",
+        f"metrics.port={free_port()}",
         "train.global_batch=2",
         "train.log_every=1",
+        "train.val_every=2",
+        "train.preview_every=3",
+        "checkpoint.async_save=true",
         f"checkpoint.run_dir={tmp_path / 'run'}",
         f"launcher.folder={tmp_path / 'submitit'}",
         # not the port derived from the job id: job ids restart at 1 in every test session's cluster
@@ -76,33 +83,67 @@ def results(tmp_path: Path, job_id: str) -> list:
     return submitit.SlurmJob(tmp_path / "submitit", job_id, tasks=(0, 1)).results()
 
 
-@pytest.mark.slow
-def test_a_two_node_job_trains_with_hsdp_to_the_losses_of_one_process_and_writes_a_checkpoint(
-    slurm_cluster, train_table, job_env, tmp_path
-):
-    done = command(
-        "launch.py", *run_args(train_table, tmp_path, "train.steps=3", "launcher.wait=true"), cwd=tmp_path
-    )
+def step_lines(log: Path) -> list[int]:
+    """The steps a rank's progress lines report, in order ("step 3/8 …" → 3)."""
+    return [
+        int(line.split()[1].split("/")[0])
+        for line in log.read_text().splitlines()
+        if line.startswith("step ")
+    ]
 
-    assert done.returncode == 0, done.stderr
-    job_id = submitted_job(done.stdout)
-    assert f"done: 3 steps in {tmp_path / 'run'}" in done.stdout
-    rank0, rank1 = results(tmp_path, job_id)
-    assert (rank0.steps, rank0.resumed_from, rank0.stopped) == (3, None, False)
-    assert rank1.losses == rank0.losses  # the all-reduced global loss
-    one = launch_local(
-        compose(
-            [
-                *run_args(train_table, tmp_path / "one", "train.steps=3"),
-                "launcher=local",
-                "nodes=1",
-                "parallel.sharding=none",
-            ]
-        )
-    )
-    assert rank0.losses == pytest.approx(one.losses, rel=1e-5)
-    assert Checkpointer(str(tmp_path / "run")).latest_step() == 3
-    assert slurm_cluster.wait_until_finished(job_id) == "COMPLETED"
+
+def validation(storage: Storage, run_dir: str) -> dict[int, dict[str, float]]:
+    """validation.jsonl of a run: step → losses."""
+    fs, path = storage.fsspec(join(run_dir, "validation.jsonl"))
+    rows = [json.loads(line) for line in fs.cat_file(path).decode().splitlines()]
+    return {row.pop("step"): row for row in rows}
+
+
+@pytest.mark.slow
+def test_a_two_node_run_that_slurm_cancels_resumes_on_one_rank_and_trains_each_step_once_to_the_same_losses(
+    slurm_cluster, radosgw_train_table, radosgw_job_env, radosgw, tmp_path
+):
+    steps, run_dir = 8, f"s3://{radosgw.new_bucket()}/run"
+
+    def submit(name: str, *extra: str) -> tuple[str, Path]:
+        args = run_args(radosgw_train_table, tmp_path / name, f"train.steps={steps}", "checkpoint.every=4")
+        submitted = command("launch.py", *args, *extra, cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        return submitted_job(submitted.stdout), tmp_path / name / "submitit"
+
+    # the same run without a stop, on one rank beside it (its own run directory)
+    whole_job, whole = submit("whole", "nodes=1", f"checkpoint.run_dir={run_dir}-whole")
+    stopped_job, stopped = submit("stopped", f"checkpoint.run_dir={run_dir}")
+    wait_for_line(stopped / f"{stopped_job}_0_log.out", f"step 3/{steps}", timeout_s=240)
+
+    # As Slurm ends a job (scancel, the time limit, a preemption): SIGTERM to every process of the job, the
+    # loader workers included, and SIGKILL KillWait seconds later.
+    subprocess.run(["scancel", stopped_job], check=True)
+    assert slurm_cluster.wait_until_finished(stopped_job, timeout_s=120) == "CANCELLED"
+    rank0, rank1 = submitit.SlurmJob(stopped, stopped_job, tasks=(0, 1)).results()
+    saved = rank0.steps
+    assert (rank0.stopped, rank1.stopped, rank1.steps) == (True, True, saved)
+    assert 3 <= saved < steps
+    assert Checkpointer(run_dir, radosgw.storage).latest_step() == saved
+
+    resumed_job, resumed = submit("resumed", "nodes=1", f"checkpoint.run_dir={run_dir}", "launcher.wait=true")
+    final = submitit.SlurmJob(resumed, resumed_job).result()
+    whole_run = submitit.SlurmJob(whole, whole_job).result()
+
+    assert (final.resumed_from, final.steps, final.stopped) == (saved, steps, False)
+    assert step_lines(stopped / f"{stopped_job}_0_log.out") == list(range(1, saved + 1))
+    assert step_lines(resumed / f"{resumed_job}_0_log.out") == list(range(saved + 1, steps + 1))
+    # 2 ranks (HSDP) then 1: the global loss of every step as the uninterrupted run computed it
+    assert rank0.losses + final.losses == pytest.approx(whole_run.losses, rel=1e-5)
+    # validation (EMA weights) as without the stop: the average came back whole on the new world size
+    validated, validated_whole = (validation(radosgw.storage, uri) for uri in (run_dir, f"{run_dir}-whole"))
+    assert list(validated_whole) == [2, 4, 6, 8]
+    assert {6, 8} <= set(validated) <= {2, 4, 6, 8}
+    for step, losses in validated.items():
+        assert losses == pytest.approx(validated_whole[step], rel=1e-5), f"validation at step {step}"
+    fs, previews = radosgw.storage.fsspec(join(run_dir, "previews"))
+    assert f"{previews}/step-00000006.mp4" in fs.ls(previews, refresh=True)
+    assert Checkpointer(run_dir, radosgw.storage).latest_step() == steps
 
 
 @pytest.mark.slow
