@@ -130,6 +130,18 @@ def slurm_cluster(slurm_installed, tmp_path_factory) -> Iterator[SlurmCluster]:
         assert stopped.returncode == 0, f"infra/slurm/local.sh stop failed:\n{stopped.stderr}"
 
 
+@pytest.fixture(autouse=True)
+def no_job_left_running(request) -> Iterator[None]:
+    """After a test on the session's cluster, its jobs are cancelled: a test that fails mid-job must not leave
+    the next one sharing the two nodes (and this machine's cores) with it."""
+    yield
+    if "slurm_cluster" not in request.fixturenames:
+        return
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=False).stdout
+    if jobs.split():
+        subprocess.run(["scancel", *jobs.split()], capture_output=True, check=False)
+
+
 @pytest.fixture
 def local_slurm() -> Iterator[Callable[..., LocalSlurm]]:
     """`local_slurm(directory, env)`: a cluster of its own for a test of local.sh itself, stopped after it."""
