@@ -206,7 +206,11 @@ def requeue_after_crash(cfg: RunConfig, error: Exception) -> NoReturn:
     none of them can be relied on to requeue for it."""
     job_id, restarts = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", 0))
     failure = f"{type(error).__name__}: {error}"
-    crashes = CrashLedger(cfg.launcher.folder, job_id).record(restarts, failure)
+    ledger = CrashLedger(cfg.launcher.folder, job_id)
+    try:
+        crashes = ledger.record(restarts, failure)
+    except OSError as e:  # uncounted, a crash could be requeued forever
+        raise RequeueError(f"cannot count the crash ({failure}) in {ledger.folder}: {e}") from error
     if crashes > cfg.launcher.max_requeues:
         raise CrashedTooOftenError(
             f"gave up after {crashes - 1} requeues (launcher.max_requeues={cfg.launcher.max_requeues}): "

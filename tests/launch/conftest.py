@@ -46,13 +46,19 @@ class SlurmCluster:
         return out[0] if out else ""
 
     def wait_until_finished(self, job_id: str, timeout_s: float = 60) -> str:
-        """The job's final state, once accounting reports one."""
+        """The job's final state, once accounting reports one and the job has left the queue: a cancelled job
+        is CANCELLED at once, while its processes may still run (saving) for up to KillWait seconds."""
         deadline = time.monotonic() + timeout_s
-        while (state := self.state(job_id)) not in FINAL_STATES:
+        while (state := self.state(job_id)) not in FINAL_STATES or self.in_queue(job_id):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state or 'unknown to sacct'} after {timeout_s} s")
             time.sleep(0.2)
         return state
+
+    def in_queue(self, job_id: str) -> bool:
+        """Whether squeue still lists the job (pending, running or completing)."""
+        listed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+        return listed.returncode == 0 and bool(listed.stdout.strip())
 
 
 def free_port_block(size: int) -> int:

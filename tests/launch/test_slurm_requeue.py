@@ -172,6 +172,22 @@ def test_ranks_crashing_in_one_run_of_the_job_count_one_crash_and_requeue_it_onc
     assert sorted(path.name for path in ledger.folder.iterdir()) == ["0", "1"]  # no partial file left
 
 
+def test_a_crash_that_cannot_be_counted_is_not_requeued(scontrol, tmp_path, monkeypatch, capsys):
+    # uncounted, a crash that repeats would be requeued forever
+    in_slurm_job(monkeypatch, rank=0, restarts=0)
+    monkeypatch.setattr(slurm, "train_rank", crash(RuntimeError("boom")))
+    (tmp_path / "submitit").write_text("a file where the launcher's folder should be")
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(run_config(tmp_path)))
+
+    assert slurm.main([str(config)]) == 1
+
+    assert requeues(scontrol) == []
+    assert capsys.readouterr().err.startswith(
+        f"svd: cannot count the crash (RuntimeError: boom) in {tmp_path / 'submitit' / '77_crashes'}: "
+    )
+
+
 def test_a_requeue_slurm_refuses_for_another_reason_is_an_error(scontrol, monkeypatch):
     monkeypatch.setenv("SCONTROL_REFUSE", "1")  # refused, and the job was not requeued by anyone else
 
