@@ -732,23 +732,30 @@ def _row_index(
     if published and scheme(published) == "file":
         path, published = Path(strip_scheme(published)), None
     if path.exists():
-        return RowIndex(path)
-    if published:
-        try:
-            return RowIndex(Path(storage.local_copy(published, cfg.cache_dir)))
-        except FileNotFoundError:
-            pass  # not published yet
-    if not build:
+        index = RowIndex(path)
+    elif published and (copy := _published_copy(published, cfg.cache_dir, storage)):
+        return RowIndex(copy)
+    elif build:
+        index = row_index.build(table, expression, cfg.buckets, path, progress)
+    else:
         raise FileNotFoundError(
             f"no row index for {cfg.table} (version {table.version}) in data.cache_dir={cfg.cache_dir}"
             + (f" or {shared}" if shared else "")
             + ": rank 0 builds it (share_row_index or ensure_row_index) before the others open it"
         )
-    index = row_index.build(table, expression, cfg.buckets, path, progress)
-    if published:
+    if build and published:  # also when this node had it from an earlier run: the others may not
         fs, target = storage.fsspec(published)
-        fs.put_file(str(path), target)  # one PUT: an object appears whole or not at all
+        if not fs.exists(target):
+            fs.put_file(str(path), target)  # one PUT: an object appears whole or not at all
     return index
+
+
+def _published_copy(published: str, cache_dir: str, storage: Storage) -> Path | None:
+    """This node's copy of a published index (downloaded once per node); None when it is not published."""
+    try:
+        return Path(storage.local_copy(published, cache_dir))
+    except FileNotFoundError:
+        return None
 
 
 def _latents_fit(shape: tuple[int, ...], bucket: Bucket) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -168,3 +169,16 @@ def test_rank_0_builds_the_row_index_once_per_run_and_the_others_wait_past_the_c
     assert all(np.array_equal(o, offsets[0]) for o in offsets)
     assert all(rank["sizes"] == ranks[0]["sizes"] for rank in ranks)
     assert f"{ranks[0]['sizes'][0]:,} of 2,000 rows kept in 1 bucket(s)" in (out / "rank0.out").read_text()
+
+
+def test_rank_0_publishes_the_index_its_node_kept_from_an_earlier_run(local_table, moto_s3, tmp_path):
+    """A new run on the same node finds the index in its cache; the other nodes still need it published."""
+    cfg = config(local_table, str(tmp_path / "node-a"))
+    cached = ensure_row_index(cfg, Storage())  # an earlier run, without a shared folder
+    shared = f"s3://{moto_s3.new_bucket()}/runs/r2/row_index"
+    assert ensure_row_index(cfg, moto_s3.storage, shared=shared) == cached
+
+    node_b = dataclasses.replace(cfg, cache_dir=str(tmp_path / "node-b"))
+    loader = ClipLoader(node_b, storage=moto_s3.storage, build_index=False, shared_index=shared)
+    assert loader.index.path.read_bytes() == cached.read_bytes()
+    assert str(loader.index.path).startswith(str(tmp_path / "node-b"))
