@@ -6,12 +6,14 @@ Rank 0 is alone on node A; ranks 1 and 2 share node B (its own row-index cache f
 The collective timeout is 2 s and every row-index build takes BUILD_S seconds longer than it would: the
 ranks must still start. Each build and each download of an index is recorded in OUT/builds and
 OUT/downloads; each rank writes OUT/rank<r>.json (its index file and bucket sizes) and rank 0's output
-goes to OUT/rank0.out. Ranks are forked before anything has run in Lance or torch.
+goes to OUT/rank0.out. Then every rank starts a loader on a table that does not exist and records the
+error it got. Ranks are forked before anything has run in Lance or torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -77,7 +79,12 @@ def rank_main(rank: int, port: int, table: str, shared: str, out: str) -> None:
         loader = ClipLoader(
             cfg, rank=rank, world_size=WORLD, storage=storage, build_index=False, shared_index=shared
         )
-    result = {"index": str(loader.index.path), "sizes": list(loader.sizes)}
+    missing, failure = dataclasses.replace(cfg, table=f"{table}-missing"), None
+    try:
+        share_row_index(missing, storage, shared)
+    except Exception as e:  # rank 0's own error there, rank 0's error in one line everywhere else
+        failure = f"{type(e).__name__}: {e}"
+    result = {"index": str(loader.index.path), "sizes": list(loader.sizes), "failure": failure}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

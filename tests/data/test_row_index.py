@@ -143,7 +143,8 @@ def test_rank_0_builds_the_row_index_once_per_run_and_the_others_wait_past_the_c
     moto_s3, tmp_path
 ):
     """Three ranks on two nodes; the build takes 3× the collective timeout. One build for the run (not one
-    per node), one download on the other node, the same offsets everywhere, and a line saying so."""
+    per node), one download on the other node, the same offsets everywhere, and a line saying so; a build
+    that fails is raised on every rank."""
     table = str(tmp_path / "clips.lance")
     write_table(table, 2000)
     shared = f"s3://{moto_s3.new_bucket()}/runs/r1/row_index"
@@ -169,6 +170,13 @@ def test_rank_0_builds_the_row_index_once_per_run_and_the_others_wait_past_the_c
     assert all(np.array_equal(o, offsets[0]) for o in offsets)
     assert all(rank["sizes"] == ranks[0]["sizes"] for rank in ranks)
     assert f"{ranks[0]['sizes'][0]:,} of 2,000 rows kept in 1 bucket(s)" in (out / "rank0.out").read_text()
+
+    # a build that fails on rank 0 fails every rank at once, naming it, instead of leaving them waiting
+    assert ranks[0]["failure"].startswith(f"FileNotFoundError: cannot open clip table {table}-missing")
+    for rank in ranks[1:]:
+        assert rank["failure"].startswith(
+            f"LoaderError: rank 0 could not build the row index of {table}-missing: FileNotFoundError: "
+        )
 
 
 def test_rank_0_publishes_the_index_its_node_kept_from_an_earlier_run(local_table, moto_s3, tmp_path):
