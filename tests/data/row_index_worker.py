@@ -3,7 +3,7 @@
     python row_index_worker.py TABLE SHARED OUT BUILD_S
 
 Rank 0 is alone on node A; ranks 1 and 2 share node B (its own row-index cache folder, LOCAL_RANK 0 and 1).
-The collective timeout is 2 s and every row-index build takes BUILD_S seconds longer than it would: the
+The collective timeout is 10 s and every row-index build takes BUILD_S seconds longer than it would: the
 ranks must still start. Each build and each download of an index is recorded in OUT/builds and
 OUT/downloads; each rank writes OUT/rank<r>.json (its index file and bucket sizes) and rank 0's output
 goes to OUT/rank0.out. Then every rank starts a loader on a table that does not exist and records the
@@ -32,7 +32,7 @@ from svd.data.storage import Storage
 
 WORLD = 3
 NODE_OF_RANK = ("a", "b", "b")
-COLLECTIVE_TIMEOUT_S = 2
+COLLECTIVE_TIMEOUT_S = 10  # not less: gloo connects the ranks within it, on a busy host too
 
 
 def record(out: Path, what: str, rank: int) -> None:
@@ -62,7 +62,7 @@ def rank_main(rank: int, port: int, table: str, shared: str, out: str) -> None:
     node = NODE_OF_RANK[rank]
     os.environ["LOCAL_RANK"] = str(NODE_OF_RANK[:rank].count(node))
     slowed(out_dir, rank)
-    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0, timeout=timedelta(seconds=60))
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0, timeout=timedelta(seconds=300))
     timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
     cfg = LoaderConfig(
@@ -71,7 +71,7 @@ def rank_main(rank: int, port: int, table: str, shared: str, out: str) -> None:
         filter="motion_score > 0.5",
         num_workers=0,  # the loader is only opened here: its workers would open the same index file
         cache_dir=str(out_dir / f"cache-{node}"),
-        index_timeout_s=120,
+        index_timeout_s=300,
     )
     storage = Storage.from_env()
     with open(out_dir / f"rank{rank}.out", "w") as log, contextlib.redirect_stdout(log):

@@ -109,8 +109,9 @@ def load(source: str, out: str) -> None:
 
 
 def rank_main(rank: int, port: int, mode: str, *args: str) -> None:
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    limit = timedelta(seconds=300)  # a bound for a failing test; ranks may stall for minutes on a busy host
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=limit)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=limit)
     try:
         {"save": save, "load": load}[mode](*args)
     finally:

@@ -27,7 +27,7 @@ worker = runpy.run_path(str(WORKER))
 def run_ranks(*args: str, env: dict[str, str]) -> None:
     environment = os.environ | env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(WORKER), *args], env=environment, capture_output=True, text=True, timeout=300
+        [sys.executable, str(WORKER), *args], env=environment, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
