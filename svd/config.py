@@ -108,6 +108,8 @@ class TrainConfig:
     warmup_steps: int = 1000
     schedule: str = "constant"  # constant | cosine (after warmup)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # A step whose loss or gradient norm is not finite is skipped (no update); so many in a row stop a run.
+    nonfinite_steps_limit: int = 5
     ema_decay: float = 0.9999
     seed: int = 0
     log_every: int = 10  # progress line and metrics
@@ -367,6 +369,7 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         ("checkpoint.keep", cfg.checkpoint.keep),
         ("checkpoint.every", cfg.checkpoint.every),
         ("stage.lora_rank", cfg.stage.lora_rank),
+        ("train.nonfinite_steps_limit", cfg.train.nonfinite_steps_limit),
     ]:
         _check(value >= 1, f"{key}={value} must be ≥ 1")
     for key, value in [

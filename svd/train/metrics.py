@@ -254,6 +254,12 @@ class TrainMetrics:
         self.checkpoint_failures = Counter(
             "svd_checkpoint_failures", "Checkpoint saves that failed.", LABELS, registry=self.registry
         ).labels(**labels)
+        self.nonfinite_steps = Counter(
+            "svd_nonfinite_steps",
+            "Steps skipped because their loss or gradient norm was not finite.",
+            LABELS,
+            registry=self.registry,
+        ).labels(**labels)
         self.samples = Counter("svd_samples", "Samples trained on.", LABELS, registry=self.registry).labels(
             **labels
         )
@@ -305,6 +311,9 @@ class TrainMetrics:
 
     def observe_checkpoint_failure(self) -> None:
         self.checkpoint_failures.inc()
+
+    def observe_nonfinite_step(self) -> None:
+        self.nonfinite_steps.inc()
 
     def observe_skipped(self, totals: Mapping[str, int]) -> None:
         """Add what is new in the loader's running totals by reason (`ClipLoader.skipped`) since the last
