@@ -18,7 +18,7 @@ import pytest
 from svd.data.local_s3 import free_port
 from svd.data.synthetic import synthetic_corpus
 from svd.data.table import write_clip_table
-from svd.launch.targets import write_target
+from svd.train.file_sd import write_target
 
 from .conftest import (
     DASHBOARD,
@@ -149,7 +149,7 @@ def test_every_rank_is_scraped_with_the_runs_labels_and_values(prometheus: Prome
     assert values_by_rank(prometheus, f'svd_checkpoint_interval_steps{{job="{JOB}"}}') == {"0": 3.0, "1": 3.0}
     saved = values_by_rank(prometheus, f'svd_checkpoint_step{{job="{JOB}"}}')
     assert all(step >= 6 and step % CHECKPOINT_EVERY == 0 for step in saved.values())
-    assert all(0 < mfu < 1 for mfu in values_by_rank(prometheus, f'svd_mfu{{job="{JOB}"}}').values())
+    assert all(0 < mfu < 1 for mfu in values_by_rank(prometheus, f'svd_mfu_ratio{{job="{JOB}"}}').values())
     skipped = prometheus.query(f'sum by (reason) (svd_data_skipped_total{{job="{JOB}"}})')
     assert [s["metric"]["reason"] for s in skipped] == ["corrupt"]
     assert float(skipped[0]["value"][1]) >= 1
