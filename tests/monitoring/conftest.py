@@ -24,7 +24,15 @@ from svd.data.local_s3 import free_port
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "infra" / "prometheus"
 RULES = PROMETHEUS_DIR / "rules" / "svd.rules.yml"
+RULE_TESTS = RULES.with_name("svd.rules.test.yml")
 DASHBOARD = ROOT / "infra" / "grafana" / "svd-training.json"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+# The label names of a trainer's series as Prometheus stores them: the trainer's own, and what the scrape adds
+# (the PodMonitor on Kubernetes, file_sd on Slurm). test_scrape.py checks the Kubernetes set on a real scrape
+# (file_sd with the PodMonitor's target labels); the promtool tests use exactly these sets.
+TRAINER_LABELS = {"job", "stage", "rank", "node"}
+KUBERNETES_LABELS = TRAINER_LABELS | {"exporter", "instance", "namespace", "pod", "container", "endpoint"}
+SLURM_LABELS = TRAINER_LABELS | {"exporter", "instance", "slurm_job_id"}
 
 
 def require(tool: str) -> str:
