@@ -128,14 +128,21 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def graph_panels(dashboard: dict) -> list[dict]:
+    """The panels that query (rows only group them)."""
+    return [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+
+
 def dashboard_queries(dashboard: dict, job: str, stage: str) -> dict[str, str]:
-    """Each panel target's PromQL as Prometheus would receive it from Grafana: the variables replaced by
-    one run, `$__rate_interval` by a window that spans several scrapes. Keyed by `panel title / refId`."""
-    values = {"$__rate_interval": "1m", "$job": job, "$stage": stage}
+    """Each panel target's PromQL as Prometheus would receive it from Grafana: the run and stage chosen, the
+    other variables on "All" (their allValue `.*`), `$__rate_interval` a window that spans several scrapes.
+    Keyed by `panel title / refId`."""
+    values = {f"${v['name']}": v["allValue"] for v in dashboard["templating"]["list"] if "allValue" in v}
+    values |= {"$__rate_interval": "1m", "$job": job, "$stage": stage}
     pattern = re.compile("|".join(re.escape(k) for k in sorted(values, key=len, reverse=True)))
     return {
         f"{panel['title']} / {target['refId']}": pattern.sub(lambda m: values[m[0]], target["expr"])
-        for panel in dashboard["panels"]
+        for panel in graph_panels(dashboard)
         for target in panel["targets"]
     }
 
