@@ -53,7 +53,11 @@ class QueryError(RuntimeError):
 @dataclass(frozen=True)
 class Prometheus:
     url: str
-    targets_dir: Path
+    targets_dir: Path  # svd's endpoints, scraped as infra/prometheus/prometheus.yml says
+    # Targets scraped as on Kubernetes, without honoured labels: Ray's port by the PodMonitor's second
+    # endpoint, dcgm-exporter by its chart's ServiceMonitor (its `pod` becomes `exported_pod`).
+    ray_targets_dir: Path
+    dcgm_targets_dir: Path
 
     def query(self, expr: str) -> list[dict]:
         """The instant vector of `expr` now; a PromQL error raises QueryError with Prometheus' message."""
@@ -73,17 +77,27 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """infra/prometheus/prometheus.yml at test pace (1 s scrapes and rule evaluations), reading target files
-    from a fresh folder instead of outputs/; stopped after the module."""
+    from a fresh folder instead of outputs/, plus two scrape jobs as the Prometheus operator configures them
+    (no honoured labels) for Ray's and dcgm-exporter's endpoints; stopped after the module."""
     binary = require("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     targets = folder / "targets"
-    targets.mkdir()
+    for sub in (targets, targets / "ray", targets / "dcgm"):
+        sub.mkdir()
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"}
     config["rule_files"] = [str(RULES)]
     for job in config["scrape_configs"]:
         for sd in job["file_sd_configs"]:
             sd["files"] = [str(targets / "*.json")]
+    config["scrape_configs"] += [
+        {
+            "job_name": name,
+            "honor_labels": False,
+            "file_sd_configs": [{"files": [str(targets / name / "*.json")]}],
+        }
+        for name in ("ray", "dcgm")
+    ]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = (folder / "prometheus.log").open("w")
@@ -100,7 +114,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _ready(url), 30, f"Prometheus on {url} (log: {folder / 'prometheus.log'})")
-        yield Prometheus(url, targets)
+        yield Prometheus(url, targets, targets / "ray", targets / "dcgm")
     finally:
         process.terminate()
         try:
