@@ -299,6 +299,7 @@ def test_a_two_rank_run_trains_to_the_end_when_its_metrics_port_is_taken(
     assert [line for line in output.splitlines() if "metrics:" in line] == [
         f"metrics: port {port} is taken; serving on {port + 1}"
     ]
+    assert scraped, f"port {port + 1} never served both ranks while the run lasted"
     assert by_rank(scraped["svd_world_size"], "svd_world_size") == {"0": 2.0, "1": 2.0}
 
 
