@@ -191,9 +191,7 @@ def serve_node_metrics(
             warn(f"metrics: port {port} is taken; serving on {candidate}")
         try:
             announce_from_env(candidate)
-        except (
-            OSError
-        ) as e:  # a shared folder out of reach: Prometheus will not find this node, training goes on
+        except OSError as e:  # a shared folder out of reach: Prometheus misses this node, training goes on
             warn(f"metrics: serving on {candidate}, but cannot announce it to Prometheus: {e}")
         return server
     warn(
