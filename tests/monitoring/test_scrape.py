@@ -51,7 +51,7 @@ FAILURE_ALERTS = (
     "SVDTrainingStalled",
     "SVDRankMissing",
     "SVDMetricsEndpointDown",
-    "SVDLossNaN",
+    "SVDNonFiniteSteps",
     "SVDCheckpointFailing",
     "SVDCheckpointLate",
     "SVDGPUXidError",
