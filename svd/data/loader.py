@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -486,6 +487,35 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
+# The batch iterators with live workers, for `_shut_down_at_exit`.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shut_down(batches: Iterator[dict[str, Any]]) -> None:
+    """Stop an iterator's workers for sure. torch asks them to leave, waits a few seconds, then sends
+    SIGTERM, which our workers ignore (stop signals are the rank's to handle): a worker still busy is then
+    killed, since nothing it holds outlives it (it writes nothing but batches to its queue)."""
+    workers = list(getattr(batches, "_workers", []))
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    _RUNNING.discard(batches)
+
+
+@atexit.register
+def _shut_down_at_exit() -> None:
+    """A rank that ends on an exception may leave an iterator unclosed (a traceback still references it).
+    multiprocessing's own exit hook would then SIGTERM its workers, which ignore it, and wait for them
+    forever. Hooks run last-registered first, and multiprocessing registered its hook before this module
+    was imported, so the workers are gone by then."""
+    for batches in list(_RUNNING):
+        _shut_down(batches)
+
+
 @contextmanager
 def _new_processes_ignore_stop_signals() -> Iterator[None]:
     """Workers are born ignoring the stop signals, not only from `_init_worker` on: a spawned worker imports
@@ -666,12 +696,16 @@ class ClipLoader:
             worker_init_fn=functools.partial(_init_worker, parent=os.getpid()) if workers else None,
         )
         with _new_processes_ignore_stop_signals():
-            batches = iter(loader)  # closing (or dropping) this generator shuts its workers down
-        while True:
-            batch = self._next(batches)
-            self.state = batch.pop("state")
-            self.skipped.update(batch["skipped"])
-            yield batch
+            batches = iter(loader)
+        _RUNNING.add(batches)
+        try:
+            while True:
+                batch = self._next(batches)
+                self.state = batch.pop("state")
+                self.skipped.update(batch["skipped"])
+                yield batch
+        finally:  # closing (or dropping) this generator shuts its workers down
+            _shut_down(batches)
 
     def _next(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """The next batch; a failure in a worker comes back as one line, not as torch's worker traceback."""

@@ -224,6 +224,7 @@ def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
         import torch
 
         ray.init(
+            address="local",  # a new Ray of our own: never one that another job left in /tmp/ray
             num_cpus=cpus,
             num_gpus=min(gpus, torch.cuda.device_count()),
             include_dashboard=False,
