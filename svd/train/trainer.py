@@ -228,14 +228,15 @@ class Trainer:
         return result
 
     def _save(self, step: int) -> None:
+        committed = self.metrics.observe_checkpoint_committed if self.metrics else None
         try:
-            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
+            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()), committed)
         except CheckpointError:
             if self.metrics:
                 self.metrics.observe_checkpoint_failure()
             raise
         if self.metrics:
-            self.metrics.observe_checkpoint(blocked, step)
+            self.metrics.observe_checkpoint(blocked)
 
     def _step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step; returns the global mean loss, the seconds spent waiting for batches and
