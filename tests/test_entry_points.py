@@ -76,8 +76,15 @@ def test_demo_explains_itself():
     assert "space_to_depth" in out.stdout
 
 
+def numbers(pattern: str, text: str) -> list[float]:
+    """The numbers a benchmark printed where `pattern` (with one group per number) matches."""
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return [float(g) for g in match.groups()]
+
+
 @pytest.mark.slow
-def test_loader_benchmark_prints_both_ratios(radosgw):
+def test_loader_benchmark_ratios_are_the_quotients_of_the_rates_it_measured(radosgw):
     argv = [
         "--videos",
         "2",
@@ -100,21 +107,43 @@ def test_loader_benchmark_prints_both_ratios(radosgw):
     ]
     out = subprocess.run([sys.executable, "bench/loader.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(r"ratio ours/decode limit:\s+\d+\.\d+", out.stdout)
-    assert re.search(r"ratio ours/Parquet:\s+\d+\.\d+", out.stdout)
+    (limit,) = numbers(r"decode limit \(local files, 1 process\):\s+([\d.]+) clips/s", out.stdout)
+    (ours,) = numbers(r"ClipLoader, 2 workers \(radosgw\):\s+([\d.]+) clips/s", out.stdout)
+    (in_process,) = numbers(r"ClipLoader, in process \(radosgw\):\s+([\d.]+) clips/s", out.stdout)
+    (parquet,) = numbers(r"Parquet \+ fsspec, 2 workers \(radosgw\):\s+([\d.]+) clips/s", out.stdout)
+    assert min(limit, ours, in_process, parquet) > 0
+    to_limit, in_process_to_limit = numbers(
+        r"ratio ours/decode limit: ([\d.]+)\s+\(in process: ([\d.]+)\)", out.stdout
+    )
+    (to_parquet,) = numbers(r"ratio ours/Parquet:\s+([\d.]+)", out.stdout)
+    printed = pytest.approx  # rates are printed to 0.1 clips/s and ratios to 0.01
+    assert to_limit == printed(ours / limit, rel=0.05, abs=0.01)
+    assert in_process_to_limit == printed(in_process / limit, rel=0.05, abs=0.01)
+    assert to_parquet == printed(ours / parquet, rel=0.05, abs=0.01)
 
 
 @pytest.mark.slow
-def test_curation_benchmark_compares_with_pyscenedetect():
+def test_curation_benchmark_scores_both_detectors_on_the_known_cuts_and_counts_one_clip_per_shot():
     argv = ["--videos", "2", "--shots", "3", "--size", "72", "128", "--detectors", "ours", "ContentDetector"]
     out = subprocess.run([sys.executable, "bench/curate.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(r"vs ContentDetector: F1 \d\.\d\d vs \d\.\d\d", out.stdout)
-    assert re.search(r"\d+\.\d+ clips/s per core", out.stdout)
+    cuts, dissolves = numbers(r"(\d+) cut, (\d+) dissolve", out.stdout)
+    assert cuts + dissolves == 2 * (3 - 1)  # every video's shots are joined by a transition
+    row = r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"  # F1, P, R, videos/s
+    f1, precision, recall, ours_speed = numbers(r"\nours" + row, out.stdout)
+    assert (f1, precision, recall) == (1.0, 1.0, 1.0)  # the synthetic transitions are all found, none more
+    theirs_f1, _, _, theirs_speed = numbers(r"\nContentDetector" + row, out.stdout)
+    compared = numbers(r"ours vs ContentDetector: F1 ([\d.]+) vs ([\d.]+), speed ×([\d.]+)", out.stdout)
+    assert compared == pytest.approx([f1, theirs_f1, ours_speed / theirs_speed], rel=0.05, abs=0.01)
+    clips, videos, seconds, per_core = numbers(
+        r"2 workers: (\d+) clips from (\d+) videos in ([\d.]+) s = ([\d.]+) clips/s per core", out.stdout
+    )
+    assert (clips, videos) == (2 * 3, 2)  # one clip per shot
+    assert per_core == pytest.approx(clips / seconds / 2, rel=0.05, abs=0.01)
 
 
 @pytest.mark.slow
-def test_unet_benchmark_prints_both_ratios():
+def test_unet_benchmark_ratios_are_the_quotients_of_the_times_and_memory_it_measured():
     argv = [
         "--model-channels",
         "32",
@@ -132,8 +161,14 @@ def test_unet_benchmark_prints_both_ratios():
         [sys.executable, "bench/unet.py", *argv, "--repeats", "1"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert re.search(r"time ratio ours/diffusers:\s+\d+\.\d+", out.stdout)
-    assert re.search(r"memory ratio ours/diffusers:\s+\d+\.\d+", out.stdout)
+    measured = r"fwd\+bwd median\s+([\d.]+) ms\s+peak memory\s+([\d.]+) MiB"
+    ours_ms, ours_mib = numbers(r"ours: " + measured, out.stdout)
+    theirs_ms, theirs_mib = numbers(r"diffusers: " + measured, out.stdout)
+    assert min(ours_ms, ours_mib, theirs_ms, theirs_mib) > 0
+    (time_ratio,) = numbers(r"time ratio ours/diffusers:\s+([\d.]+)", out.stdout)
+    (memory_ratio,) = numbers(r"memory ratio ours/diffusers:\s+([\d.]+)", out.stdout)
+    assert time_ratio == pytest.approx(ours_ms / theirs_ms, rel=0.01)
+    assert memory_ratio == pytest.approx(ours_mib / theirs_mib, rel=0.05)
 
 
 # ---- jobs/export.py: a run directory that is missing, torn or unreachable; an output path that cannot be one
