@@ -54,16 +54,7 @@ def parse(argv: list[str]) -> ExportConfig:
 
 
 def export(cfg: ExportConfig) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
     from svd.data.storage import Storage
-    from svd.diffusion.edm import Denoiser
-    from svd.model.autoencoder import build_autoencoder
-    from svd.model.lora import apply_lora, lora_state_dict, merge_lora
-    from svd.model.video_unet import VideoUNet
-    from svd.model.weights import save_diffusers_unet
-    from svd.train.task import autoencoder_config, unet_config
 
     out = Path(cfg.out)
     check_output(out, folder=cfg.format == "diffusers")
@@ -74,6 +65,17 @@ def export(cfg: ExportConfig) -> Path:
         raise ExportError(
             f"format=lora: run {cfg.run} trained no LoRA (stage.trainable={run.stage.trainable})"
         )
+
+    import torch  # after the checks above: they answer in a second, torch takes several to import
+    from safetensors.torch import save_file
+
+    from svd.diffusion.edm import Denoiser
+    from svd.model.autoencoder import build_autoencoder
+    from svd.model.lora import apply_lora, lora_state_dict, merge_lora
+    from svd.model.video_unet import VideoUNet
+    from svd.model.weights import save_diffusers_unet
+    from svd.train.task import autoencoder_config, unet_config
+
     channels = build_autoencoder(autoencoder_config(run)).latent_channels
     missing = channels if run.stage.task == "interpolation" else 0
     model = Denoiser(VideoUNet(unet_config(run, channels)), missing_frame_channels=missing)
@@ -138,8 +140,9 @@ def load_checkpoint(model: nn.Module, cfg: ExportConfig, storage: Storage, cache
     source = cfg.run
     if cfg.step is not None:
         source = join(cfg.run, "checkpoints", f"step-{cfg.step:08d}")
-        if cfg.step not in saved_steps(cfg.run, storage):
-            steps = ", ".join(map(str, saved_steps(cfg.run, storage))) or "none"
+        saved = saved_steps(cfg.run, storage)
+        if cfg.step not in saved:
+            steps = ", ".join(map(str, saved)) or "none"
             raise ExportError(f"step={cfg.step}: no checkpoint {source} (saved steps: {steps})")
     try:
         weights = initial_weights(source, storage, cache_dir)
