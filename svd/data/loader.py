@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import io
 import json
 import multiprocessing.resource_tracker
@@ -454,10 +455,28 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _init_worker(_: int) -> None:
+def _init_worker(_: int, parent: int) -> None:
+    """A worker leaves when its rank is gone. torch's watchdog compares the parent pid with the one it saw at
+    start, but a worker still importing torch when its rank died (a rank killed right after it spawned its
+    workers) sees the reaper as its parent from the start and would poll its queue forever, holding the
+    job's output open. So: leave now if the parent is already gone, and ask the kernel to kill this worker
+    with its parent from here on."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent:
+        os._exit(0)
     atexit.register(_leave_without_finalizing)
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; elsewhere torch's watchdog alone."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
 @contextmanager
@@ -633,7 +652,7 @@ class ClipLoader:
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=False,
             timeout=self.cfg.batch_timeout_s if workers else 0,
-            worker_init_fn=_init_worker if workers else None,
+            worker_init_fn=functools.partial(_init_worker, parent=os.getpid()) if workers else None,
         )
         with _new_processes_ignore_stop_signals():
             batches = iter(loader)  # closing (or dropping) this generator shuts its workers down
