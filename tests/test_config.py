@@ -170,6 +170,7 @@ RUN_ACCEPTS: dict[str, frozenset[str]] = {
     "train.warmup_steps": SWITCH,
     "train.schedule": REFUSED,
     "train.grad_clip": SWITCH,
+    "train.nonfinite_steps_limit": REFUSED,  # skipped steps in a row that stop a run: at least one
     "train.ema_decay": SWITCH,  # 0: the "average" is the latest weights
     "train.seed": SWITCH,
     "train.log_every": REFUSED,
