@@ -95,6 +95,7 @@ class DataConfig:
     micro_batch: int = 1  # samples per rank per forward/backward
     num_workers: int = 4
     batch_timeout_s: float = 600.0  # the longest wait for one batch from a loader worker
+    index_timeout_s: float = 3600.0  # the longest wait for rank 0's row-index build (a scan of the table)
     serve: str = "auto"  # auto | frames | latents (auto: latents when the table has them)
     motion_score_scale: float = 1.0
     caption_weights: list[float] | None = None
@@ -380,6 +381,7 @@ ABOVE_ZERO = (
     "diffusion.p_std",
     "data.fps",
     "data.batch_timeout_s",
+    "data.index_timeout_s",
     "data.motion_score_scale",
     "train.lr",
     "parallel.collective_timeout_s",

@@ -157,6 +157,7 @@ RUN_ACCEPTS: dict[str, frozenset[str]] = {
     "data.micro_batch": REFUSED,
     "data.num_workers": SWITCH,  # 0: decode in the rank's process
     "data.batch_timeout_s": REFUSED,
+    "data.index_timeout_s": REFUSED,
     "data.serve": REFUSED,
     "data.motion_score_scale": REFUSED,
     "data.caption_weights": REFUSED,  # null: equal weights; [] and an all-zero list weigh nothing
