@@ -32,7 +32,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import submitit
 from omegaconf import OmegaConf
 
-from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
+from svd.config import (
+    CONF_DIR,
+    ClusterConfig,
+    ConfigError,
+    RunConfig,
+    check_cluster_settings,
+    config_errors,
+    from_yaml,
+    to_yaml,
+)
 from svd.curate.config import CurateConfig
 from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 from svd.train.stop import StopRequest
@@ -94,16 +103,7 @@ def sbatch_parameters(
 
 def check_cluster(cluster: ClusterConfig) -> None:
     """Raises ConfigError naming the first setting that sbatch would refuse, or that makes no sense."""
-    for key in ("time_min", "cpus_per_task"):
-        if getattr(cluster, key) < 1:
-            raise ConfigError(f"cluster.{key}={getattr(cluster, key)} must be ≥ 1")
-    if cluster.mem_gb < 0:
-        raise ConfigError(f"cluster.mem_gb={cluster.mem_gb} must be ≥ 0 (0: Slurm's default)")
-    if not 0 <= cluster.signal_delay_s < cluster.time_min * 60:
-        raise ConfigError(
-            f"cluster.signal_delay_s={cluster.signal_delay_s} must be ≥ 0 and shorter than "
-            f"cluster.time_min={cluster.time_min} minutes"
-        )
+    check_cluster_settings(cluster)
     for key in cluster.sbatch_extra:
         if key.replace("_", "-") in ("nodes", "ntasks-per-node", "array", "output", "error", "signal"):
             raise ConfigError(f"cluster.sbatch_extra.{key}: set by the launcher; use the run's settings")

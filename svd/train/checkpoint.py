@@ -32,7 +32,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -120,11 +120,14 @@ class Checkpointer:
         self._last_step: int | None = None
         self._probe_storage()
 
-    def save(self, step: int, parts: Mapping[str, Part]) -> float:
+    def save(
+        self, step: int, parts: Mapping[str, Part], on_commit: Callable[[int], None] | None = None
+    ) -> float:
         """Checkpoint `parts` as of `step`; returns the seconds it blocked the caller. In async mode it waits
         for the previous save, copies the state to CPU memory and returns while a thread writes it; rank 0
-        then writes the marker and deletes old checkpoints. A save of the step last saved or loaded is a
-        no-op (the state is the same)."""
+        then writes the marker and deletes old checkpoints. `on_commit(step)` is called once the checkpoint
+        is complete (in async mode from that thread; never for a save that fails). A save of the step last
+        saved or loaded is a no-op (the state is the same)."""
         started = time.perf_counter()
         self.wait()
         if self._last_step is not None and step <= self._last_step:
@@ -141,7 +144,7 @@ class Checkpointer:
                 async_stager=self._stager,
                 no_dist=self._pg is None,
             )
-            self._pending = self._executor.submit(self._commit_when_written, future, step)
+            self._pending = self._executor.submit(self._commit_when_written, future, step, on_commit)
         else:
             try:
                 with _single_process_is_intended():
@@ -149,6 +152,8 @@ class Checkpointer:
             except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
                 raise CheckpointError(f"saving {self._step_uri(step)} failed: {_one_line(e)}") from e
             self._commit(step)
+            if on_commit is not None:
+                on_commit(step)
         self._last_step = step
         return time.perf_counter() - started
 
@@ -201,12 +206,16 @@ class Checkpointer:
         self._last_step = step
         return step
 
-    def _commit_when_written(self, future: Future, step: int) -> None:
+    def _commit_when_written(
+        self, future: Future, step: int, on_commit: Callable[[int], None] | None
+    ) -> None:
         try:
             future.result()
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"saving {self._step_uri(step)} failed: {_one_line(e)}") from e
         self._commit(step)
+        if on_commit is not None:
+            on_commit(step)
 
     def _commit(self, step: int) -> None:
         """Rank 0, once every rank's data and DCP's metadata are written: point the marker at `step`, then

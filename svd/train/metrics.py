@@ -17,7 +17,8 @@ rank and node, so Prometheus sees every rank separately however the processes ar
     metrics.observe_start(world_size, checkpoint_every, checkpoint_step=resumed_step)
     metrics.observe_step(step, loss, grad_norm, lr, step_seconds, data_wait_seconds, samples)
     metrics.observe_skipped(loader.skipped)
-    metrics.observe_checkpoint(seconds, step)      # or observe_checkpoint_failure() when a save fails
+    metrics.observe_checkpoint(seconds)            # or observe_checkpoint_failure() when a save fails
+    metrics.observe_checkpoint_committed(step)     # when the checkpoint is complete (async: later)
 
 prometheus_client fixes its mode when it is first imported, from PROMETHEUS_MULTIPROC_DIR. This module
 therefore imports it only inside functions, and `TrainMetrics` refuses to start if it finds the mode
@@ -348,9 +349,13 @@ class TrainMetrics:
             self.mfu.set(self.flops_per_sample * throughput / self.peak_flops)
         self._observe_memory()
 
-    def observe_checkpoint(self, seconds: float, step: int) -> None:
-        """A save of `step` that blocked training `seconds` (async saves: their failure shows at the next)."""
+    def observe_checkpoint(self, seconds: float) -> None:
+        """A save that blocked training `seconds` (async saves: their failure shows at the next)."""
         self.checkpoint_seconds.observe(seconds)
+
+    def observe_checkpoint_committed(self, step: int) -> None:
+        """The checkpoint of `step` is complete: a run restarted now resumes from it. Not when its save
+        starts: an asynchronous save that then fails must leave the step of the last good one."""
         self.checkpoint_step.set(step)
 
     def observe_checkpoint_failure(self) -> None:

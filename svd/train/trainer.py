@@ -333,14 +333,15 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         self._check_finite_weights(step)
+        committed = self.metrics.observe_checkpoint_committed if self.metrics else None
         try:
-            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
+            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()), committed)
         except CheckpointError:
             if self.metrics:
                 self.metrics.observe_checkpoint_failure()
             raise
         if self.metrics:
-            self.metrics.observe_checkpoint(blocked, step)
+            self.metrics.observe_checkpoint(blocked)
 
     def _check_finite_weights(self, step: int) -> None:
         """Refuse to save weights (or their average) with a NaN or an infinity: the latest checkpoint, and

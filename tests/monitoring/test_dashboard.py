@@ -53,7 +53,8 @@ def exported_names() -> set[str]:
     metrics.observe_start(world_size=1, checkpoint_every=10, checkpoint_step=None)
     metrics.observe_step(1, 0.5, 1.0, 1e-4, 1.0, 0.1, 2)
     metrics.observe_skipped({"corrupt": 1})
-    metrics.observe_checkpoint(1.0, step=1)
+    metrics.observe_checkpoint(1.0)
+    metrics.observe_checkpoint_committed(1)
     return {sample.name for family in metrics.registry.collect() for sample in family.samples}
 
 

@@ -224,8 +224,11 @@ def test_every_rank_is_scraped_with_the_runs_labels_and_values(prometheus: Prome
     assert values_by_rank(prometheus, f'svd_world_size{{job="{JOB}"}}') == {"0": 2.0, "1": 2.0}
     assert values_by_rank(prometheus, f'svd_checkpoint_interval_steps{{job="{JOB}"}}') == {"0": 3.0, "1": 3.0}
     saved = values_by_rank(prometheus, f'svd_checkpoint_step{{job="{JOB}"}}')
+    assert sorted(saved) == ["0", "1"]  # else the checks below hold for no rank at all
     assert all(step >= 6 and step % CHECKPOINT_EVERY == 0 for step in saved.values())
-    assert all(0 < mfu < 1 for mfu in values_by_rank(prometheus, f'svd_mfu_ratio{{job="{JOB}"}}').values())
+    mfu = values_by_rank(prometheus, f'svd_mfu_ratio{{job="{JOB}"}}')
+    assert sorted(mfu) == ["0", "1"]
+    assert all(0 < value < 1 for value in mfu.values())
     skipped = prometheus.query(f'sum by (reason) (svd_data_skipped_total{{job="{JOB}"}})')
     assert [s["metric"]["reason"] for s in skipped] == ["corrupt"]
     assert float(skipped[0]["value"][1]) >= 1

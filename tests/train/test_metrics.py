@@ -12,6 +12,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,8 @@ RANK = textwrap.dedent(
     m.observe_step(step=7, loss=loss, grad_norm=0.25, lr=1e-4, step_seconds=2.0, data_wait_seconds=0.5,
                    samples=4)
     m.observe_skipped({"decode": skipped})
-    m.observe_checkpoint(12.0, step=5)
+    m.observe_checkpoint(12.0)
+    m.observe_checkpoint_committed(5)
     """
 )
 
@@ -333,15 +335,67 @@ def test_port_zero_means_no_endpoint_and_no_multiprocess_files(tmp_path: Path) -
     assert metrics.registry.get_sample_value("svd_loss", LABELS) == 0.5
 
 
-def test_a_failed_save_counts_and_leaves_the_checkpoint_step_at_the_last_good_save() -> None:
-    metrics = TrainMetrics(MetricsConfig(port=0), job="j1", stage="video", rank=0, node="n0")
-    metrics.observe_start(world_size=4, checkpoint_every=10, checkpoint_step=30)
-    assert metrics.registry.get_sample_value("svd_checkpoint_step", LABELS) == 30
-    metrics.observe_checkpoint(1.5, step=40)
-    metrics.observe_checkpoint_failure()
-    assert metrics.registry.get_sample_value("svd_checkpoint_step", LABELS) == 40
-    assert metrics.registry.get_sample_value("svd_checkpoint_failures_total", LABELS) == 1
-    assert metrics.registry.get_sample_value("svd_world_size", LABELS) == 4
+# A run on a disk that refuses the data of step 4's checkpoint (as a full or revoked store would): the trainer
+# itself, one rank in its own process (prometheus_client's multiprocess mode is fixed per process).
+FAILING_SAVE = textwrap.dedent(
+    """
+    import sys
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    from svd.config import compose
+    from svd.launch.local import launch_local
+
+    class RefusesStep4(LocalFileSystem):
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and "step-00000004/" in path:
+                raise OSError(28, "No space left on device", path)
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("file", RefusesStep4, clobber=True)
+    launch_local(compose(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_failed_async_save_counts_and_leaves_the_checkpoint_step_at_the_last_good_save(
+    train_table: dict, moto_s3, tmp_path: Path
+) -> None:
+    job = f"failed-save-{uuid.uuid4().hex[:8]}"  # its metrics folder is shared by every test session
+    args = [
+        "stage=video_pretrain",
+        "model=tiny",
+        f"job_name={job}",
+        f"data.table={train_table['table']}",
+        "data.frames=4",
+        "data.fps=4",
+        "data.num_workers=2",
+        "train.global_batch=2",
+        "train.steps=6",
+        "train.val_every=3",
+        "train.preview_every=3",
+        f"checkpoint.run_dir={tmp_path / 'run'}",
+        "checkpoint.every=2",
+        "checkpoint.async_save=true",
+        f"metrics.port={free_port()}",
+    ]
+    env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(  # a failed run must also end: the limit turns a hang at exit into a failure
+        [sys.executable, "-c", FAILING_SAVE, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "step-00000004 failed: rank 0: OSError: [Errno 28] No space left on device" in done.stderr
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(MetricsConfig(port=1).directory(job)))
+    labels = {"job": job, "stage": "video_pretrain", "rank": "0", "node": socket.gethostname()}
+    assert registry.get_sample_value("svd_step", labels) == 6  # the failure surfaced at the next save
+    assert registry.get_sample_value("svd_checkpoint_step", labels) == 2  # not 4: that save never completed
+    assert registry.get_sample_value("svd_checkpoint_failures_total", labels) == 1
+    assert registry.get_sample_value("svd_checkpoint_save_seconds_count", labels) == 2  # steps 2 and 4
 
 
 def test_mfu_is_flops_per_sample_times_samples_per_second_over_the_configured_peak() -> None:

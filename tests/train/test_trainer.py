@@ -129,8 +129,11 @@ def test_a_run_writes_previews_validation_and_its_config(train_table, s3_env, mo
         "previews/step-00000002.gif",
     } <= names
     assert {"checkpoints/latest", "checkpoints/step-00000002/.metadata"} <= names
-    assert set(result.validation[0]) == {"sigma_0.05", "sigma_0.3", "sigma_1", "sigma_3", "sigma_10", "mean"}
-    assert all(v > 0 for v in result.validation[0].values())
+    losses = result.validation[0]
+    assert set(losses) == {"sigma_0.05", "sigma_0.3", "sigma_1", "sigma_3", "sigma_10", "mean"}
+    assert losses["mean"] == pytest.approx(sum(v for k, v in losses.items() if k != "mean") / 5)
+    written = fs.cat_file(f"{path}/validation.jsonl").decode().splitlines()
+    assert [json.loads(line) for line in written] == [{"step": 2, **losses}]
 
 
 def _rank_processes(launcher_pid: int) -> list[int]:
