@@ -75,6 +75,7 @@ class Trainer:
             self.storage,
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
+            collective_timeout_s=cfg.parallel.collective_timeout_s,
         )
         self.metrics: TrainMetrics | None = None
         self.flops: float | None = None
