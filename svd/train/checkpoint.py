@@ -458,16 +458,16 @@ def _one_line(
     error: BaseException, storage: Storage | None = None, collective_timeout_s: float | None = None
 ) -> str:
     """An error as one line; for DCP's multi-rank report, the lowest failing rank's error. A storage error
-    (an OSError) that ran out of time names the storage deadlines to raise; a collective that timed out (DCP
-    raises those as they are: a rank stopped answering) names the setting that bounded the wait."""
+    that ran out of time names the storage deadlines to raise; a collective that timed out (a RuntimeError,
+    which DCP raises as it is: a rank stopped answering) names the setting that bounded the wait."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (cause, _) = min(error.failures.items(), key=lambda item: item[0])
         others = len(error.failures) - 1
         cause_text = _one_line(cause, storage, collective_timeout_s)
         return f"rank {rank}: {cause_text}" + (f" (and {others} more ranks)" if others else "")
     text = " ".join(f"{type(error).__name__}: {error}".split())
-    if isinstance(error, OSError):
-        return text + (storage.timeout_hint(error) if storage is not None else "")
-    if collective_timeout_s is not None and "timed out" in text.lower():
+    if isinstance(error, RuntimeError):  # torch's distributed errors; storage clients raise others
+        if collective_timeout_s is None or "timed out" not in text.lower():
+            return text
         return f"{text} (a rank did not answer within parallel.collective_timeout_s={collective_timeout_s:g})"
-    return text
+    return text + (storage.timeout_hint(error) if storage is not None else "")

@@ -154,12 +154,12 @@ def test_a_checkpoint_save_to_a_store_that_stops_answering_fails_within_its_dead
     storage = Storage.from_env(moto_s3.env | {"AWS_ENDPOINT_URL_S3": gate.endpoint} | RETRYING_DEADLINES)
     run = f"s3://{moto_s3.new_bucket()}/runs/r"
     parts = {"ema": {"w": torch.ones(8 << 20)}, "train": {"step": 1}}  # 32 MiB: more than TCP buffers hold
-    gate.on_request = (b"/checkpoints/step-00000001/", gate.silence)  # the store hangs as the data is sent
+    gate.on_request = (b"/step-00000001/__0_", gate.silence)  # the store hangs as rank 0 sends its data
     with Checkpointer(run, storage, async_save=True) as checkpointer:
         checkpointer.save(1, parts)
         raised, took = gives_up_within(60, checkpointer.wait)
     assert isinstance(raised, CheckpointError), raised
-    assert took < give_up_within_s(storage, "s3fs") + 1, took
+    assert took < 2 * give_up_within_s(storage, "s3fs"), took  # the upload, then s3fs deletes what it left
     message = str(raised)
     assert message.startswith(f"saving {run}/checkpoints/step-00000001 failed: rank 0: ")
     assert message.endswith("SVD_STORAGE_MAX_ATTEMPTS=2; raise them for a slow store)")
