@@ -247,7 +247,7 @@ def _http_session_without_expect() -> type:
     return AIOHTTPSessionWithoutExpect
 
 
-_OBJECT_STORE_ELAPSED = re.compile(r" in (\d+(?:\.\d+)?)(ms|s) - HTTP error")
+_OBJECT_STORE_ELAPSED = re.compile(r" in (\d+(?:\.\d+)?)(ms|s)(?:, after [^-]*)? - HTTP error")
 
 
 def _timed_out(error: BaseException, shortest_timeout_s: float) -> bool:
