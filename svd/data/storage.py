@@ -16,8 +16,9 @@ SVD_STORAGE_READ_TIMEOUT (seconds) and SVD_STORAGE_MAX_ATTEMPTS. The defaults fa
 that accepts connections and never answers in well under a minute (measured in tests/faults against such an
 endpoint: s3fs ~22 s, Lance ~33 s, pyarrow ~11 s):
 - s3fs: botocore tries a request `max_attempts` times (standard mode: timeouts, resets, 5xx, throttling);
-  s3fs runs that once more when an answer breaks off mid-body, which botocore does not retry. aiohttp's
-  read timeout starts only once a request's body is sent, so two waits get their own bound: the body is
+  s3fs's own loop runs a call twice, the only retry of an answer that breaks off mid-body (botocore does
+  not retry those), so a call that times out is tried 2 · max_attempts times. aiohttp's read timeout
+  starts only once a request's body is sent, so two waits get their own bound: the body is
   sent without `Expect: 100-continue` (aiohttp waits for the "100 Continue" without any deadline, where
   botocore's own client gives up waiting after 1 s and sends the body anyway), and a body the store stops
   reading fails after `read_timeout` (TCP_USER_TIMEOUT on the connection, Linux).
@@ -57,7 +58,7 @@ TIMEOUT_VARIABLES = {
     "read_timeout": "SVD_STORAGE_READ_TIMEOUT",
     "max_attempts": "SVD_STORAGE_MAX_ATTEMPTS",
 }
-S3FS_CALL_TRIES = 2  # s3fs's own loop around botocore's: re-runs a call whose answer broke off mid-body
+S3FS_CALL_TRIES = 2  # s3fs's own loop around botocore's (s3fs's default: 5)
 LANCE_LIST_TRIES = 6  # Lance's own loop around each listing (pylance 14: 5 retries, not configurable)
 
 
@@ -116,12 +117,13 @@ class Storage:
                 config_kwargs={
                     "connect_timeout": self.connect_timeout,
                     "read_timeout": self.read_timeout,
-                    "retries": {"total_max_attempts": self.max_attempts, "mode": "standard"},  # retries + 1
+                    # botocore's "max_attempts" would count the retries only
+                    "retries": {"total_max_attempts": self.max_attempts, "mode": "standard"},
                     "http_session_cls": _http_session_without_expect(),
                     "connector_args": {"socket_factory": self._socket_factory()},
                 },
             )
-            fs.retries = S3FS_CALL_TRIES  # a class attribute (default 5): set on the instance
+            fs.retries = S3FS_CALL_TRIES  # a class attribute: set on the instance
             return fs, strip_scheme(uri)
         fs, path = fsspec.core.url_to_fs(uri)
         return fs, path
@@ -182,6 +184,9 @@ class Storage:
         )
 
     def _socket_factory(self) -> functools.partial:
+        """aiohttp's socket factory, with `read_timeout` as the TCP user timeout. A partial of a module
+        function, not a closure, so that equal settings give equal arguments: fsspec's instance cache then
+        hands out one S3FileSystem (and one connection pool) for them."""
         return functools.partial(_socket_with_user_timeout, round(self.read_timeout * 1000))
 
     def reader(self, uri: str, block_size: int = 4 << 20) -> str | BinaryIO:

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,7 +33,7 @@ DEADLINES = {
     "SVD_STORAGE_READ_TIMEOUT": "0.5",
     "SVD_STORAGE_MAX_ATTEMPTS": "1",
 }
-# Deadlines with a retry, for the tests that measure how the clients compose them.
+# Deadlines with a retry, for the tests that count how the clients compose them.
 RETRYING_DEADLINES = {
     "SVD_STORAGE_CONNECT_TIMEOUT": "1",
     "SVD_STORAGE_READ_TIMEOUT": "1",
@@ -40,17 +41,20 @@ RETRYING_DEADLINES = {
 }
 
 
-def give_up_within_s(storage: Storage, client: str) -> float:
-    """How long one call of `client` may take to fail on an endpoint that accepts connections and never
-    answers, from how each client composes the deadlines (svd/data/storage.py), with each try's overhead
-    (a connection, backoff: botocore's and the AWS SDK's first retry waits up to 1 s, random) bounded by 1 s.
-    Measured here with 1 s deadlines: s3fs 5.5 s, Lance 8 s, pyarrow 2.5 s."""
-    tries = {
+def tries(storage: Storage, client: str) -> int:
+    """The requests one call of `client` makes before it gives up on an endpoint that accepts connections
+    and never answers, each waiting `read_timeout` (svd/data/storage.py says why)."""
+    return {
         "s3fs": S3FS_CALL_TRIES * storage.max_attempts,  # s3fs's loop around botocore's
         "lance": LANCE_LIST_TRIES,  # Lance's loop around a listing; object_store does not retry a timeout
         "pyarrow": storage.max_attempts,
     }[client]
-    return tries * (storage.read_timeout + 1.0)
+
+
+def give_up_within_s(storage: Storage, client: str) -> float:
+    """An upper bound of how long that takes: each try's overhead (a connection, backoff: botocore's and
+    the AWS SDK's first retry waits up to 1 s, random) is well under 1.5 s on an idle machine."""
+    return tries(storage, client) * (storage.read_timeout + 1.5)
 
 
 def curate_argv(*settings: str) -> list[str]:
@@ -152,24 +156,37 @@ def gate(moto_s3) -> Iterator[Gate]:
     g.stop()
 
 
+class SilentEndpoint(str):
+    """The URL of a server that accepts TCP connections and never sends a byte (a black hole); it counts
+    the connections (a client opens one per try: it drops a connection that timed out) and notes when the
+    first came."""
+
+    def __new__(cls, url: str) -> SilentEndpoint:
+        endpoint = super().__new__(cls, url)
+        endpoint.connections = []  # accepted sockets, held open
+        endpoint.first_connection_at = None  # time.monotonic()
+        return endpoint
+
+
 @pytest.fixture
-def silent_endpoint() -> Iterator[str]:
-    """Accepts TCP connections and never sends a byte."""
+def silent_endpoint() -> Iterator[SilentEndpoint]:
     listener = socket.create_server(("127.0.0.1", 0))
     listener.listen(64)
-    held: list[socket.socket] = []
+    endpoint = SilentEndpoint(f"http://127.0.0.1:{listener.getsockname()[1]}")
 
     def accept() -> None:
         while True:
             try:
-                held.append(listener.accept()[0])
+                connection = listener.accept()[0]
             except OSError:
                 return
+            endpoint.first_connection_at = endpoint.first_connection_at or time.monotonic()
+            endpoint.connections.append(connection)
 
     threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    yield endpoint
     listener.close()
-    for s in held:
+    for s in endpoint.connections:
         s.close()
 
 

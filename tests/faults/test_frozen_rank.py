@@ -142,7 +142,8 @@ def test_a_frozen_rank_fails_the_run_within_the_collective_timeout_and_leaves_no
     stderr = stderr_path.read_text()
     lines = stderr.strip().splitlines()
     assert process.returncode == 1, lines[-20:]
-    assert lines[-1].startswith("launch: training failed"), lines[-20:]
+    # (the launcher's line may be followed by multiprocessing's warnings about the killed rank's semaphores)
+    assert any(line.startswith("launch: training failed") for line in lines[-5:]), lines[-20:]
     # the healthy rank gave up on the frozen one after the configured timeout, not torch's default
     assert f"Timed out waiting {COLLECTIVE_TIMEOUT_S * 1000}ms" in stderr, lines[-40:]
     deadline = time.monotonic() + 15  # orphaned loader workers notice their rank is gone within 5 s
