@@ -33,6 +33,10 @@ DEFAULT_OPTIONS = {
     "gpu": "h100-80gb",
 }
 TASKS = ("image", "text_to_video", "image_to_video", "interpolation", "multiview")
+# The node's Prometheus endpoint (metrics.port). Not 9400 (dcgm-exporter's, on most GPU nodes) nor anything in
+# 9100-9999 (Prometheus' exporter allocations), Ray's (8080, 8265, 6379, 10001, 52365, workers 10002-19999),
+# torch's rendezvous (29400, 29500), the Slurm launcher's (15000-19999) or the ephemeral range (32768+).
+METRICS_PORT = 24600
 
 
 class ConfigError(ValueError):
@@ -108,6 +112,8 @@ class TrainConfig:
     warmup_steps: int = 1000
     schedule: str = "constant"  # constant | cosine (after warmup)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # A step whose loss or gradient norm is not finite is skipped (no update); so many in a row stop a run.
+    nonfinite_steps_limit: int = 5
     ema_decay: float = 0.9999
     seed: int = 0
     log_every: int = 10  # progress line and metrics
@@ -142,7 +148,7 @@ class CheckpointConfig:
 
 @dataclass
 class MetricsConfig:
-    port: int = 9400  # one Prometheus endpoint per node; 0: none
+    port: int = METRICS_PORT  # one Prometheus endpoint per node (or the next free port); 0: none
     gpu: str | None = None  # key of the peak-FLOP/s table; None: matched to the device name
     # bf16 dense peak FLOP/s by GPU name, added to (or replacing entries of) svd.train.metrics.PEAK_FLOPS
     gpu_peak_flops: dict[str, float] = field(default_factory=dict)
@@ -367,6 +373,7 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         ("checkpoint.keep", cfg.checkpoint.keep),
         ("checkpoint.every", cfg.checkpoint.every),
         ("stage.lora_rank", cfg.stage.lora_rank),
+        ("train.nonfinite_steps_limit", cfg.train.nonfinite_steps_limit),
     ]:
         _check(value >= 1, f"{key}={value} must be ≥ 1")
     for key, value in [

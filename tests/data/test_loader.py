@@ -6,10 +6,15 @@ import dataclasses
 import io
 import itertools
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import lance
 import numpy as np
@@ -385,6 +390,76 @@ def test_stopping_early_with_workers_shuts_them_down_without_a_signal(corpus, mo
     clip_loader = loader(corpus, moto_s3, buckets=(large,), num_workers=2)
     for _ in range(4):
         assert len(list(itertools.islice(iter(clip_loader), 2))) == 2
+
+
+def _worker_pids() -> list[int]:
+    """This process's DataLoader workers: its spawned children (not multiprocessing's resource tracker)."""
+    import multiprocessing
+
+    return sorted(p.pid for p in multiprocessing.active_children())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
+def test_workers_ignore_stop_signals_so_the_rank_decides_when_to_stop(corpus, moto_s3, signum):
+    """Slurm and Kubernetes signal every process of a step; a worker that died of it made the next batch
+    raise "worker exited unexpectedly" before the rank could save the step under way."""
+    batches = iter(loader(corpus, moto_s3, num_workers=2, batch_timeout_s=60))  # a dead worker: 60 s, not 600
+    next(batches)
+    workers = _worker_pids()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signum)
+    time.sleep(1.0)  # a worker that does not ignore it is dead by now
+    assert len(list(itertools.islice(batches, 6))) == 6
+    assert _worker_pids() == workers
+
+
+ORPHAN_SCRIPT = """
+import json, multiprocessing, os, signal, sys, threading, time
+from svd.data.buckets import Bucket
+from svd.data.loader import ClipLoader, LoaderConfig
+from svd.data.storage import Storage
+
+config = LoaderConfig(**json.loads(sys.argv[1]), buckets=(Bucket(16, 24, frames=4, batch_size=2, fps=4),))
+loader = ClipLoader(config, rank=0, world_size=1, storage=Storage.from_env())
+
+def die_while_the_workers_start():
+    time.sleep(0.3)  # the workers exist and still import torch
+    print(json.dumps([p.pid for p in multiprocessing.active_children()]), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=die_while_the_workers_start).start()
+next(iter(loader))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_of_a_rank_killed_while_they_start_leave_instead_of_running_on(corpus, moto_s3, s3_env):
+    """They were left polling their queue forever (reparented before torch's watchdog noted their parent),
+    holding the job's output open: a launcher reading it never finished."""
+    settings = {"table": corpus["table"], "num_workers": 2, "cache_dir": corpus["cache"]}
+    done = subprocess.run(
+        [sys.executable, "-c", ORPHAN_SCRIPT, json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    workers = [pid for pid in json.loads(done.stdout.splitlines()[-1]) if _alive(pid)]
+    deadline = time.monotonic() + 60  # they finish importing torch, then see their parent is gone
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
 
 
 class NeverAnswers:
