@@ -125,7 +125,7 @@ class Trainer:
         with torch.device("meta" if on_meta else self.device):
             model = Denoiser(VideoUNet(unet_cfg), missing_frame_channels=missing)
         self._choose_trainable(model)
-        mesh = parallel.build_mesh(self.env, cfg.parallel.sharding)
+        mesh = parallel.build_mesh(self.env, cfg.parallel.sharding, cfg.parallel.collective_timeout_s)
         parallel.parallelize(model, list(model.network.block_pairs()), mesh, cfg.parallel, self.device)
         if on_meta:
             model.to_empty(device=self.device)

@@ -25,48 +25,66 @@ COLLECTIVE_TIMEOUT_S = 20
 ENDS_WITHIN_S = 2 * COLLECTIVE_TIMEOUT_S + 30 + 60
 
 
-FREEZE_BEFORE_SAVING = """
+FREEZE_THE_LAST_RANK = """
 import os, signal, sys, time
-from datetime import timedelta
 import torch, torch.distributed as dist
 from svd.train.checkpoint import Checkpointer
-timeout_s = float(sys.argv[2])
-dist.init_process_group("gloo", timeout=timedelta(seconds=300))  # the rendezvous waits for slow starts
-with Checkpointer(sys.argv[1], collective_timeout_s=timeout_s) as checkpointer:
-    if dist.get_rank() == 1:
-        os.kill(os.getpid(), signal.SIGSTOP)
-    checkpointer.save(1, {"ema": {"w": torch.ones(4)}})  # async: DCP's thread waits for rank 1
-    started = time.monotonic()
-    try:
-        checkpointer.wait()
-    finally:
-        print(f"{time.monotonic() - started:.1f}", flush=True)
+from svd.train.distributed import init_distributed
+from svd.train.parallel import build_mesh
+run_dir, timeout_s, what = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+env = init_distributed(300)  # the default group's timeout: the rendezvous waits for slow starts
+if what == "checkpoint":  # DCP's async save thread waits for the other rank in the checkpoint's own group
+    checkpointer = Checkpointer(run_dir, collective_timeout_s=timeout_s)
+    wait = lambda: (checkpointer.save(1, {"ema": {"w": torch.ones(4)}}), checkpointer.wait())
+else:  # a 2 × 2 HSDP mesh: its replicate groups [0, 2] and [1, 3] are groups of their own
+    group = build_mesh(env, "hsdp", timeout_s).get_group("replicate")
+    wait = lambda: dist.all_reduce(torch.ones(1), group=group)
+frozen = env.world_size - 1
+if env.rank == frozen:
+    os.kill(os.getpid(), signal.SIGSTOP)
+elif env.rank != frozen - env.local_world_size:  # not in the frozen rank's group: keep the job's store up
+    time.sleep(600)
+started = time.monotonic()
+try:
+    wait()
+finally:
+    print(f"{time.monotonic() - started:.1f}", flush=True)
 """
 
 
-def test_a_checkpoint_waits_for_a_frozen_rank_no_longer_than_the_collective_timeout(tmp_path):
-    """The checkpoint's own process group (its async save's thread included) has the timeout it is given,
-    whatever the default group's."""
-    timeout_s = 5
+@pytest.mark.parametrize(("group", "nodes", "ranks_per_node"), [("checkpoint", 2, 1), ("hsdp mesh", 2, 2)])
+def test_a_process_group_waits_for_a_frozen_rank_no_longer_than_the_collective_timeout(
+    tmp_path, group, nodes, ranks_per_node
+):
+    """The groups the code creates beside the job's own get the timeout they are given, whatever the
+    default group's: torch's default for a new group is 30 minutes."""
+    timeout_s, world = 5, nodes * ranks_per_node
     env = os.environ | {"PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    argv = [sys.executable, "-c", FREEZE_BEFORE_SAVING, str(tmp_path / "run"), str(timeout_s)]
+    env |= {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(ranks_per_node)}
+    argv = [sys.executable, "-c", FREEZE_THE_LAST_RANK, str(tmp_path / "run"), str(timeout_s), group]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    ranks = [subprocess.Popen(argv, env=env | {"RANK": str(r), "WORLD_SIZE": "2"}, **pipes) for r in (0, 1)]
+    ranks = [
+        subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r % ranks_per_node)}, **pipes)
+        for r in range(world)
+    ]
+    observer = ranks[world - 1 - ranks_per_node]  # the frozen rank's partner in its group
     try:
-        stdout, stderr = ranks[0].communicate(timeout=300)  # torch's default would be 30 minutes
+        stdout, stderr = observer.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        pytest.fail("rank 0 still waits for the frozen rank after 300 s")
+        pytest.fail("the frozen rank's partner still waits for it after 300 s")
     finally:
         for rank in ranks:
             if rank.poll() is None:
                 os.kill(rank.pid, signal.SIGCONT)
                 rank.kill()
             rank.communicate()
-    assert ranks[0].returncode == 1
-    assert float(stdout) < timeout_s + 10
-    last = stderr.strip().splitlines()[-1]  # torch prefixes a rank's uncaught error with "[rank0]: "
-    assert f"CheckpointError: saving {tmp_path}/run/checkpoints/step-00000001 failed: " in last
-    assert last.endswith(f"(a rank did not answer within parallel.collective_timeout_s={timeout_s})")
+    assert observer.returncode == 1, stderr[-3000:]
+    assert timeout_s <= float(stdout) < timeout_s + 10
+    last = stderr.strip().splitlines()[-1]  # torch prefixes a rank's uncaught error with "[rankN]: "
+    assert f"Timed out waiting {timeout_s * 1000}ms" in last
+    if group == "checkpoint":
+        assert f"CheckpointError: saving {tmp_path}/run/checkpoints/step-00000001 failed: " in last
+        assert last.endswith(f"(a rank did not answer within parallel.collective_timeout_s={timeout_s})")
 
 
 def rank_processes(launcher_pid: int) -> list[int]:
