@@ -95,6 +95,7 @@ class DataConfig:
     micro_batch: int = 1  # samples per rank per forward/backward
     num_workers: int = 4
     batch_timeout_s: float = 600.0  # the longest wait for one batch from a loader worker
+    index_timeout_s: float = 3600.0  # the longest wait for rank 0's row-index build (a scan of the table)
     serve: str = "auto"  # auto | frames | latents (auto: latents when the table has them)
     motion_score_scale: float = 1.0
     caption_weights: list[float] | None = None
@@ -407,6 +408,7 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     _check(cfg.diffusion.p_std > 0, f"diffusion.p_std={cfg.diffusion.p_std} must be > 0")
     _check(cfg.data.fps > 0, f"data.fps={cfg.data.fps} must be > 0")
     _check(cfg.data.batch_timeout_s > 0, f"data.batch_timeout_s={cfg.data.batch_timeout_s} must be > 0")
+    _check(cfg.data.index_timeout_s > 0, f"data.index_timeout_s={cfg.data.index_timeout_s} must be > 0")
     _check(len(cfg.train.betas) == 2, f"train.betas={cfg.train.betas} must have two values")
     _check(len(cfg.train.preview_guidance) == 2, "train.preview_guidance must be [first, last]")
     _check(cfg.train.preview_steps >= 1, f"train.preview_steps={cfg.train.preview_steps} must be ≥ 1")

@@ -38,6 +38,7 @@ in its environment. `Storage.from_env()` keeps both the same.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import hashlib
 import math
@@ -199,10 +200,13 @@ class Storage:
 
     def local_copy(self, uri: str, cache_dir: str | os.PathLike) -> str:
         """A local path for `uri`: itself when local, else a copy (file or folder) under `cache_dir`, made
-        once. Model weights live in object storage next to the data; libraries want local files.
+        once. Model weights and row indexes live in object storage next to the data; libraries and memory
+        maps want local files.
 
-        Safe for many processes on one node with a cold cache: each downloads into its own temporary name
-        and renames it into place (atomic); a process that finds the place taken keeps the winner's copy.
+        Safe for many processes on one node with a cold cache, and only one of them downloads: it holds a
+        lock file beside the copy's folder while it downloads into a temporary name and renames it into
+        place (atomic); the others wait for the lock and find the copy (the 8 ranks of a node would
+        otherwise fetch it 8 times).
         """
         if scheme(uri) == "file":
             return strip_scheme(uri)
@@ -211,6 +215,13 @@ class Storage:
         if os.path.exists(target):
             return target
         os.makedirs(folder, exist_ok=True)
+        with open(f"{folder}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+            if not os.path.exists(target):
+                self._download(uri, target)
+        return target
+
+    def _download(self, uri: str, target: str) -> None:
         fs, path = self.fsspec(uri)
         tmp = f"{target}.partial-{uuid.uuid4().hex}"
         try:
@@ -224,7 +235,6 @@ class Storage:
                 shutil.rmtree(tmp, ignore_errors=True)
             elif os.path.exists(tmp):
                 os.remove(tmp)
-        return target
 
 
 def _socket_with_user_timeout(user_timeout_ms: int, addr_info: tuple[Any, ...]) -> socket.socket:

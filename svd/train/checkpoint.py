@@ -8,6 +8,8 @@
     ckpt.close()                                  # every rank: finish the last save
 
     weights = read_full_state("s3://bucket/runs/r1", "ema", storage)   # no process group needed
+    folder = checkpoint_folder("s3://bucket/runs/r1", storage)          # its latest step folder
+    read_state(folder, {"ema.w": sharded_w}, storage)                  # every rank reads its shards only
 
 Layout: `<run>/checkpoints/step-00000100/` holds torch.distributed.checkpoint (DCP) files, one per rank
 plus `.metadata`; `<run>/checkpoints/latest` is a small JSON marker (step, folder, time, world size).
@@ -24,6 +26,7 @@ already has). They must be the same on every rank: DCP keeps one copy of a non-t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -33,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 import torch
@@ -44,6 +47,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -299,33 +303,61 @@ class Checkpointer:
             raise CheckpointError(first)
 
 
+def checkpoint_folder(uri: str, storage: Storage | None = None) -> str:
+    """The step folder `uri` names: itself when it holds DCP's `.metadata`, else the folder of the run's
+    latest checkpoint. Resolve it once and hand it to every rank: a run that is still training moves its
+    marker, and ranks that each resolved it could read different steps."""
+    fs, path = (storage or Storage.from_env()).fsspec(uri)
+    fs.invalidate_cache(path)
+    if fs.exists(f"{path}/.metadata"):
+        return uri
+    marker = _read_marker(fs, f"{path}/checkpoints/{MARKER}", join(uri, "checkpoints", MARKER))
+    if marker is None:
+        raise CheckpointError(f"no checkpoint at {uri}: neither DCP's .metadata nor checkpoints/{MARKER}")
+    return join(uri, "checkpoints", marker["folder"])
+
+
+def saved_tensors(folder: str, storage: Storage | None = None) -> dict[str, TensorStorageMetadata]:
+    """Shape and dtype of every tensor saved in a step folder, by key (`"ema.weights.network.…"`)."""
+    fs, path = (storage or Storage.from_env()).fsspec(folder)
+    entries = _open_reader(fs, path, folder).read_metadata().state_dict_metadata
+    return {key: entry for key, entry in entries.items() if isinstance(entry, TensorStorageMetadata)}
+
+
 def read_full_state(uri: str, prefix: str, storage: Storage | None = None) -> dict[str, torch.Tensor]:
     """The consolidated CPU tensors of one part (`"ema"`, or `"train.model"` for the model inside a
     `ModelOptimizerState` saved as `"train"`), keyed by the name below `prefix`. `uri` is a run (its latest
     checkpoint) or one step folder. Reads in this process only: no process group, none of its collectives,
     so one rank or an export job can call it."""
-    storage = storage or Storage.from_env()
-    fs, path = storage.fsspec(uri)
-    if not fs.exists(f"{path}/.metadata"):
-        marker = _read_marker(fs, f"{path}/checkpoints/{MARKER}", join(uri, "checkpoints", MARKER))
-        if marker is None:
-            raise CheckpointError(f"no checkpoint at {uri}: neither DCP's .metadata nor checkpoints/{MARKER}")
-        path, uri = f"{path}/checkpoints/{marker['folder']}", join(uri, "checkpoints", marker["folder"])
-    reader = _open_reader(fs, path, uri)
+    folder = checkpoint_folder(uri, storage)
     entries = {
-        key: entry
-        for key, entry in reader.read_metadata().state_dict_metadata.items()
-        if key.startswith(f"{prefix}.") and isinstance(entry, TensorStorageMetadata)
+        key: entry for key, entry in saved_tensors(folder, storage).items() if key.startswith(f"{prefix}.")
     }
     if not entries:
-        raise CheckpointError(f"{uri} has no tensors under {prefix!r}")
+        raise CheckpointError(f"{folder} has no tensors under {prefix!r}")
     state = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in entries.items()}
+    fs, path = (storage or Storage.from_env()).fsspec(folder)
+    _load(state, _open_reader(fs, path, folder), folder, no_dist=True)
+    return {key.removeprefix(f"{prefix}."): tensor for key, tensor in state.items()}
+
+
+def read_state(folder: str, state: dict[str, torch.Tensor], storage: Storage | None = None) -> None:
+    """Fill `state` in place from a step folder (`checkpoint_folder`): keys are the checkpoint's, values
+    plain tensors or DTensors sharded like a model's (`torch.empty_like` of its state dict). With a process
+    group it is a collective, and each rank reads only the chunks its shards cover, and of them only the
+    bytes of the keys asked for (`_RangeReader`): a sharded model starting from a 1.5B-parameter run reads
+    1/world of its weights and EMA per rank instead of all of them."""
+    fs, path = (storage or Storage.from_env()).fsspec(folder)
+    reader = _open_reader(fs, path, folder, kind=_RangeReader)
+    _load(state, reader, folder, no_dist=not (dist.is_available() and dist.is_initialized()))
+
+
+def _load(state: dict[str, Any], reader: FsspecReader, uri: str, *, no_dist: bool) -> None:
     try:
         with _single_process_is_intended():
-            dcp.load(state, storage_reader=reader, no_dist=True)
+            dcp.load(state, storage_reader=reader, no_dist=no_dist)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"loading {uri} failed: {_one_line(e, storage)}") from e
-    return {key.removeprefix(f"{prefix}."): tensor for key, tensor in state.items()}
+        raise CheckpointError(f"loading {uri} failed: {_one_line(e)}") from e
 
 
 class _Filesystem(FileSystem):
@@ -351,11 +383,37 @@ class _Reader(FsspecReader):
         self.fs = _Filesystem(fs)
 
 
-def _open_reader(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> _Reader:
+class _RangeReader(_Reader):
+    """Reads exactly the byte ranges of the items in this rank's plan, all at once (concurrently where the
+    file system is asynchronous, as s3fs is). DCP's own reader goes through a file object that reads ahead
+    (50 MB on s3fs), so a rank that needs some of a file's items (the model and EMA, not the optimizer state
+    saved between them) would fetch all of it. Holds this rank's share of the bytes in memory at once.
+    `_slice_file` is DCP's hook for an item's bytes (private, like the reader it belongs to)."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        items = [self.storage_data[item.storage_index] for item in plan.items]
+        wanted = sorted({(item.relative_path, item.offset, item.length) for item in items})
+        paths = [f"{self.path}/{relative}" for relative, _, _ in wanted]
+        starts = [offset for _, offset, _ in wanted]
+        ends = [offset + length for _, offset, length in wanted]
+        blobs = self.fs.fs.cat_ranges(paths, starts, ends, on_error="raise") if wanted else []
+        self._fetched = {(rel, offset): blob for (rel, offset, _), blob in zip(wanted, blobs, strict=True)}
+        try:
+            return super().read_data(plan, planner)
+        finally:
+            self._fetched = {}
+
+    def _slice_file(self, file: IO[bytes], sinfo: Any) -> IO[bytes]:
+        return io.BytesIO(self._fetched[(sinfo.relative_path, sinfo.offset)])
+
+
+def _open_reader(
+    fs: fsspec.AbstractFileSystem, path: str, uri: str, *, kind: type[_Reader] = _Reader
+) -> _Reader:
     fs.invalidate_cache(path)  # written by other processes; s3fs caches listings
     if not fs.exists(f"{path}/.metadata"):
         raise CheckpointError(f"{uri} is incomplete: DCP's .metadata is missing")
-    return _Reader(fs, path)
+    return kind(fs, path)
 
 
 def _to_dcp(parts: Mapping[str, Part]) -> dict[str, Any]:

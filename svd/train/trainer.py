@@ -32,8 +32,8 @@ from torch.distributed.tensor import DTensor
 
 from svd.config import RunConfig, to_yaml
 from svd.data.buckets import Bucket
-from svd.data.loader import ClipLoader, LoaderConfig, open_table
-from svd.data.storage import Storage
+from svd.data.loader import ClipLoader, LoaderConfig, open_table, share_row_index
+from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
 from svd.train import parallel
@@ -46,7 +46,7 @@ from svd.train.run_files import RunFiles
 from svd.train.stop import StopRequest
 from svd.train.task import Task, unet_config
 from svd.train.validation import Previewer, Validator
-from svd.train.weights import initial_weights, load_initial_weights
+from svd.train.weights import load_initial_weights
 
 META_INIT_PARAMS = 100_000_000  # parallel.init_device=auto: build on `meta` above this many parameters
 
@@ -166,11 +166,12 @@ class Trainer:
             caption_weights=tuple(d.caption_weights) if d.caption_weights else None,
             cache_dir=d.cache_dir,
             batch_timeout_s=d.batch_timeout_s,
+            index_timeout_s=d.index_timeout_s,
         )
 
     def _build_loader(self, state: dict[str, Any] | None, *, validation: bool = False) -> ClipLoader:
         """Every rank reads the same table version (rank 0 resolves it: a curation commit may land while the
-        ranks start); the node's first rank builds the row index, the others wait, then open it."""
+        ranks start); rank 0 builds the row index once for the run, the others wait for it, then open it."""
         config = self._loader_config(validation=validation)
         if state is None:
             version = [
@@ -179,18 +180,17 @@ class Trainer:
             dist.broadcast_object_list(version, src=0)
             config = dataclasses.replace(config, version=version[0])
 
-        def make() -> ClipLoader:
-            return ClipLoader(
-                config, rank=self.env.rank, world_size=self.env.world_size, storage=self.storage, state=state
-            )
-
-        if self.env.local_rank == 0:
-            loader = make()
-            dist.barrier()
-        else:
-            dist.barrier()
-            loader = make()
-        return loader
+        shared = join(self.cfg.checkpoint.run_dir, "row_index")
+        share_row_index(config, self.storage, shared, state=state)
+        return ClipLoader(
+            config,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            storage=self.storage,
+            state=state,
+            build_index=False,
+            shared_index=shared,
+        )
 
     # ---- state -------------------------------------------------------------------------------------
     def _parts(self, step: int, data: dict[str, Any]) -> dict[str, Any]:
@@ -209,8 +209,9 @@ class Trainer:
         step = self.checkpointer.load(parts)
         self.loader = self._build_loader(state=parts["data"] if step is not None else None)
         if step is None and self.cfg.stage.init_from:
-            weights = initial_weights(self.cfg.stage.init_from, self.storage, self.cfg.model.cache_dir)
-            report = load_initial_weights(self.model, weights)
+            report = load_initial_weights(
+                self.model, self.cfg.stage.init_from, self.storage, self.cfg.model.cache_dir
+            )
             self.ema = EMA(self.model, self.cfg.train.ema_decay)  # the average starts from the loaded weights
             if self.env.is_main:
                 print(f"init_from {self.cfg.stage.init_from}: {report.summary()}", flush=True)
