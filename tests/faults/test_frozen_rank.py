@@ -52,6 +52,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("group", "nodes", "ranks_per_node"), [("checkpoint", 2, 1), ("hsdp mesh", 2, 2)])
 def test_a_process_group_waits_for_a_frozen_rank_no_longer_than_the_collective_timeout(
     tmp_path, group, nodes, ranks_per_node

@@ -273,7 +273,7 @@ def test_a_table_on_a_silent_endpoint_fails_the_run_within_seconds_in_one_line(s
     env = deadline_free_env(silent_endpoint) | RETRYING_DEADLINES
     done, took = launch("s3://bucket/clips.lance", str(tmp_path / "run"), silent_endpoint, env)
     assert took < 60, took
-    assert len(silent_endpoint.connections) == tries(Storage.from_env(env), "s3fs")  # it exists: one call
+    assert len(silent_endpoint.connections) == tries(Storage.from_env(env), "s3fs")  # one `exists` call
     assert (done.returncode, done.stdout) == (2, "")  # refused before anything started
     assert done.stderr.count("\n") == 1, done.stderr[-3000:]
     assert done.stderr.startswith("launch: data.table=s3://bucket/clips.lance: cannot be read (")
