@@ -550,5 +550,7 @@ def _check_uris(cfg: RunConfig) -> None:
             fs, path = storage.fsspec(uri)
             exists = fs.exists(path)
         except Exception as e:  # any client error is a reason the run cannot start
-            raise ConfigError(f"{key}={uri}: cannot be read ({type(e).__name__}: {e})") from None
+            raise ConfigError(
+                f"{key}={uri}: cannot be read ({type(e).__name__}: {e}){storage.timeout_hint(e)}"
+            ) from None
         _check(exists, f"{key}={uri}: does not exist")

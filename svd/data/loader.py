@@ -178,7 +178,8 @@ def open_table(uri: str, storage: Storage, version: int | str | None = None) -> 
     try:
         table = lance.dataset(uri, version=version, storage_options=storage.lance_options(uri))
     except (ValueError, OSError) as e:
-        raise FileNotFoundError(f"cannot open clip table {uri} (version {version}): {one_line(e)}") from None
+        problem = one_line(e) + storage.timeout_hint(e)
+        raise FileNotFoundError(f"cannot open clip table {uri} (version {version}): {problem}") from None
     schema.validate(table.schema, where=uri)
     return table
 

@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 import fsspec
@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from svd.config import ParallelConfig
 from svd.data.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,10 @@ class ModelOptimizerState(Stateful):
 class Checkpointer:
     """Saves and restores the parts of a run under `<run_uri>/checkpoints/`. Every method is called on every
     rank. With a process group, the constructor creates a gloo group of its own (a collective: construct it
-    on all ranks at the same point), so background saves never interleave with training collectives."""
+    on all ranks at the same point), so background saves never interleave with training collectives. Its
+    collectives (the storage probe, DCP's planning and commit, in the async save's thread too) give up after
+    `collective_timeout_s`, like the training's: torch's default for a new group is 30 minutes, so a frozen
+    rank would hold the run (a rank that times out in training still waits for its save in flight)."""
 
     def __init__(
         self,
@@ -99,6 +103,7 @@ class Checkpointer:
         keep: int | None = 3,
         async_save: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        collective_timeout_s: float = ParallelConfig.collective_timeout_s,
     ):
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be ≥ 1 (or None to keep every checkpoint)")
@@ -106,9 +111,12 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self.prune_failures = 0  # old checkpoints that could not be deleted (retried at the next commit)
-        self._fs, self._path = (storage or Storage.from_env()).fsspec(self.uri)
+        self._storage = storage or Storage.from_env()
+        self._fs, self._path = self._storage.fsspec(self.uri)
+        self._collective_timeout_s = collective_timeout_s
         if dist.is_available() and dist.is_initialized():
-            self._pg = process_group or dist.new_group(backend="gloo")
+            timeout = timedelta(seconds=collective_timeout_s)
+            self._pg = process_group or dist.new_group(backend="gloo", timeout=timeout)
             self._rank, self._world = dist.get_rank(self._pg), dist.get_world_size(self._pg)
         else:
             self._pg, self._rank, self._world = None, 0, 1
@@ -150,7 +158,7 @@ class Checkpointer:
                 with _single_process_is_intended():
                     dcp.save(state, storage_writer=writer, process_group=self._pg, no_dist=self._pg is None)
             except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-                raise CheckpointError(f"saving {self._step_uri(step)} failed: {_one_line(e)}") from e
+                raise CheckpointError(f"saving {self._step_uri(step)} failed: {self._describe(e)}") from e
             self._commit(step)
             if on_commit is not None:
                 on_commit(step)
@@ -201,7 +209,7 @@ class Checkpointer:
             with _single_process_is_intended():
                 dcp.load(state, storage_reader=reader, process_group=self._pg, no_dist=self._pg is None)
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading {self._step_uri(step)} failed: {_one_line(e)}") from e
+            raise CheckpointError(f"loading {self._step_uri(step)} failed: {self._describe(e)}") from e
         _from_dcp(state, parts)
         self._last_step = step
         return step
@@ -212,7 +220,7 @@ class Checkpointer:
         try:
             future.result()
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"saving {self._step_uri(step)} failed: {_one_line(e)}") from e
+            raise CheckpointError(f"saving {self._step_uri(step)} failed: {self._describe(e)}") from e
         self._commit(step)
         if on_commit is not None:
             on_commit(step)
@@ -231,7 +239,7 @@ class Checkpointer:
         try:
             _write_atomically(self._fs, f"{self._path}/{MARKER}", json.dumps(marker).encode())
         except OSError as e:
-            raise CheckpointError(f"writing {join(self.uri, MARKER)} failed: {_one_line(e)}") from e
+            raise CheckpointError(f"writing {join(self.uri, MARKER)} failed: {self._describe(e)}") from e
         log.info("checkpoint %s committed", self._step_uri(step))
         self._prune(step)
 
@@ -249,7 +257,7 @@ class Checkpointer:
                 self._fs.rm(self._step_path(step), recursive=True)
             except OSError as e:
                 self.prune_failures += 1
-                log.warning("could not delete old checkpoint %s: %s", self._step_uri(step), _one_line(e))
+                log.warning("could not delete old checkpoint %s: %s", self._step_uri(step), self._describe(e))
 
     def _step_folders(self) -> list[int]:
         self._fs.invalidate_cache(self._path)  # other processes write here; s3fs caches listings
@@ -276,7 +284,7 @@ class Checkpointer:
             self._fs.pipe_file(probe.format(self._rank), b"")
             error = None
         except OSError as e:
-            error = f"cannot write checkpoints to {self.uri}: {_one_line(e)}"
+            error = f"cannot write checkpoints to {self.uri}: {self._describe(e)}"
         self._raise_on_every_rank(error)
         self._fs.invalidate_cache(self._path)
         shared = self._fs.exists(probe.format(0))
@@ -285,12 +293,20 @@ class Checkpointer:
         )
         self._fs.rm_file(probe.format(self._rank))
 
+    def _describe(self, error: BaseException) -> str:
+        return _one_line(error, self._storage, self._collective_timeout_s if self._pg is not None else None)
+
     def _raise_on_every_rank(self, error: str | None) -> None:
         """One rank's failure raised on all of them, so none waits for the others in a later collective."""
         errors = [error]
         if self._pg is not None:
             errors = [None] * self._world
-            dist.all_gather_object(errors, error, group=self._pg)
+            try:
+                dist.all_gather_object(errors, error, group=self._pg)
+            except RuntimeError as e:  # torch's distributed errors, a timeout included
+                raise CheckpointError(
+                    f"checking {self.uri} with the other ranks failed: {self._describe(e)}"
+                ) from e
         first = next((e for e in errors if e is not None), None)
         if first is not None:
             raise CheckpointError(first)
@@ -505,10 +521,20 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _one_line(error: BaseException) -> str:
-    """An error as one line; for DCP's multi-rank report, the lowest failing rank's error."""
+def _one_line(
+    error: BaseException, storage: Storage | None = None, collective_timeout_s: float | None = None
+) -> str:
+    """An error as one line; for DCP's multi-rank report, the lowest failing rank's error. A storage error
+    that ran out of time names the storage deadlines to raise; a collective that timed out (a RuntimeError,
+    which DCP raises as it is: a rank stopped answering) names the setting that bounded the wait."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (cause, _) = min(error.failures.items(), key=lambda item: item[0])
         others = len(error.failures) - 1
-        return f"rank {rank}: {_one_line(cause)}" + (f" (and {others} more ranks)" if others else "")
-    return " ".join(f"{type(error).__name__}: {error}".split())
+        cause_text = _one_line(cause, storage, collective_timeout_s)
+        return f"rank {rank}: {cause_text}" + (f" (and {others} more ranks)" if others else "")
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    if isinstance(error, RuntimeError):  # torch's distributed errors; storage clients raise others
+        if collective_timeout_s is None or "timed out" not in text.lower():
+            return text
+        return f"{text} (a rank did not answer within parallel.collective_timeout_s={collective_timeout_s:g})"
+    return text + (storage.timeout_hint(error) if storage is not None else "")

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -29,16 +31,22 @@ def resolve_sharding(setting: str, nodes: int) -> str:
     return setting
 
 
-def build_mesh(env: DistEnv, sharding: str) -> DeviceMesh | None:
-    """None when not sharding; a 1-D mesh for FSDP; (replicate, shard) = (nodes, gpus per node) for HSDP."""
+def build_mesh(env: DistEnv, sharding: str, collective_timeout_s: float) -> DeviceMesh | None:
+    """None when not sharding; a 1-D mesh for FSDP (the job's process group); (replicate, shard) = (nodes,
+    gpus per node) for HSDP, whose groups get the job's collective timeout (`init_device_mesh` would create
+    them with torch's default, 30 minutes with gloo: a frozen rank would hold the job that long)."""
     sharding = resolve_sharding(sharding, env.nodes)
     if sharding == "none":
         if env.world_size > 1:
             raise ValueError("parallel.sharding=none runs one process; use fsdp or hsdp for several")
         return None
     if sharding == "hsdp":
-        return init_device_mesh(
-            env.device.type, (env.nodes, env.local_world_size), mesh_dim_names=("replicate", "shard")
+        ranks = torch.arange(env.world_size).view(env.nodes, env.local_world_size)
+        timeout = timedelta(seconds=collective_timeout_s)
+        replicate, _ = dist.new_subgroups_by_enumeration(ranks.T.tolist(), timeout=timeout)  # across nodes
+        shard, _ = dist.new_subgroups_by_enumeration(ranks.tolist(), timeout=timeout)  # within a node
+        return DeviceMesh.from_group(
+            [replicate, shard], env.device.type, ranks, mesh_dim_names=("replicate", "shard")
         )
     return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
 

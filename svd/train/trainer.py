@@ -98,6 +98,7 @@ class Trainer:
             self.storage,
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
+            collective_timeout_s=cfg.parallel.collective_timeout_s,
         )
         self.files = RunFiles(cfg.checkpoint.run_dir, self.storage)
         self.validator = Validator(
@@ -124,7 +125,7 @@ class Trainer:
         with torch.device("meta" if on_meta else self.device):
             model = Denoiser(VideoUNet(unet_cfg), missing_frame_channels=missing)
         self._choose_trainable(model)
-        mesh = parallel.build_mesh(self.env, cfg.parallel.sharding)
+        mesh = parallel.build_mesh(self.env, cfg.parallel.sharding, cfg.parallel.collective_timeout_s)
         parallel.parallelize(model, list(model.network.block_pairs()), mesh, cfg.parallel, self.device)
         if on_meta:
             model.to_empty(device=self.device)
