@@ -131,7 +131,9 @@ def executor(folder: str | Path, params: dict[str, Any]) -> submitit.SlurmExecut
 
 def dry_run(cfg: RunConfig) -> str:
     """The sbatch script submitit would submit (no cluster needed)."""
-    from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes, without submitting
+    # What SlurmExecutor writes, without submitting: submitit has no public dry run, and a script written
+    # here instead could drift from the one it submits.
+    from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(cfg.launcher.folder).resolve()
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"

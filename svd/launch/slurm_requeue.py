@@ -49,7 +49,7 @@ def requeue_job(job_id: str, restart_count: int) -> None:
     """`scontrol requeue` of the job, from whichever rank asks (any task of a job may requeue it). When
     several ranks ask at once, Slurm requeues the job for the first and refuses the others ("Job is pending
     execution"): a refused rank finds the job's restart count already past its own run, which is success."""
-    asked = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    asked = scontrol("requeue", job_id)
     if asked.returncode == 0 or job_restarts(job_id) > restart_count:
         return
     raise RequeueError(f"scontrol requeue {job_id} failed: {asked.stderr.strip() or asked.stdout.strip()}")
@@ -58,12 +58,21 @@ def requeue_job(job_id: str, restart_count: int) -> None:
 def job_restarts(job_id: str) -> int:
     """How often Slurm has requeued the job so far (`Restarts=` of `scontrol show job`): raised as soon as a
     requeue is accepted, while the job still ends its current run."""
-    shown = subprocess.run(
-        ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True, timeout=60
-    )
+    shown = scontrol("show", "job", "--oneliner", job_id)
     found = re.search(r"\bRestarts=(\d+)", shown.stdout)
     if shown.returncode != 0 or found is None:
         raise RequeueError(
             f"scontrol show job {job_id} failed: {shown.stderr.strip() or shown.stdout.strip()}"
         )
     return int(found[1])
+
+
+def scontrol(*args: str, tries: int = 3) -> subprocess.CompletedProcess:
+    """`scontrol ARGS`, asked again when a signal ended it: once another rank's requeue is accepted, Slurm
+    sends SIGTERM to every process of the job step, the scontrol that a crashed rank is running included,
+    and only once (SIGKILL follows KillWait seconds later), so the next try gets its answer."""
+    for _ in range(tries):
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+        if done.returncode >= 0:  # negative: the signal that ended it
+            break
+    return done

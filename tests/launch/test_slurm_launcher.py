@@ -187,10 +187,16 @@ def test_a_run_that_crashes_is_requeued_max_requeues_times_then_given_up_with_it
         f"(launcher.max_requeues=1): CheckpointError: no checkpoint at {no_weights}: neither DCP's .metadata "
         "nor checkpoints/latest"
     )
-    for rank in (0, 1):  # both ranks crashed at once, and each asked for the requeue
+    # both ranks crashed at once (rank 1 on rank 0's word: only rank 0 reads stage.init_from), and each asked
+    # for the requeue and left for it
+    for rank, error in (
+        (0, "CheckpointError: "),
+        (1, "InitFromError: stage.init_from: rank 0 could not read"),
+    ):
         log = (tmp_path / "submitit" / f"{job_id}_{rank}_log.out").read_text()
-        assert log.count(f"svd: rank {rank} crashed (CheckpointError: ") == 1
+        assert log.count(f"svd: rank {rank} crashed ({error}") == 1
         assert log.count("requeue 1 of 1") == 1
+        assert log.count(f"svd: rank {rank} leaves for the requeue") == 1
     assert slurm_cluster.wait_until_finished(job_id) == "FAILED"
     # requeued once, and each run of the job counted once however many of its ranks crashed
     assert job_restarts(job_id) == 1

@@ -17,13 +17,17 @@ from svd.launch.slurm_requeue import CrashLedger, RequeueError, requeue_job
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # What Slurm's scontrol does here: requeue (refused, as for a job already being requeued, when REFUSE is set),
-# show the job with its restart count, expand a node list.
+# show the job with its restart count (ended by SIGTERM the first time when TERM_ONCE names a file that is not
+# there yet), expand a node list.
 SCONTROL = """#!/bin/bash
 echo "$*" >> "$SCONTROL_LOG"
 case "$1" in
 requeue)
     if [ -n "${SCONTROL_REFUSE:-}" ]; then echo "Job is pending execution for job $2" >&2; exit 1; fi ;;
 show)
+    if [ -n "${SCONTROL_TERM_ONCE:-}" ] && [ ! -e "$SCONTROL_TERM_ONCE" ]; then
+        touch "$SCONTROL_TERM_ONCE"; kill -TERM $$
+    fi
     if [ "$2" = hostnames ]; then echo n1; exit; fi
     echo "JobId=${*: -1} JobState=COMPLETING Restarts=$SCONTROL_RESTARTS" ;;
 esac
@@ -186,6 +190,24 @@ def test_a_crash_that_cannot_be_counted_is_not_requeued(scontrol, tmp_path, monk
     assert capsys.readouterr().err.startswith(
         f"svd: cannot count the crash (RuntimeError: boom) in {tmp_path / 'submitit' / '77_crashes'}: "
     )
+
+
+def test_a_rank_whose_scontrol_is_ended_by_the_requeue_of_another_rank_asks_again(
+    scontrol, tmp_path, monkeypatch
+):
+    # Rank 0's requeue was accepted: Slurm refuses this rank's and sends SIGTERM to every process of the job
+    # step, the `scontrol show job` this rank runs to see the job requeued included.
+    monkeypatch.setenv("SCONTROL_REFUSE", "1")
+    monkeypatch.setenv("SCONTROL_RESTARTS", "1")
+    monkeypatch.setenv("SCONTROL_TERM_ONCE", str(tmp_path / "terminated"))
+
+    requeue_job("77", restart_count=0)
+
+    assert scontrol.read_text().splitlines() == [
+        "requeue 77",
+        "show job --oneliner 77",  # ended by SIGTERM
+        "show job --oneliner 77",
+    ]
 
 
 def test_a_requeue_slurm_refuses_for_another_reason_is_an_error(scontrol, monkeypatch):
