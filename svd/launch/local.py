@@ -47,7 +47,7 @@ def launch_local(cfg: RunConfig) -> TrainResult:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
     from svd.train.metrics import launch_multiprocess_dir
 
-    with launch_multiprocess_dir(cfg.metrics, cfg.job_name):
+    with launch_multiprocess_dir(cfg.metrics.port, cfg.job_name):
         return run(cfg) if cfg.gpus_per_node == 1 else _launch_ranks(cfg)
 
 
