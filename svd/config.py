@@ -138,6 +138,10 @@ class CheckpointConfig:
     every: int = 1000
     keep: int = 3
     async_save: bool = True
+    # One run at a time owns run_dir (svd/train/lease.py). A run that died without releasing it keeps it this
+    # long after its last renewal; a restart of the same job (Slurm requeue, Ray worker group) takes it back.
+    lease_ttl_s: float = 300.0
+    break_lease: bool = False  # take run_dir from the run holding it: only when that run is known to be dead
 
 
 @dataclass
@@ -391,6 +395,7 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
         _check(value > 0, f"{key}={value} must be > 0")
     _check(0 < cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
     _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")
+    _check(cfg.checkpoint.lease_ttl_s > 0, f"checkpoint.lease_ttl_s={cfg.checkpoint.lease_ttl_s} must be > 0")
     _check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
     _check(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1)")
     _check(

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
 from svd.curate.config import CurateConfig
 from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
+from svd.train.lease import RUN_OWNER
 from svd.train.stop import StopRequest
 
 if TYPE_CHECKING:
@@ -223,6 +224,7 @@ def train_rank(cfg: RunConfig, stop: StopRequest) -> TrainResult:
     from svd.train import run
 
     os.environ.update(rendezvous_env(os.environ, cfg.launcher.master_port))
+    os.environ[RUN_OWNER] = f"slurm-{os.environ['SLURM_JOB_ID']}"  # kept by a requeue: takes its lease back
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size != cfg.world_size:
         raise ConfigError(

@@ -175,8 +175,12 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The step the marker names, None when there is no marker (a fresh run)."""
-        marker = _read_marker(self._fs, f"{self._path}/{MARKER}", join(self.uri, MARKER))
+        marker = self.latest_marker()
         return None if marker is None else marker["step"]
+
+    def latest_marker(self) -> dict[str, Any] | None:
+        """The marker's step, folder and world size (None in markers written before it was recorded)."""
+        return _read_marker(self._fs, f"{self._path}/{MARKER}", join(self.uri, MARKER))
 
     def load(self, parts: Mapping[str, Part]) -> int | None:
         """Restore `parts` in place from the latest complete checkpoint and return its step; None when there
@@ -403,14 +407,20 @@ def _has_tensor(value: Any) -> bool:
 
 
 def _read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any] | None:
-    """The marker's step and folder; None only when it does not exist (any other read error propagates)."""
+    """The marker's step, folder and world size; None only when it does not exist (any other read error
+    propagates)."""
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         return None
     try:
         marker = json.loads(data)
-        return {"step": int(marker["step"]), "folder": str(marker["folder"])}
+        world_size = marker.get("world_size")
+        return {
+            "step": int(marker["step"]),
+            "folder": str(marker["folder"]),
+            "world_size": None if world_size is None else int(world_size),
+        }
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint marker {uri} is not valid: {_one_line(e)}") from e
 

@@ -32,9 +32,11 @@ from svd.model.video_unet import VideoUNet
 from svd.train import parallel
 from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
 from svd.train.ema import EMA
+from svd.train.lease import hold_run_dir
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
-from svd.train.optim import build_optimizer, build_scheduler
+from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler
 from svd.train.parallel import DistEnv
+from svd.train.resume import check_resume
 from svd.train.stop import StopRequest
 from svd.train.task import CONDITIONED_ON_IMAGE, SampleRandoms, Task, unet_config
 from svd.train.weights import initial_weights, load_initial_weights
@@ -175,7 +177,12 @@ class Trainer:
         """The latest complete checkpoint of the run directory, else `stage.init_from`; builds the loader
         at the position the checkpoint recorded (or at the start)."""
         parts = self._parts(0, data={})
+        resume = check_resume(self.cfg, self.storage, self.checkpointer)  # or refuse, before any write
         step = self.checkpointer.load(parts)
+        if resume is not None:
+            apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)  # not the checkpoint's lr
+            if self.env.is_main:
+                print(*resume.lines(self.cfg.checkpoint.run_dir, self.env.world_size), sep="\n", flush=True)
         self.loader = self._build_loader(state=parts["data"] if step is not None else None)
         if step is None and self.cfg.stage.init_from:
             weights = initial_weights(self.cfg.stage.init_from, self.storage, self.cfg.model.cache_dir)
@@ -188,9 +195,9 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, env = self.cfg, self.env
-        if env.is_main:
-            self._write_run_file("config.yaml", to_yaml(cfg))
         resumed = self._restore()
+        if env.is_main:  # after the resume's checks and loads: a refused or failed resume leaves it as it was
+            self._write_run_file("config.yaml", to_yaml(cfg))
         step = resumed or 0
         result = TrainResult(steps=step, resumed_from=resumed)
         server = self._start_metrics()
@@ -448,6 +455,7 @@ def run(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     trains (until `stop` is set, if given), leaves the group."""
     env = parallel.init_distributed(cfg.parallel.collective_timeout_s)
     try:
-        return Trainer(cfg, env, stop=stop).fit()
+        with hold_run_dir(cfg):  # one run per run directory, taken before anything is written there
+            return Trainer(cfg, env, stop=stop).fit()
     finally:
         dist.destroy_process_group()
