@@ -212,7 +212,7 @@ class RunDirLease:
                     return
                 self.holder = dataclasses.replace(self.holder, renewed=time.time())
                 self.folder.write(self.generation, self.holder)
-            except (OSError, LeaseError) as e:
+            except Exception as e:  # the heartbeat must outlive any storage error: count it, try again
                 self.renew_failures += 1
                 log.warning(
                     "lease: renewing %s failed (%s); it expires at %s unless a later try succeeds",
