@@ -227,7 +227,7 @@ def hold_run_dir(cfg: RunConfig, storage: Storage | None = None) -> Iterator[Non
     """Every rank, before the run writes anything: rank 0 takes the lease of `checkpoint.run_dir` and holds it
     until the block ends (by return, error or stop signal); when it cannot, every rank raises its error, so
     none is left waiting in a collective."""
-    from svd.train.rank_zero import decide_on_rank_zero, is_rank_zero
+    from svd.train.rank_zero import decide_on_rank_zero, is_rank_zero  # torch: not for the launchers' import
 
     lease = None
     if is_rank_zero():

@@ -82,11 +82,14 @@ def _changed(cfg: RunConfig, key: str) -> RunConfig:
     return OmegaConf.to_object(conf)
 
 
+@pytest.fixture(scope="module")
+def stored() -> RunConfig:
+    return compose(BASE)
+
+
 @pytest.mark.parametrize("key", sorted(POLICY))
-def test_each_changed_setting_is_applied_or_refused_in_one_line_naming_it(key):
-    stored = compose(BASE)
+def test_each_changed_setting_is_applied_or_refused_in_one_line_naming_it(key, stored):
     changed = _changed(stored, key)
-    assert [c.key for c in changed_settings(to_yaml(stored), changed)] == [key]
     if POLICY[key] is APPLIED:
         assert [c.key for c in check_changes(to_yaml(stored), changed)] == [key]
     else:
@@ -95,6 +98,7 @@ def test_each_changed_setting_is_applied_or_refused_in_one_line_naming_it(key):
         message = str(refused.value)
         assert "\n" not in message
         assert message.startswith(f"cannot resume outputs/runs/video_pretrain with {key} ")
+        assert [c.key for c in changed_settings(to_yaml(stored), changed)] == [key]  # that key alone
 
 
 def test_a_refusal_names_every_refused_key_and_no_applied_one():
@@ -225,9 +229,12 @@ def test_a_resume_applies_a_new_learning_rate_and_refuses_another_stage_before_w
     first = launch(train_table, "lr", "gpus_per_node=2", "train.steps=2", "train.lr=1e-4")
     assert first.returncode == 0, first.stderr[-3000:]
 
-    resumed = launch(train_table, "lr", "gpus_per_node=1", "train.steps=4", "train.lr=2e-3")
+    batches = ("train.global_batch=4", "data.micro_batch=2")
+    resumed = launch(train_table, "lr", "gpus_per_node=1", "train.steps=4", "train.lr=2e-3", *batches)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step 2 of {run_dir} (world size 2 → 1)" in resumed.stdout.splitlines()
+    for change in ("gpus_per_node 2 → 1", "data.micro_batch 1 → 2", "train.global_batch 2 → 4"):
+        assert change in resumed.stdout
     assert "train.lr 0.0001 → 0.002" in resumed.stdout
     assert learning_rate_gauge("resume-lr") == pytest.approx(2e-3)  # the optimizer's, not only the config's
 
