@@ -33,11 +33,15 @@ import atexit
 import dataclasses
 import io
 import json
+import multiprocessing.resource_tracker
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,8 +448,38 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+# Signals a scheduler or a user sends to every process of a job to stop it (Slurm: SIGTERM, and SIGUSR2 or
+# SIGUSR1 before a time limit; Kubernetes: SIGTERM; a terminal: SIGINT). Workers ignore them: the rank
+# decides when to stop, and it still needs its workers for the batches of the step under way.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _init_worker(_: int) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     atexit.register(_leave_without_finalizing)
+
+
+@contextmanager
+def _new_processes_ignore_stop_signals() -> Iterator[None]:
+    """Workers are born ignoring the stop signals, not only from `_init_worker` on: a spawned worker imports
+    torch for seconds before it runs any of our code, and a signal then would kill it. An ignored signal is
+    the one disposition a child keeps across exec. Meanwhile this process blocks them, so one that arrives
+    stays pending (Linux never discards a blocked signal) and reaches this process's own handler afterwards.
+    Signal dispositions belong to the main thread; elsewhere `_init_worker` alone protects the workers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # Its first start unblocks SIGINT and SIGTERM in the caller: let that happen before we block them.
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _leave_without_finalizing() -> None:
@@ -601,7 +635,8 @@ class ClipLoader:
             timeout=self.cfg.batch_timeout_s if workers else 0,
             worker_init_fn=_init_worker if workers else None,
         )
-        batches = iter(loader)  # closing (or dropping) this generator shuts its workers down
+        with _new_processes_ignore_stop_signals():
+            batches = iter(loader)  # closing (or dropping) this generator shuts its workers down
         while True:
             batch = self._next(batches)
             self.state = batch.pop("state")

@@ -4,6 +4,12 @@ The average is a dict of tensors made from the trainable parameters themselves, 
 holds only its shard (DTensors with the parameters' placements): the EMA costs 1/world of a model copy per
 rank and is checkpointed and resharded by DCP like any other state. The decay warms up as in sgm's
 `LitEma`, min(decay, (1 + n)/(10 + n)), so a short run's average is not dominated by the initial weights.
+
+Swapping the average in (validation, previews) must reach every copy of a weight the model computes with.
+FSDP2 keeps the root module's parameters gathered after a forward (its backward needs them at once), and a
+gathered copy is not a parameter: writing the shards leaves it as it was. `applied` therefore puts the model
+back on its shards before swapping in and again before swapping back, so no forward ever sees a gathered
+copy of the other weights.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 
 class EMA:
@@ -37,7 +44,9 @@ class EMA:
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
-        """The model with the averaged weights inside the block (for previews and validation)."""
+        """The model with the averaged weights inside the block (for previews and validation); the trained
+        weights, bit for bit, after it."""
+        reshard(model)
         params = dict(model.named_parameters())
         saved = {name: params[name].detach().clone() for name in self.shadow}
         with torch.no_grad():
@@ -46,6 +55,7 @@ class EMA:
         try:
             yield
         finally:
+            reshard(model)  # drop the root's gathered copy of the averaged weights
             with torch.no_grad():
                 for name, value in saved.items():
                     params[name].copy_(value)
@@ -58,3 +68,11 @@ class EMA:
         for name, value in state["weights"].items():
             self.shadow[name].copy_(value)
         self.updates = int(state["updates"])
+
+
+def reshard(model: nn.Module) -> None:
+    """Back to sharded parameters: FSDP2 frees the gathered copies, and the parameters are the shards again
+    (a no-op for a model that is not sharded)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

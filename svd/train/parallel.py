@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from svd.config import ParallelConfig
@@ -148,11 +148,3 @@ def parallelize(
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(model, mesh=mesh, mp_policy=root_policy)
     return model
-
-
-def reshard(model: nn.Module) -> None:
-    """Back to sharded parameters. FSDP2 keeps the root unsharded after a forward (its backward would
-    need it at once); code that then reads or replaces the parameters (the EMA swap) needs the shards."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()

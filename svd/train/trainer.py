@@ -336,7 +336,6 @@ class Trainer:
             return {}
         sigmas = self.cfg.train.val_sigmas
         sums = torch.zeros(len(sigmas) + 1, device=self.device)
-        parallel.reshard(self.model)
         with self.ema.applied(self.model):
             per_step = self.env.world_size * self.cfg.data.micro_batch
             for _, batch in zip(range(-(-self.cfg.train.val_samples // per_step)), loader, strict=False):
@@ -376,7 +375,6 @@ class Trainer:
         sampler = EulerEDMSampler(
             SamplerConfig(num_steps=self.cfg.train.preview_steps, guidance_min=lo, guidance_max=hi)
         )
-        parallel.reshard(self.model)
         with self.ema.applied(self.model):
             sample = sampler.sample(
                 self.model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.device

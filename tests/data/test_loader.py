@@ -6,9 +6,11 @@ import dataclasses
 import io
 import itertools
 import json
+import os
 import re
 import signal
 import socket
+import time
 from collections import Counter
 
 import lance
@@ -385,6 +387,28 @@ def test_stopping_early_with_workers_shuts_them_down_without_a_signal(corpus, mo
     clip_loader = loader(corpus, moto_s3, buckets=(large,), num_workers=2)
     for _ in range(4):
         assert len(list(itertools.islice(iter(clip_loader), 2))) == 2
+
+
+def _worker_pids() -> list[int]:
+    """This process's DataLoader workers: its spawned children (not multiprocessing's resource tracker)."""
+    import multiprocessing
+
+    return sorted(p.pid for p in multiprocessing.active_children())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
+def test_workers_ignore_stop_signals_so_the_rank_decides_when_to_stop(corpus, moto_s3, signum):
+    """Slurm and Kubernetes signal every process of a step; a worker that died of it made the next batch
+    raise "worker exited unexpectedly" before the rank could save the step under way."""
+    batches = iter(loader(corpus, moto_s3, num_workers=2, batch_timeout_s=60))  # a dead worker: 60 s, not 600
+    next(batches)
+    workers = _worker_pids()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signum)
+    time.sleep(1.0)  # a worker that does not ignore it is dead by now
+    assert len(list(itertools.islice(batches, 6))) == 6
+    assert _worker_pids() == workers
 
 
 class NeverAnswers:

@@ -183,3 +183,14 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_restart_resumes_from_the_last
     assert resumed.resumed_from == saved >= 2
     assert resumed.steps == saved + 2
     assert len(resumed.losses) == 2
+
+
+@pytest.mark.slow
+def test_validation_and_previews_leave_training_bit_for_bit_unchanged_on_two_fsdp_ranks(train_table, s3_env):
+    """The EMA swap reaches the parameters FSDP2 keeps gathered at the root after a forward: the steps after
+    a validation or a preview train the trained weights, not the average."""
+    common = ("gpus_per_node=2", "train.steps=8", "train.global_batch=2", "checkpoint.every=8")
+    plain = train(train_table, "plain", *common, "train.val_every=0", "train.preview_every=0")
+    watched = train(train_table, "watched", *common, "train.val_every=2", "train.preview_every=3")
+    assert len(watched.validation) == 4
+    assert watched.losses == plain.losses  # exact: the same samples, noise and weights at every step
