@@ -20,7 +20,7 @@ from svd.data.storage import Storage
 from svd.train.lease import RUN_OWNER, RunDirInUseError, RunDirLease, hold_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT_TTL_S = 6.0  # renewed every 1.5 s: a busy machine would have to starve the heartbeat for 6 s
+SHORT_TTL_S = 10.0  # renewed every 2.5 s: a busy machine would have to starve the heartbeat for 10 s
 
 # One process taking the lease: waits until `start` (so that several try at once), prints what happened,
 # then holds it (heartbeat running) until its stdin closes, and releases it.
@@ -148,7 +148,7 @@ def test_a_live_holder_keeps_renewing_and_a_frozen_one_expires_and_learns_it_los
     holder = start_taker(run_dir, "job-a", ttl_s=SHORT_TTL_S)
     try:
         assert first_line(holder) == "held: None"
-        time.sleep(1.5 * SHORT_TTL_S)  # its heartbeat renews the lease meanwhile
+        time.sleep(1.2 * SHORT_TTL_S)  # its heartbeat renews the lease meanwhile
         with pytest.raises(RunDirInUseError, match="in use by job-a"):
             try_to_take(run_dir, "job-b")
         os.kill(holder.pid, signal.SIGSTOP)  # frozen: alive, and renewing no more
