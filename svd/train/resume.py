@@ -88,6 +88,7 @@ POLICY: dict[str, Decision] = {
     "data.micro_batch": APPLIED,
     "data.num_workers": APPLIED,
     "data.batch_timeout_s": APPLIED,
+    "data.index_timeout_s": APPLIED,
     "data.caption_weights": APPLIED,
     "data.cache_dir": APPLIED,
     # the optimizer and its schedule (apply_train_settings), the EMA, the length of the run
@@ -99,6 +100,7 @@ POLICY: dict[str, Decision] = {
     "train.warmup_steps": APPLIED,
     "train.schedule": APPLIED,
     "train.grad_clip": APPLIED,
+    "train.nonfinite_steps_limit": APPLIED,
     "train.ema_decay": APPLIED,
     "train.seed": REFUSED,  # the sample order and every sample's noise
     "train.log_every": APPLIED,
