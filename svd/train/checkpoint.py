@@ -104,6 +104,7 @@ class Checkpointer:
         async_save: bool = True,
         process_group: dist.ProcessGroup | None = None,
         collective_timeout_s: float = ParallelConfig.collective_timeout_s,
+        before_commit: Callable[[], None] | None = None,
     ):
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be ≥ 1 (or None to keep every checkpoint)")
@@ -114,6 +115,8 @@ class Checkpointer:
         self._storage = storage or Storage.from_env()
         self._fs, self._path = self._storage.fsspec(self.uri)
         self._collective_timeout_s = collective_timeout_s
+        # Rank 0, before the marker and pruning: may raise to keep a run that lost its run directory out.
+        self._before_commit = before_commit or (lambda: None)
         if dist.is_available() and dist.is_initialized():
             timeout = timedelta(seconds=collective_timeout_s)
             self._pg = process_group or dist.new_group(backend="gloo", timeout=timeout)
@@ -234,6 +237,7 @@ class Checkpointer:
         prune. DCP's save returns on any rank only after the coordinator wrote `.metadata`."""
         if self._rank != 0:
             return
+        self._before_commit()
         marker = {
             "step": step,
             "folder": f"step-{step:08d}",

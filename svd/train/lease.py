@@ -1,8 +1,8 @@
 """One owner per run directory (DESIGN decision 9): a lease in `<run_dir>/lease/`, taken by rank 0 before the
 run writes anything, renewed while it trains, released when it ends.
 
-    with hold_run_dir(cfg):               # every rank; rank 0 holds the lease, every rank refuses together
-        Trainer(cfg, env).fit()
+    with hold_run_dir(cfg) as owner:      # every rank; rank 0 holds the lease, every rank refuses together
+        Trainer(cfg, env, owner=owner).fit()  # owner.confirm() before each write: stops if it was taken
 
 The lease is a sequence of small JSON objects, `lease/00000001.json`, `00000002.json`, …; the highest one is
 the current holder. Taking the directory means creating the next one *exclusively* — S3's `If-None-Match: *`,
@@ -20,7 +20,10 @@ A holder that died without releasing (killed, node lost) keeps the directory unt
 `checkpoint.lease_ttl_s` after its last renewal (it renews every quarter of that). Where the holder's process
 id means something — the same boot of the same host, the same pid namespace — a holder whose process has
 ended is free at once. `checkpoint.break_lease=true` takes the directory regardless, for a run known to be
-dead. Expiry compares the holder's clock with the reader's: hosts keep UTC time (NTP).
+dead. Expiry compares the holder's clock with the reader's: hosts keep UTC time (NTP). A holder that was
+frozen or cut off from the store past its expiry may find the directory taken when it wakes: it confirms
+its lease before each write (checkpoint, validation, previews; rank 0 again before it commits an
+asynchronous checkpoint and prunes) and stops there, on every rank, in one line.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ TAKE_ATTEMPTS = 8  # rounds of look-then-create when other runs keep taking the 
 
 class RunDirInUseError(ConfigError):
     """Another run holds the run directory; the message names it and says when its lease expires."""
+
+
+class RunDirLostError(RuntimeError):
+    """Another run took the run directory while this one held it; this one stops before writing more."""
 
 
 class LeaseError(RuntimeError):
@@ -118,7 +125,8 @@ class RunDirLease:
         self.folder = _LeaseFolder(join(run_dir, FOLDER), storage)
         self.generation: int | None = None  # of the object this process holds
         self.holder: Holder | None = None
-        self.lost_to: Holder | None = None  # who took it while this process held it
+        self.lost = False  # another run took it while this process held it
+        self.lost_to: Holder | None = None  # that run, when its lease object could be read
         self.renew_failures = 0  # heartbeats that could not be written (retried at the next one)
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -153,7 +161,7 @@ class RunDirLease:
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
-        if self.generation is None or self.holder is None or self.lost_to is not None:
+        if self.generation is None or self.holder is None or self.lost:
             return
         try:
             self.folder.write(
@@ -167,6 +175,26 @@ class RunDirLease:
                 utc(self.holder.expires),
             )
         self.generation = None
+
+    def confirm(self) -> None:
+        """Before the run writes: raise RunDirLostError when another run took the directory since this one
+        did (its lease expired while this run was frozen or cut off from the store, or break_lease)."""
+        if not self.lost:
+            self._look_for_newer()
+        if self.lost:
+            by = self.lost_to.describe() if self.lost_to else "another run"
+            raise RunDirLostError(
+                f"checkpoint.run_dir={self.run_dir} was taken by {by} after this run's lease expired at "
+                f"{utc(self.holder.expires)}: this run stops without writing there again"
+            )
+
+    def _look_for_newer(self) -> bool:
+        """True (and `lost`, `lost_to` set) when a lease object newer than this run's exists."""
+        newest = self.folder.generations()[-1:]
+        if not newest or newest[0] <= self.generation:
+            return False
+        self.lost, self.lost_to = True, self.folder.read(newest[0])
+        return True
 
     def _why_free(self, current: Holder | None) -> str | None:
         """Why `current` does not keep this run out (a line to print, or None); else RunDirInUseError."""
@@ -201,9 +229,7 @@ class RunDirLease:
     def _renew_until_released(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                newest = self.folder.generations()[-1:]
-                if newest and newest[0] > self.generation:
-                    self.lost_to = self.folder.read(newest[0])
+                if self._look_for_newer():
                     log.error(
                         "lease: checkpoint.run_dir=%s was taken by %s: this run no longer owns it",
                         self.run_dir,
@@ -222,11 +248,29 @@ class RunDirLease:
                 )
 
 
+@dataclass(frozen=True)
+class RunDirOwner:
+    """What a rank holding (through rank 0) the run directory checks before it writes there."""
+
+    lease: RunDirLease | None  # rank 0's; None on the other ranks
+
+    def confirm(self) -> None:
+        """Every rank (a collective): RunDirLostError on every rank when another run took the directory."""
+        from svd.train.rank_zero import decide_on_rank_zero
+
+        decide_on_rank_zero(self.lease.confirm if self.lease else None)
+
+    def confirm_here(self) -> None:
+        """This rank alone, no collective (rank 0's checkpoint commit thread): a no-op on other ranks."""
+        if self.lease is not None:
+            self.lease.confirm()
+
+
 @contextmanager
-def hold_run_dir(cfg: RunConfig, storage: Storage | None = None) -> Iterator[None]:
+def hold_run_dir(cfg: RunConfig, storage: Storage | None = None) -> Iterator[RunDirOwner]:
     """Every rank, before the run writes anything: rank 0 takes the lease of `checkpoint.run_dir` and holds it
     until the block ends (by return, error or stop signal); when it cannot, every rank raises its error, so
-    none is left waiting in a collective."""
+    none is left waiting in a collective. Yields the `RunDirOwner` to confirm before each write."""
     from svd.train.rank_zero import decide_on_rank_zero, is_rank_zero  # torch: not for the launchers' import
 
     lease = None
@@ -242,7 +286,7 @@ def hold_run_dir(cfg: RunConfig, storage: Storage | None = None) -> Iterator[Non
         note = decide_on_rank_zero(lease.acquire if lease else None)
         if lease and note:
             print(f"lease: {note}", flush=True)
-        yield
+        yield RunDirOwner(lease)
     finally:
         if lease is not None:
             lease.release()

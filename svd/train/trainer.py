@@ -40,7 +40,7 @@ from svd.train import parallel
 from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
 from svd.train.distributed import DistEnv, init_distributed
 from svd.train.ema import EMA
-from svd.train.lease import hold_run_dir
+from svd.train.lease import RunDirOwner, hold_run_dir
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
 from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler
 from svd.train.resume import check_resume
@@ -83,9 +83,16 @@ class StepOutcome:
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, env: DistEnv, storage: Storage | None = None, stop: StopRequest | None = None
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        storage: Storage | None = None,
+        stop: StopRequest | None = None,
+        owner: RunDirOwner | None = None,
     ):
         self.cfg, self.env = cfg, env
+        # Confirmed before each write: raises on every rank when another run took the run directory.
+        self.owner = owner or RunDirOwner(lease=None)
         self.stop = stop or StopRequest()
         self.storage = storage or Storage.from_env()
         self.device = env.device
@@ -101,6 +108,7 @@ class Trainer:
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
             collective_timeout_s=cfg.parallel.collective_timeout_s,
+            before_commit=self.owner.confirm_here,
         )
         self.files = RunFiles(cfg.checkpoint.run_dir, self.storage)
         self.validator = Validator(
@@ -334,13 +342,17 @@ class Trainer:
 
     def _validate_and_preview(self, step: int, result: TrainResult) -> None:
         every_val, every_preview = self.cfg.train.val_every, self.cfg.train.preview_every
-        if every_val and step % every_val == 0 and (losses := self.validator(self.model, self.ema, step)):
+        validate, preview = every_val and step % every_val == 0, every_preview and step % every_preview == 0
+        if validate or preview:
+            self.owner.confirm()
+        if validate and (losses := self.validator(self.model, self.ema, step)):
             result.validation.append(losses)
-        if every_preview and step % every_preview == 0:
+        if preview:
             self.previewer(self.model, self.ema, step, self.preview_batch)
 
     def _save(self, step: int) -> None:
         self._check_finite_weights(step)
+        self.owner.confirm()
         committed = self.metrics.observe_checkpoint_committed if self.metrics else None
         try:
             blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()), committed)
@@ -431,7 +443,7 @@ def run(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     trains (until `stop` is set, if given), leaves the group."""
     env = init_distributed(cfg.parallel.collective_timeout_s)
     try:
-        with hold_run_dir(cfg):  # one run per run directory, taken before anything is written there
-            return Trainer(cfg, env, stop=stop).fit()
+        with hold_run_dir(cfg) as owner:  # one run per run directory, taken before anything is written
+            return Trainer(cfg, env, stop=stop, owner=owner).fit()
     finally:
         dist.destroy_process_group()

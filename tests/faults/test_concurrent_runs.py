@@ -213,6 +213,12 @@ def test_a_restarted_job_takes_its_run_directory_back_from_its_hung_predecessor_
         assert "taken back from an earlier run of the same job, slurm-77" in requeued.stdout
         assert f"resumed from step {saved} of " in requeued.stdout
         assert f"rank 0 ended at step {saved + 2}" in requeued.stdout
+
+        os.killpg(hung.pid, signal.SIGCONT)  # the hung step wakes up: it stops at its next write
+        assert hung.wait(timeout=120) != 0
+        lost = f"checkpoint.run_dir={train_table['bucket']}/runs/requeued was taken by slurm-77 (host "
+        assert lost in (tmp_path / "hung.log").read_text()
+        assert json.loads(fs.cat_file(marker))["step"] == saved + 2  # the requeued run's last checkpoint
     finally:
         os.killpg(hung.pid, signal.SIGKILL)
         hung.wait()

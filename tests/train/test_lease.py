@@ -17,7 +17,7 @@ import pytest
 
 from svd.config import compose
 from svd.data.storage import Storage
-from svd.train.lease import RUN_OWNER, RunDirInUseError, RunDirLease, hold_run_dir
+from svd.train.lease import RUN_OWNER, RunDirInUseError, RunDirLease, RunDirLostError, hold_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT_TTL_S = 10.0  # renewed every 2.5 s: a busy machine would have to starve the heartbeat for 10 s
@@ -207,13 +207,22 @@ def test_a_holder_whose_process_ended_on_this_host_frees_the_directory_at_once(t
     lease.release()
 
 
-def test_break_lease_takes_the_directory_from_a_live_holder(tmp_path):
+def test_break_lease_takes_the_directory_from_a_live_holder_which_stops_at_its_next_write(tmp_path):
     where = (str(tmp_path / "run"), Storage(), {})
     holder, _ = try_to_take(where, "ray-1", ttl_s=600)
+    holder.confirm()  # still its own
     breaker = RunDirLease(where[0], Storage(), owner="ray-2", ttl_s=600, break_lease=True)
     assert breaker.acquire().endswith(", as checkpoint.break_lease=true asks")
-    breaker.release()
+    with pytest.raises(RunDirLostError) as lost:  # before its next write (its heartbeat is minutes away)
+        holder.confirm()
+    message = str(lost.value)
+    assert message.startswith(f"checkpoint.run_dir={where[0]} was taken by ray-2 (host ")
+    assert message.endswith(": this run stops without writing there again")
+    assert "\n" not in message
     holder.release()
+    with pytest.raises(RunDirInUseError, match="in use by ray-2"):  # the old holder's release left it alone
+        try_to_take(where, "ray-3")
+    breaker.release()
 
 
 def test_the_lease_is_released_when_the_run_ends_by_an_error_or_ctrl_c(tmp_path, monkeypatch):
@@ -247,7 +256,10 @@ def test_launchers_name_the_owner_that_their_restarts_keep(monkeypatch, tmp_path
     monkeypatch.setattr(svd.train, "run", lambda cfg, stop=None: seen.append(os.environ[RUN_OWNER]))
     monkeypatch.setattr(slurm, "first_host", lambda nodelist: "127.0.0.1")
     monkeypatch.delenv(RUN_OWNER, raising=False)
-    cfg = compose(["model=tiny", "data.table=s3://b/t.lance", f"checkpoint.run_dir={tmp_path}"])
+    # metrics.port=0: the launchers' metrics set-up (a node's folder, a Prometheus announcement) needs a real
+    # Slurm step's environment and is not what this test checks; training itself is replaced.
+    settings = ["model=tiny", "data.table=s3://b/t.lance", f"checkpoint.run_dir={tmp_path}", "metrics.port=0"]
+    cfg = compose(settings)
     local.launch_local(cfg)
     local.launch_local(cfg)
     slurm_env = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_PROCID": "0"}
