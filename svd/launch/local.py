@@ -15,6 +15,7 @@ import uuid
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.local_s3 import free_port
 from svd.train import run
+from svd.train.lease import RUN_OWNER
 from svd.train.trainer import TrainResult
 
 
@@ -45,6 +46,7 @@ def launch(cfg: RunConfig) -> int:
 def launch_local(cfg: RunConfig) -> TrainResult:
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
+    os.environ[RUN_OWNER] = f"local-{uuid.uuid4().hex[:12]}"  # this launch owns the run directory
     from svd.train.metrics import launch_multiprocess_dir
 
     with launch_multiprocess_dir(cfg.metrics.port, cfg.job_name):

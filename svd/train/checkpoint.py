@@ -110,6 +110,7 @@ class Checkpointer:
         async_save: bool = True,
         process_group: dist.ProcessGroup | None = None,
         collective_timeout_s: float = ParallelConfig.collective_timeout_s,
+        before_commit: Callable[[], None] | None = None,
     ):
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be ≥ 1 (or None to keep every checkpoint)")
@@ -120,6 +121,8 @@ class Checkpointer:
         self._storage = storage or Storage.from_env()
         self._fs, self._path = self._storage.fsspec(self.uri)
         self._collective_timeout_s = collective_timeout_s
+        # Rank 0, before the marker and pruning: may raise to keep a run that lost its run directory out.
+        self._before_commit = before_commit or (lambda: None)
         if dist.is_available() and dist.is_initialized():
             timeout = timedelta(seconds=collective_timeout_s)
             self._pg = process_group or dist.new_group(backend="gloo", timeout=timeout)
@@ -198,8 +201,12 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The step the marker names, None when there is no marker (a fresh run)."""
-        marker = _read_marker(self._fs, f"{self._path}/{MARKER}", join(self.uri, MARKER))
+        marker = self.latest_marker()
         return None if marker is None else marker["step"]
+
+    def latest_marker(self) -> dict[str, Any] | None:
+        """The marker's step, folder and world size (None in markers written before it was recorded)."""
+        return _read_marker(self._fs, f"{self._path}/{MARKER}", join(self.uri, MARKER))
 
     def load(self, parts: Mapping[str, Part]) -> int | None:
         """Restore `parts` in place from the latest complete checkpoint and return its step; None when there
@@ -236,6 +243,7 @@ class Checkpointer:
         prune. DCP's save returns on any rank only after the coordinator wrote `.metadata`."""
         if self._rank != 0:
             return
+        self._before_commit()
         marker = {
             "step": step,
             "folder": f"step-{step:08d}",
@@ -493,14 +501,20 @@ def _has_tensor(value: Any) -> bool:
 
 
 def _read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any] | None:
-    """The marker's step and folder; None only when it does not exist (any other read error propagates)."""
+    """The marker's step, folder and world size; None only when it does not exist (any other read error
+    propagates)."""
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         return None
     try:
         marker = json.loads(data)
-        return {"step": int(marker["step"]), "folder": str(marker["folder"])}
+        world_size = marker.get("world_size")
+        return {
+            "step": int(marker["step"]),
+            "folder": str(marker["folder"]),
+            "world_size": None if world_size is None else int(world_size),
+        }
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint marker {uri} is not valid: {_one_line(e)}") from e
 

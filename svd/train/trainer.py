@@ -41,8 +41,10 @@ from svd.train import parallel
 from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
 from svd.train.distributed import DistEnv, init_distributed
 from svd.train.ema import EMA
+from svd.train.lease import RunDirOwner, hold_run_dir
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
-from svd.train.optim import build_optimizer, build_scheduler
+from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler
+from svd.train.resume import check_resume
 from svd.train.run_files import RunFiles
 from svd.train.stop import StopRequest
 from svd.train.task import Task, unet_config
@@ -82,9 +84,16 @@ class StepOutcome:
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, env: DistEnv, storage: Storage | None = None, stop: StopRequest | None = None
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        storage: Storage | None = None,
+        stop: StopRequest | None = None,
+        owner: RunDirOwner | None = None,
     ):
         self.cfg, self.env = cfg, env
+        # Confirmed before each write: raises on every rank when another run took the run directory.
+        self.owner = owner or RunDirOwner(lease=None)
         self.stop = stop or StopRequest()
         self.storage = storage or Storage.from_env()
         self.device = env.device
@@ -100,6 +109,7 @@ class Trainer:
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
             collective_timeout_s=cfg.parallel.collective_timeout_s,
+            before_commit=self.owner.confirm_here,
         )
         self.files = RunFiles(cfg.checkpoint.run_dir, self.storage)
         self.validator = Validator(
@@ -207,7 +217,12 @@ class Trainer:
         """The latest complete checkpoint of the run directory, else `stage.init_from`; builds the loader
         at the position the checkpoint recorded (or at the start)."""
         parts = self._parts(0, data={})
+        resume = check_resume(self.cfg, self.storage, self.checkpointer)  # or refuse, before any write
         step = self.checkpointer.load(parts)
+        if resume is not None:
+            apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)  # not the checkpoint's lr
+            if self.env.is_main:
+                print(*resume.lines(self.cfg.checkpoint.run_dir, self.env.world_size), sep="\n", flush=True)
         self.loader = self._build_loader(state=parts["data"] if step is not None else None)
         if step is None and self.cfg.stage.init_from:
             report = load_initial_weights(
@@ -221,9 +236,9 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        if self.env.is_main:
-            self.files.write("config.yaml", to_yaml(cfg))
         resumed = self._restore()
+        if self.env.is_main:  # after the resume's checks and loads: a refused resume leaves it as it was
+            self.files.write("config.yaml", to_yaml(cfg))
         step = resumed or 0
         result = TrainResult(steps=step, resumed_from=resumed)
         server = self._start_metrics()
@@ -328,13 +343,17 @@ class Trainer:
 
     def _validate_and_preview(self, step: int, result: TrainResult) -> None:
         every_val, every_preview = self.cfg.train.val_every, self.cfg.train.preview_every
-        if every_val and step % every_val == 0 and (losses := self.validator(self.model, self.ema, step)):
+        validate, preview = every_val and step % every_val == 0, every_preview and step % every_preview == 0
+        if validate or preview:
+            self.owner.confirm()
+        if validate and (losses := self.validator(self.model, self.ema, step)):
             result.validation.append(losses)
-        if every_preview and step % every_preview == 0:
+        if preview:
             self.previewer(self.model, self.ema, step, self.preview_batch)
 
     def _save(self, step: int) -> None:
         self._check_finite_weights(step)
+        self.owner.confirm()
         committed = self.metrics.observe_checkpoint_committed if self.metrics else None
         try:
             blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()), committed)
@@ -425,6 +444,7 @@ def run(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     trains (until `stop` is set, if given), leaves the group."""
     env = init_distributed(cfg.parallel.collective_timeout_s)
     try:
-        return Trainer(cfg, env, stop=stop).fit()
+        with hold_run_dir(cfg) as owner:  # one run per run directory, taken before anything is written
+            return Trainer(cfg, env, stop=stop, owner=owner).fit()
     finally:
         dist.destroy_process_group()
