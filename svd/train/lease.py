@@ -63,8 +63,9 @@ class RunDirInUseError(ConfigError):
     """Another run holds the run directory; the message names it and says when its lease expires."""
 
 
-class RunDirLostError(RuntimeError):
-    """Another run took the run directory while this one held it; this one stops before writing more."""
+class RunDirLostError(ConfigError):
+    """Another run took the run directory while this one held it; this one stops before writing more. A
+    ConfigError, as `RunDirInUseError`: a requeue would find the directory taken all the same."""
 
 
 class LeaseError(RuntimeError):
