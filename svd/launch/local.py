@@ -45,9 +45,10 @@ def launch(cfg: RunConfig) -> int:
 def launch_local(cfg: RunConfig) -> TrainResult:
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
-    from svd.train.metrics import launch_multiprocess_dir
+    from svd.train.metrics import MetricsConfig, launch_multiprocess_dir
 
-    with launch_multiprocess_dir(cfg.metrics, cfg.job_name):
+    # the trainer's MetricsConfig (cfg.metrics is the run configuration's, which has no multiproc_dir)
+    with launch_multiprocess_dir(MetricsConfig(port=cfg.metrics.port), cfg.job_name):
         return run(cfg) if cfg.gpus_per_node == 1 else _launch_ranks(cfg)
 
 
