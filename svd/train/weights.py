@@ -35,7 +35,6 @@ INPUT_CONVS = (NETWORK + "conv_in.weight",)
 RUN_PARTS = ("model.model.", "ema.weights.")
 
 
-
 class InitFromError(RuntimeError):
     """Rank 0 could not read `stage.init_from`; raised on the other ranks with rank 0's error in one line."""
 
