@@ -8,7 +8,6 @@ hanging. Every rank then calls `svd.train.run`, like under Slurm or Ray.
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 
@@ -55,7 +54,6 @@ def launch_local(cfg: RunConfig) -> TrainResult:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     port = cfg.launcher.master_port or free_port()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: ranks share the host's cores
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

@@ -49,6 +49,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # global mean loss per step of this process's run
     step_seconds: list[float] = field(default_factory=list)
     data_wait_seconds: list[float] = field(default_factory=list)  # of each step, waiting for batches
+    # Of each iteration that ran to its end: the step, then the checkpoint, validation and preview after it.
+    loop_seconds: list[float] = field(default_factory=list)
+    checkpoint_blocked_seconds: list[float] = field(default_factory=list)  # how long each save held the loop
     peak_memory_bytes: int = 0  # of the device (CUDA), else of the process (max RSS)
     flops_per_sample: float | None = None  # forward + backward, counted when MFU is reported
     peak_flops: float | None = None  # of the device, from the metrics table
@@ -208,7 +211,7 @@ class Trainer:
                 result.data_wait_seconds.append(wait)
                 self._observe(step, loss, seconds, wait)
                 if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                    self._save(step)
+                    result.checkpoint_blocked_seconds.append(self._save(step))
                 if stopping:
                     result.stopped = True
                     break
@@ -216,6 +219,7 @@ class Trainer:
                     result.validation.append(self.validate(step))
                 if cfg.train.preview_every and step % cfg.train.preview_every == 0:
                     self.preview(step)
+                result.loop_seconds.append(time.perf_counter() - started)
             result.steps = step
             if cfg.stage.trainable == "lora" and not result.stopped:
                 self._save_lora()
@@ -227,7 +231,8 @@ class Trainer:
                 server.close()
         return result
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int) -> float:
+        """Checkpoint `step`; returns the seconds the loop was held (async: the copy to CPU memory)."""
         try:
             blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
         except CheckpointError:
@@ -236,6 +241,7 @@ class Trainer:
             raise
         if self.metrics:
             self.metrics.observe_checkpoint(blocked, step)
+        return blocked
 
     def _step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step; returns the global mean loss, the seconds spent waiting for batches and
@@ -255,6 +261,7 @@ class Trainer:
             (per_video.sum() / samples_per_rank).backward()
             total += per_video.detach().sum()
         self.last_grad_norm = self._clip_gradients()
+        self.checkpointer.wait_for_staging()  # a save in flight copies the weights this step changes
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -329,6 +336,7 @@ class Trainer:
             return {}
         sigmas = self.cfg.train.val_sigmas
         sums = torch.zeros(len(sigmas) + 1, device=self.device)
+        self.checkpointer.wait_for_staging()  # swapping the EMA in changes the weights a save may be copying
         with self.ema.applied(self.model):
             per_step = self.env.world_size * self.cfg.data.micro_batch
             for _, batch in zip(range(-(-self.cfg.train.val_samples // per_step)), loader, strict=False):
@@ -368,6 +376,7 @@ class Trainer:
         sampler = EulerEDMSampler(
             SamplerConfig(num_steps=self.cfg.train.preview_steps, guidance_min=lo, guidance_max=hi)
         )
+        self.checkpointer.wait_for_staging()
         with self.ema.applied(self.model):
             sample = sampler.sample(
                 self.model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.device
