@@ -204,12 +204,12 @@ def bare_loop(cfg: Any, steps: int, warmup: int) -> list[float]:
     from svd.data.local_s3 import free_port
     from svd.diffusion.edm import Denoiser, weighted_denoising_error
     from svd.model.video_unet import VideoUNet
-    from svd.train import parallel
+    from svd.train import distributed, parallel
     from svd.train.optim import build_optimizer
     from svd.train.task import Task, unet_config
 
     os.environ["MASTER_PORT"] = str(free_port())
-    env = parallel.init_distributed(cfg.parallel.collective_timeout_s)
+    env = distributed.init_distributed(cfg.parallel.collective_timeout_s)
     try:
         task = Task.build(cfg, env.device)
         torch.manual_seed(cfg.train.seed)
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset == "svd" and not torch.cuda.is_available():
         raise SystemExit("bench/train.py: --preset svd needs a GPU (CUDA); on CPU use --preset tiny or small")
     if not torch.cuda.is_available():
-        from svd.train.parallel import set_cpu_threads
+        from svd.train.distributed import set_cpu_threads
 
         set_cpu_threads(local_world_size=1)  # the bare loop computes with the threads a rank gets
     shape = SHAPES[args.preset]

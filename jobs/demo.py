@@ -36,7 +36,7 @@ from svd.diffusion.edm import Denoiser
 from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
 from svd.launch.local import launch_local
 from svd.model.video_unet import VideoUNet
-from svd.train.parallel import set_cpu_threads
+from svd.train.distributed import set_cpu_threads
 from svd.train.task import SampleRandoms, Task, unet_config
 from svd.train.weights import initial_weights
 
@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ema={args.ema} must be in [0, 1)")
     if args.size % args.factor:
         p.error(f"--size={args.size} must be a multiple of --factor={args.factor}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out={args.out} cannot be a folder ({e.strerror}: {e.filename})")
     return args
 
 
@@ -100,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     set_cpu_threads(local_world_size=1)  # curation and sampling run here too, with a training rank's threads
     torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
     with LocalS3() as s3, patched_env(s3.env()):
         s3.create_bucket(BUCKET)
         raw = publish_raw_video(s3.storage(), args)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from svd.train.parallel import cpu_threads
+from svd.train.distributed import cpu_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
 RANK = """
 import json, os, torch
-from svd.train import parallel
-env = parallel.init_distributed(60)
+from svd.train import distributed
+env = distributed.init_distributed(60)
 print(json.dumps({"threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0))}))
 """
 
