@@ -215,7 +215,7 @@ def bare_loop(cfg: Any, steps: int, warmup: int) -> list[float]:
         torch.manual_seed(cfg.train.seed)
         with torch.device(env.device):
             model = Denoiser(VideoUNet(unet_config(cfg, task.latent_channels)))
-        mesh = parallel.build_mesh(env, cfg.parallel.sharding)
+        mesh = parallel.build_mesh(env, cfg.parallel.sharding, cfg.parallel.collective_timeout_s)
         parallel.parallelize(model, list(model.network.block_pairs()), mesh, cfg.parallel, env.device)
         optimizer = build_optimizer(model, cfg.train)
         latents, cond, randoms = task.prepare(example_batch(cfg), cfg.train.seed)

@@ -174,6 +174,9 @@ def train(args: argparse.Namespace, table: str) -> tuple[RunConfig, list[float]]
             f"train.ema_decay={args.ema}",
             f"train.seed={args.seed}",
             "train.log_every=50",
+            # Previews stay on, as in production, but three in all: model=tiny's every 8 steps sampled 37
+            # videos in the 300-step demo; the demo samples its own video at the end.
+            f"train.preview_every={max(1, args.steps // 3)}",
             # The demo overfits one clip: a wide band of noise levels, so every sampling step was trained.
             f"diffusion.p_mean={args.p_mean}",
             f"diffusion.p_std={args.p_std}",
