@@ -44,13 +44,14 @@ def launch(cfg: RunConfig) -> int:
 def launch_local(cfg: RunConfig) -> TrainResult:
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
-    if cfg.metrics.port:
-        from svd.train.metrics import MetricsConfig, prepare_multiprocess_dir
+    from svd.train.metrics import launch_multiprocess_dir
 
-        prepare_multiprocess_dir(MetricsConfig(port=cfg.metrics.port).directory(cfg.job_name))
-    if cfg.gpus_per_node == 1:
-        return run(cfg)
+    with launch_multiprocess_dir(cfg.metrics, cfg.job_name):
+        return run(cfg) if cfg.gpus_per_node == 1 else _launch_ranks(cfg)
 
+
+def _launch_ranks(cfg: RunConfig) -> TrainResult:
+    """`gpus_per_node` ranks on this host, by torch's elastic agent (as torchrun)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     port = cfg.launcher.master_port or free_port()
