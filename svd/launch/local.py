@@ -44,9 +44,10 @@ def launch(cfg: RunConfig) -> int:
 def launch_local(cfg: RunConfig) -> TrainResult:
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
-    from svd.train.metrics import launch_multiprocess_dir
+    from svd.train.metrics import MetricsConfig, launch_multiprocess_dir
 
-    with launch_multiprocess_dir(cfg.metrics, cfg.job_name):
+    # the metrics module's config (it knows the folder), as the Slurm and Ray launchers build it
+    with launch_multiprocess_dir(MetricsConfig(port=cfg.metrics.port), cfg.job_name):
         return run(cfg) if cfg.gpus_per_node == 1 else _launch_ranks(cfg)
 
 
