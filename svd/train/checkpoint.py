@@ -4,7 +4,8 @@
     parts = {"train": ModelOptimizerState(model, optimizer), "ema": ema_tensors, "data": loader_state}
     step = ckpt.load(parts) or 0                  # resume in place (any world size), None when fresh
     ...
-    blocked_s = ckpt.save(step, parts)            # every rank; training goes on while it uploads
+    blocked_s = ckpt.save(step, parts)            # every rank; training goes on while it copies and uploads
+    ckpt.wait_for_staging()                       # before changing saved state (the optimizer step)
     ckpt.close()                                  # every rank: finish the last save
 
     weights = read_full_state("s3://bucket/runs/r1", "ema", storage)   # no process group needed
@@ -131,9 +132,14 @@ class Checkpointer:
             self._pg, self._rank, self._world = None, 0, 1
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         # One stager for the run: it keeps its CPU copy of each tensor between saves (pinned when a GPU
-        # trains), so a save after the first copies into warm memory instead of faulting in fresh pages.
-        self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+        # trains), so a save after the first copies into warm memory instead of faulting in fresh pages. It
+        # copies in a thread of its own (on a side stream on a GPU) while the next forward and backward run,
+        # which read the weights but do not change them: the loop waits for the copy (`wait_for_staging`) only
+        # before it changes them. Copying before returning held the loop for a third of a step on CPU.
+        cuda = torch.cuda.is_available()
+        self._stager = DefaultStager(StagingOptions(cuda, False, True, cuda))
         self._pending: Future[None] | None = None
+        self._staging: Future[None] | None = None
         self._last_step: int | None = None
         self._probe_storage()
 
@@ -141,10 +147,11 @@ class Checkpointer:
         self, step: int, parts: Mapping[str, Part], on_commit: Callable[[int], None] | None = None
     ) -> float:
         """Checkpoint `parts` as of `step`; returns the seconds it blocked the caller. In async mode it waits
-        for the previous save, copies the state to CPU memory and returns while a thread writes it; rank 0
-        then writes the marker and deletes old checkpoints. `on_commit(step)` is called once the checkpoint
-        is complete (in async mode from that thread; never for a save that fails). A save of the step last
-        saved or loaded is a no-op (the state is the same)."""
+        for the previous save and returns while threads copy the state to CPU memory and write it; the caller
+        calls `wait_for_staging` before it changes any of `parts`. Rank 0 then writes the marker and deletes
+        old checkpoints. `on_commit(step)` is called once the checkpoint is complete (in async mode from the
+        commit thread; never for a save that fails). A save of the step last saved or loaded is a no-op (the
+        state is the same)."""
         started = time.perf_counter()
         self.wait()
         if self._last_step is not None and step <= self._last_step:
@@ -154,14 +161,17 @@ class Checkpointer:
         state = _to_dcp(parts)
         writer = _Writer(self._fs, self._step_path(step), sync_files=_is_local(self._fs))
         if self.async_save:
-            future = dcp.async_save(
+            response = dcp.async_save(
                 state,
                 storage_writer=writer,
                 process_group=self._pg,
                 async_stager=self._stager,
                 no_dist=self._pg is None,
             )
-            self._pending = self._executor.submit(self._commit_when_written, future, step, on_commit)
+            self._staging = response.staging_completion
+            self._pending = self._executor.submit(
+                self._commit_when_written, response.upload_completion, step, on_commit
+            )
         else:
             try:
                 with _single_process_is_intended():
@@ -174,8 +184,15 @@ class Checkpointer:
         self._last_step = step
         return time.perf_counter() - started
 
+    def wait_for_staging(self) -> None:
+        """Return once the save in flight holds its own copy of the state, so the caller may change it."""
+        staging, self._staging = self._staging, None
+        if staging is not None and staging.exception() is not None:
+            self.wait()  # the upload failed with it: raised as a CheckpointError, once
+
     def wait(self) -> None:
         """Finish the save in flight (data, marker, pruning); raise its error, once."""
+        self._staging = None
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()

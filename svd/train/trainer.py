@@ -65,6 +65,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # global mean loss per step of this process's run
     step_seconds: list[float] = field(default_factory=list)
     data_wait_seconds: list[float] = field(default_factory=list)  # of each step, waiting for batches
+    # Of each iteration that ran to its end: the step, then the checkpoint, validation and preview after it.
+    loop_seconds: list[float] = field(default_factory=list)
+    checkpoint_blocked_seconds: list[float] = field(default_factory=list)  # how long each save held the loop
     peak_memory_bytes: int = 0  # of the device (CUDA), else of the process (max RSS)
     flops_per_sample: float | None = None  # forward + backward, counted when MFU is reported
     peak_flops: float | None = None  # of the device, from the metrics table
@@ -252,11 +255,12 @@ class Trainer:
                 step += 1
                 self._record(step, outcome, time.perf_counter() - started, result)
                 if outcome.stop or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                    self._save(step)
+                    result.checkpoint_blocked_seconds.append(self._save(step))
                 if outcome.stop:
                     result.stopped = True
                     break
                 self._validate_and_preview(step, result)
+                result.loop_seconds.append(time.perf_counter() - started)
             result.steps = step
             if cfg.stage.trainable == "lora" and not result.stopped:
                 self._save_lora()
@@ -287,6 +291,7 @@ class Trainer:
             total += per_video.detach().sum()
         grad_norm = self._clip_gradients()
         applied = math.isfinite(grad_norm)  # global: every rank computed the same norm
+        self.checkpointer.wait_for_staging()  # a save in flight copies the weights and the EMA changed here
         if applied:
             self.optimizer.step()
             self.ema.update(self.model)
@@ -346,12 +351,14 @@ class Trainer:
         validate, preview = every_val and step % every_val == 0, every_preview and step % every_preview == 0
         if validate or preview:
             self.owner.confirm()
+            self.checkpointer.wait_for_staging()  # swapping the EMA in changes the weights a save may copy
         if validate and (losses := self.validator(self.model, self.ema, step)):
             result.validation.append(losses)
         if preview:
             self.previewer(self.model, self.ema, step, self.preview_batch)
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int) -> float:
+        """Checkpoint `step`; returns the seconds the loop was held (async: until the copy is under way)."""
         self._check_finite_weights(step)
         self.owner.confirm()
         committed = self.metrics.observe_checkpoint_committed if self.metrics else None
@@ -363,6 +370,7 @@ class Trainer:
             raise
         if self.metrics:
             self.metrics.observe_checkpoint(blocked)
+        return blocked
 
     def _check_finite_weights(self, step: int) -> None:
         """Refuse to save weights (or their average) with a NaN or an infinity: the latest checkpoint, and
