@@ -64,6 +64,7 @@ from svd.data.row_index import RowIndex
 from svd.data.storage import Storage, join, scheme, strip_scheme
 from svd.data.video import DecodeError, decode_clip
 from svd.errors import one_line
+from svd.lifetime import die_with_parent
 
 METADATA_COLUMNS = [
     "clip_id",
@@ -474,20 +475,10 @@ def _init_worker(_: int, parent: int) -> None:
     with its parent from here on."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:
         os._exit(0)
     atexit.register(_leave_without_finalizing)
-
-
-def _die_with_parent() -> None:
-    """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; elsewhere torch's watchdog alone."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
 # The batch iterators with live workers, for `_shut_down_at_exit`.

@@ -22,6 +22,7 @@ import time
 import urllib.request
 
 from svd.data.storage import Storage
+from svd.lifetime import die_with_parent
 
 ACCESS_KEY, SECRET_KEY, REGION = "svd-local", "svd-local-secret", "us-east-1"
 
@@ -46,6 +47,7 @@ class LocalS3:
             [server, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # a demo killed by SIGTERM or SIGKILL leaves no server behind
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
