@@ -13,7 +13,6 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -371,7 +370,8 @@ FAILING_SAVE = textwrap.dedent(
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
     from svd.config import compose
-    from svd.launch.local import launch_local
+    from svd.train import run
+    from svd.train.metrics import prepare_multiprocess_dir
 
     class RefusesStep4(LocalFileSystem):
         def _open(self, path, mode="rb", **kwargs):
@@ -380,7 +380,8 @@ FAILING_SAVE = textwrap.dedent(
             return super()._open(path, mode, **kwargs)
 
     fsspec.register_implementation("file", RefusesStep4, clobber=True)
-    launch_local(compose(sys.argv[1:]))
+    prepare_multiprocess_dir(sys.argv[1])  # as a launcher does, in a folder the test reads afterwards
+    run(compose(sys.argv[2:]))
     """
 )
 
@@ -389,7 +390,7 @@ FAILING_SAVE = textwrap.dedent(
 def test_a_failed_async_save_counts_and_leaves_the_checkpoint_step_at_the_last_good_save(
     train_table: dict, moto_s3, tmp_path: Path
 ) -> None:
-    job = f"failed-save-{uuid.uuid4().hex[:8]}"  # its metrics folder is shared by every test session
+    job, folder = "failed-save", tmp_path / "metrics"
     args = [
         "stage=video_pretrain",
         "model=tiny",
@@ -409,7 +410,11 @@ def test_a_failed_async_save_counts_and_leaves_the_checkpoint_step_at_the_last_g
     ]
     env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(  # a failed run must also end: the limit turns a hang at exit into a failure
-        [sys.executable, "-c", FAILING_SAVE, *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", FAILING_SAVE, str(folder), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode != 0
     assert "step-00000004 failed: rank 0: OSError: [Errno 28] No space left on device" in done.stderr
@@ -418,7 +423,7 @@ def test_a_failed_async_save_counts_and_leaves_the_checkpoint_step_at_the_last_g
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(MetricsConfig(port=1).directory(job)))
+    MultiProcessCollector(registry, path=str(folder))
     labels = {"job": job, "stage": "video_pretrain", "rank": "0", "node": socket.gethostname()}
     assert registry.get_sample_value("svd_step", labels) == 6  # the failure surfaced at the next save
     assert registry.get_sample_value("svd_checkpoint_step", labels) == 2  # not 4: that save never completed
