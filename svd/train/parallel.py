@@ -53,10 +53,20 @@ class DistEnv:
         return self.world_size // self.local_world_size
 
 
+# The rank's device, where its launcher assigned one: Ray Train knows which GPU it gave a worker
+# (`ray.train.torch.get_device()`), and its visible GPUs need not be in local-rank order
+DEVICE_ENV = "SVD_DEVICE"
+
+
 def device_and_backend(local_rank: int) -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
-    return torch.device("cpu"), "gloo"
+    """The device of this rank ($SVD_DEVICE, else the local rank's GPU, else the CPU) and its backend."""
+    if assigned := os.environ.get(DEVICE_ENV):
+        device = torch.device(assigned)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return device, "nccl" if device.type == "cuda" else "gloo"
 
 
 def init_distributed(timeout_s: float) -> DistEnv:
