@@ -129,10 +129,21 @@ def tiny_clip_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def train_table(moto_s3) -> dict:
+    """The training tests' clip table (`write_train_table`) on the moto server."""
+    return write_train_table(moto_s3)
+
+
+@pytest.fixture(scope="session")
+def rgw_train_table(radosgw) -> dict:
+    """The same table on radosgw, for runs that checkpoint to a real object store."""
+    return write_train_table(radosgw)
+
+
+def write_train_table(store: ObjectStore) -> dict:
     """12 clips of 6 videos (3 s at 8 fps, 32×48; camera_motion alternates static/zoom_in), 2 of them in
-    the val split, and 4 still images."""
-    bucket = f"s3://{moto_s3.new_bucket()}"
-    rows = synthetic_corpus(f"{bucket}/raw", moto_s3.storage, videos=6, seconds=3.0, clip_seconds=1.5)
+    the val split, and 4 still images, in a new bucket of `store`."""
+    bucket = f"s3://{store.new_bucket()}"
+    rows = synthetic_corpus(f"{bucket}/raw", store.storage, videos=6, seconds=3.0, clip_seconds=1.5)
     for i, row in enumerate(rows):
         row["camera_motion"] = ("static", "zoom_in")[i % 2]
     rows[0]["split"] = rows[5]["split"] = "val"
@@ -142,7 +153,7 @@ def train_table(moto_s3) -> dict:
         pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
-        fs, path = moto_s3.storage.fsspec(uri)
+        fs, path = store.storage.fsspec(uri)
         fs.pipe_file(path, buffer.getvalue())
         rows.append(
             rows[1]
@@ -159,7 +170,7 @@ def train_table(moto_s3) -> dict:
             }
         )
     table = f"{bucket}/clips.lance"
-    write_clip_table(table, rows, moto_s3.storage)
+    write_clip_table(table, rows, store.storage)
     return {"table": table, "bucket": bucket, "rows": rows}
 
 

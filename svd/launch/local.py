@@ -142,23 +142,20 @@ def _launch_ranks(cfg: RunConfig, stop: Event) -> TrainResult:
 
 def first_failure(error: ChildFailedError, reports: Path) -> str:
     """The first failing rank and its own error, in one line. torch reports the failure it noticed first; the
-    ranks that raised also wrote their error to a file, and the earliest file names the cause (the others
-    failed because that rank was gone). A rank without a file died of a signal or exited: that is the cause,
-    since an error elsewhere does not kill a process."""
+    ranks that raised also wrote their error to a file in `reports`, and the earliest file names the cause
+    (the others failed because that rank was gone). A rank without a file died of a signal or exited: that is
+    the cause, since an error elsewhere does not kill a process."""
     noticed, failure = error.get_first_failure()
     raised = sorted(
         (path.stat().st_mtime_ns, int(path.parent.name), _error_message(path))
         for path in reports.glob("*/attempt_*/*/error.json")
     )
-    others = len(raised) - 1 if raised else len(error.failures) - 1
-    more = f" (and {others} more)" if others > 0 else ""
-    if not Path(failure.error_file).is_file():
-        how = (
-            f"killed by {failure.signal_name()}"
-            if failure.exitcode < 0
-            else f"exit status {failure.exitcode}"
-        )
-        return f"rank {noticed}: {how}{more}"
+    failed = {rank for _, rank, _ in raised} | set(error.failures)
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    if not raised or not Path(failure.error_file).is_file():
+        if failure.exitcode < 0:
+            return f"rank {noticed}{more}: killed by {failure.signal_name()}"
+        return f"rank {noticed}{more}: exit status {failure.exitcode}"
     _, rank, message = raised[0]
     return f"rank {rank}{more}: {message}"
 

@@ -97,7 +97,7 @@ def interruptible(
         if seen.signal is None:
             seen.signal = signum
             _say(
-                f"{prefix}: {name}: stopping once the step under way is saved (Ctrl-C again: quit without it)"
+                f"{prefix}: {name}: saving the step under way, then stopping (Ctrl-C again: quit without it)"
             )
             stop_ranks(signum)
         elif signum == signal.SIGINT:
