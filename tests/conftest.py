@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
+import signal
 import string
 import subprocess
+import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from svd.data.local_s3 import LocalS3, create_bucket
+from svd.data.local_s3 import LocalS3, create_bucket, free_port
 from svd.data.storage import Storage, join
 from svd.data.synthetic import synthetic_corpus
 from svd.data.table import write_clip_table
@@ -34,6 +40,17 @@ class ObjectStore:
         name = f"t-{uuid.uuid4().hex[:12]}"
         create_bucket(self.storage, name)
         return name
+
+    def latest_step(self, run_dir: str) -> int | None:
+        """The step of the run's latest checkpoint (its `latest` marker), None before the first."""
+        fs, path = self.storage.fsspec(f"{run_dir}/checkpoints/latest")
+        return json.loads(fs.cat_file(path))["step"] if fs.exists(path) else None
+
+    def model_weights(self, run_dir: str) -> dict[str, torch.Tensor]:
+        """The trained weights of the run's latest checkpoint."""
+        from svd.train.checkpoint import read_full_state
+
+        return read_full_state(run_dir, "model.model", self.storage)
 
 
 @pytest.fixture(scope="session")
@@ -180,3 +197,143 @@ def s3_env(moto_s3, monkeypatch) -> dict[str, str]:
     for key, value in moto_s3.env.items():
         monkeypatch.setenv(key, value)
     return moto_s3.env
+
+
+# ---- training runs as a user or a scheduler starts them ----------------------------------------------------
+STOPPED_LINE = re.compile(
+    r"stopped by (\w+) after step (\d+), saved in (\S+); rerun the same command to continue$"
+)
+PROGRESS_LINE = re.compile(r"step (\d+)/\d+  loss (\d+\.\d+)")
+
+
+class LaunchedRun:
+    """`jobs/launch.py` in a session of its own, as a terminal, a scheduler or Ray's job supervisor starts it
+    (its process group is what Ctrl-C, Slurm and `ray job stop` signal); its output lines as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", str(ROOT / "jobs" / "launch.py"), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.process.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._read, args=(self.process.stderr, self.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 900) -> re.Match:
+        """The first line of its output that matches `pattern`, once there is one; fails if the run ends."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.stdout + self.stderr:
+                if match := re.search(pattern, line):
+                    return match
+            assert self.process.poll() is None, f"ended before {pattern!r}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.output()}"
+            time.sleep(0.1)
+
+    def signal(self, signum: int) -> None:
+        """To its process group, as Slurm signals every process of a step and a terminal its foreground."""
+        os.killpg(self.process.pid, signum)
+
+    def finish(self, timeout: float = 900) -> int:
+        """Its exit status, once it ended (killed, with all its session, after `timeout`)."""
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
+            for reader in self._readers:
+                reader.join(timeout=10)
+
+    def kill(self) -> None:
+        """Ends what is left of its session: the launcher, its ranks and their loader workers."""
+        for pid in self.left_running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.wait()
+
+    def left_running(self) -> list[int]:
+        """The live processes of its session (the launcher's, its ranks', their loader workers')."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == self.process.pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    def output(self) -> str:
+        return "\n".join([*self.stdout, "-- stderr --", *self.stderr])[-8000:]
+
+    def losses(self) -> dict[int, float]:
+        """Rank 0's loss of each step, from its progress lines (train.log_every=1), wherever it ran."""
+        return {int(m[1]): float(m[2]) for line in self.stdout if (m := PROGRESS_LINE.search(line))}
+
+    def stopped(self) -> tuple[str, int, str]:
+        """(signal, step, run directory) of its last line, which says that a stop request ended it."""
+        match = STOPPED_LINE.search(self.stdout[-1] if self.stdout else "")
+        assert match, self.output()
+        return match[1], int(match[2]), match[3]
+
+
+@pytest.fixture
+def launched() -> Iterator[Callable[[list[str], dict[str, str]], LaunchedRun]]:
+    """Starts `jobs/launch.py` (a `LaunchedRun`); whatever is left of the runs is killed after the test."""
+    runs: list[LaunchedRun] = []
+
+    def start(args: list[str], env: dict[str, str]) -> LaunchedRun:
+        runs.append(LaunchedRun(args, env))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+@pytest.fixture
+def rgw_env(radosgw) -> dict[str, str]:
+    """A run's environment: radosgw, this checkout, one thread per rank (2 cores shared by everything)."""
+    return os.environ | radosgw.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def production() -> Callable[..., list[str]]:
+    """`production(table, run, *extra)`: a run's settings in the production configuration, shrunk: loader
+    workers, the metrics endpoint (a free port), validation and previews every few steps, asynchronous
+    checkpoints every 3 steps to the table's object store; a progress line every step."""
+
+    def settings(table: dict, run: str, *extra: str) -> list[str]:
+        return [
+            "model=tiny",
+            f"data.table={table['table']}",
+            f"checkpoint.run_dir={table['bucket']}/runs/{run}",
+            "data.frames=4",
+            "data.fps=4",
+            "data.num_workers=2",
+            f"metrics.port={free_port()}",
+            "train.val_every=2",
+            "train.preview_every=3",
+            "checkpoint.every=3",
+            "checkpoint.async_save=true",
+            "train.log_every=1",
+            "train.seed=0",
+            *extra,
+        ]
+
+    return settings

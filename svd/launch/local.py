@@ -67,6 +67,7 @@ def dry_run(cfg: RunConfig) -> str:
 def launch(cfg: RunConfig) -> int:
     """Train until done (status 0), stopped by SIGTERM or SIGINT after saving the step under way (130), or
     failed (1); the last line says which."""
+    _quiet_after_a_hard_quit()
     stop = multiprocessing.get_context("spawn").Event()  # spawned ranks inherit it
     try:
         with interruptible(lambda _signum: stop.set(), _end_children) as interruption:
@@ -83,6 +84,16 @@ def launch(cfg: RunConfig) -> int:
         return STOPPED_STATUS
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
+
+
+def _quiet_after_a_hard_quit() -> None:
+    """A second Ctrl-C ends this process at once (os._exit), with the loader's queues and the ranks' still
+    registered with multiprocessing's resource tracker (of this process, which the ranks share): the tracker
+    removes them, as it should, and would then warn of leaked semaphores in two lines more. That warning is
+    expected after a hard quit, so the tracker starts with it ignored: PYTHONWARNINGS, read by every
+    interpreter this process starts."""
+    quiet = "ignore:resource_tracker:UserWarning"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
 
 
 def _end_children() -> None:
