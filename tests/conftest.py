@@ -282,8 +282,11 @@ class LaunchedRun:
         return "\n".join([*self.stdout, "-- stderr --", *self.stderr])[-8000:]
 
     def losses(self) -> dict[int, float]:
-        """Rank 0's loss of each step, from its progress lines (train.log_every=1), wherever it ran."""
-        return {int(m[1]): float(m[2]) for line in self.stdout if (m := PROGRESS_LINE.search(line))}
+        """Rank 0's loss of each step, from its progress lines (train.log_every=1), wherever it ran; a step it
+        trained twice (resumed from an older checkpoint than the last step it trained) fails."""
+        steps = [(int(m[1]), float(m[2])) for line in self.stdout if (m := PROGRESS_LINE.search(line))]
+        assert len({step for step, _ in steps}) == len(steps), f"steps trained twice: {steps}"
+        return dict(steps)
 
     def stopped(self) -> tuple[str, int, str]:
         """(signal, step, run directory) of its last line, which says that a stop request ended it."""
