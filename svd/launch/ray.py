@@ -167,7 +167,7 @@ def train_on_ray(cfg: RunConfig) -> tuple[int | None, Interruption]:
         )
         storage = Storage.from_env()
         filesystem, storage_path = ray_storage(p.storage, storage)
-        board = ray.remote(num_cpus=0)(StopBoard).remote()
+        board = stop_board(ray)
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"cfg": to_yaml(cfg), "stop_board": board},
@@ -213,6 +213,15 @@ def signal_name(signum: int) -> str:
     import signal
 
     return signal.Signals(signum).name
+
+
+def stop_board(ray: Any) -> Any:
+    """A `StopBoard` actor on the driver's node: it lives as long as the driver, while a worker's node may be
+    preempted."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(StopBoard).remote()
 
 
 class StopBoard:
