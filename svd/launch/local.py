@@ -73,6 +73,9 @@ def launch(cfg: RunConfig) -> int:
         with interruptible(lambda _signum: stop.set(), _end_children) as interruption:
             result = launch_local(cfg, stop)
     except RanksFailedError as e:
+        if interruption.signal is not None and e.killed_by in STOP_SIGNALS:  # before their handlers were set
+            print(f"stopped by {interruption.name} while the ranks started, before any step to save")
+            return STOPPED_STATUS
         print(f"launch: training failed: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # the one rank of this process failed
@@ -120,6 +123,10 @@ def launch_local(cfg: RunConfig, stop: Event | None = None) -> TrainResult:
 class RanksFailedError(RuntimeError):
     """A rank of a multi-rank run failed; the message names the first one and its own error."""
 
+    def __init__(self, message: str, killed_by: int | None) -> None:
+        super().__init__(message)
+        self.killed_by = killed_by  # the signal that ended the first failing rank, if one did
+
 
 def _launch_ranks(cfg: RunConfig, stop: Event) -> TrainResult:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
@@ -146,7 +153,9 @@ def _launch_ranks(cfg: RunConfig, stop: Event) -> TrainResult:
         with _quiet(ELASTIC_LOGGERS):
             results = elastic_launch(launch, _rank_main)(to_yaml(cfg), stop)
     except ChildFailedError as e:
-        raise RanksFailedError(f"{first_failure(e, reports)} (each rank's error: {reports})") from None
+        exitcode = e.get_first_failure()[1].exitcode
+        message = f"{first_failure(e, reports)} (each rank's error: {reports})"
+        raise RanksFailedError(message, -exitcode if exitcode < 0 else None) from None
     shutil.rmtree(reports, ignore_errors=True)
     return results[0]
 

@@ -443,9 +443,13 @@ def peak_memory(device: torch.device) -> int:
 
 def run(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     """The entry point of every rank, whatever launched it: joins the process group from the environment,
-    trains (until `stop` is set, if given), leaves the group."""
+    trains (until `stop` is set, if given), leaves the group; no loader worker outlives it
+    (`svd.train.processes`)."""
+    from svd.train.processes import children_ended
+
     env = parallel.init_distributed(cfg.parallel.collective_timeout_s)
     try:
-        return Trainer(cfg, env, stop=stop).fit()
+        with children_ended():
+            return Trainer(cfg, env, stop=stop).fit()
     finally:
         dist.destroy_process_group()
