@@ -46,6 +46,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) bench/loader.py
 	$(PY) bench/curate.py
 	$(PY) bench/train.py
+	$(PY) bench/row_index.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

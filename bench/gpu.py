@@ -96,7 +96,7 @@ def measure(steps: int, folder: Path, gpu: str) -> Measured:
     import numpy as np
     import torch
 
-    from svd.config import compose
+    from svd.config import METRICS_PORT, compose
     from svd.launch.local import launch_local
 
     spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
@@ -114,7 +114,7 @@ def measure(steps: int, folder: Path, gpu: str) -> Measured:
             f"train.steps={steps}",
             f"data.cache_dir={folder / 'rows'}",
             "data.num_workers=4",
-            "metrics.port=9400",  # the trainer counts FLOPs (for MFU) when it serves metrics
+            f"metrics.port={METRICS_PORT}",  # the trainer counts FLOPs (for MFU) when it serves metrics
             f"metrics.gpu={gpu}",  # MFU against the catalogue's peak, as the plan's
             f"metrics.gpu_peak_flops.{gpu}={peak}",
         ]

@@ -88,6 +88,8 @@ def cpu_scaling(args: argparse.Namespace, folder: Path) -> None:
 def gpu_step(args: argparse.Namespace, folder: Path) -> None:
     import torch
 
+    from svd.config import METRICS_PORT
+
     if not torch.cuda.is_available():
         raise SystemExit("--preset svd needs a GPU (CUDA); on CPU use --preset tiny or small")
     table = make_table(folder, videos=4, size=(320, 576), seconds=2.0)
@@ -106,7 +108,7 @@ def gpu_step(args: argparse.Namespace, folder: Path) -> None:
             "train.global_batch=1",
             "parallel.mixed_precision=bf16",
             "parallel.activation_checkpointing=full",
-            "metrics.port=9400",
+            f"metrics.port={METRICS_PORT}",  # the trainer counts FLOPs (for MFU) when it serves metrics
             "checkpoint.async_save=true",
         ],
     )

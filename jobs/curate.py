@@ -23,11 +23,17 @@ import os
 import re
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+import yaml
 
 from svd.config import parse_settings
 from svd.curate import config as config_module
 from svd.curate.config import CurateConfig
 from svd.data.storage import Storage
+
+if TYPE_CHECKING:
+    from svd.curate.recipes import Recipe
 
 
 def usage() -> str:
@@ -55,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
         storage = Storage.from_env()  # its settings (SVD_STORAGE_*) are settings too
+        recipe = read_recipe(cfg.recipe) if cfg.recipe else None
     except ValueError as e:
         print(f"curate: {e}", file=sys.stderr)
         return 2
 
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run(cfg, storage)
+        return _run(cfg, storage, recipe)
     except KeyboardInterrupt:
         print("curate: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
@@ -79,10 +86,27 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _run(cfg: CurateConfig, storage: Storage) -> int:
-    from svd.curate.recipes import compute_filter, load_recipe, save
+def read_recipe(card: str) -> Recipe:
+    """The dataset card's recipe; a card that is missing or not a recipe is a bad setting."""
+    from svd.curate.recipes import load_recipe
 
-    recipe = load_recipe(cfg.recipe) if cfg.recipe else None
+    try:
+        return load_recipe(card)
+    except OSError as e:
+        raise ValueError(f"recipe={card}: cannot be read ({e.strerror})") from None
+    except (ValueError, TypeError, yaml.YAMLError) as e:  # not YAML, no recipe section, unknown rule keys
+        raise ValueError(
+            f"recipe={card}: not a dataset card with a recipe ({' '.join(str(e).split())})"
+        ) from None
+
+
+def _run(cfg: CurateConfig, storage: Storage, recipe: Recipe | None) -> int:
+    from svd.curate.ledger import OutputError
+    from svd.curate.recipes import compute_filter, save
+    from svd.data.table import open_dataset
+
+    if (cfg.report or (recipe and not cfg.input)) and open_dataset(cfg.output, storage) is None:
+        raise OutputError(f"output={cfg.output}: no table there to report on or to filter")
     if cfg.report:
         from svd.curate.report import write_report
 

@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ema={args.ema} must be in [0, 1)")
     if args.size % args.factor:
         p.error(f"--size={args.size} must be a multiple of --factor={args.factor}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out={args.out} cannot be a folder ({e.strerror}: {e.filename})")
     return args
 
 
@@ -98,7 +102,6 @@ def publish_raw_video(storage: Storage, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
     with LocalS3() as s3, patched_env(s3.env()):
         s3.create_bucket(BUCKET)
         raw = publish_raw_video(s3.storage(), args)

@@ -17,20 +17,21 @@ import json
 import sys
 from pathlib import Path
 
-from svd.config import ConfigError, compose, options
+from svd.config import ConfigError, RunConfig, compose, options
 from svd.launch.plan import PlanError, compute_bytes, cost_of, plan, resolved_sharding
 from svd.launch.plan_report import format_blocks, format_plan, scaling_doc
 
 FLAGS = ("--help", "-h", "--json", "--blocks", "--scaling-doc")
 
 
-def compose_for_plan(args: list[str]):
-    """The run configuration, with a GPU node's worth of processes unless gpus_per_node is given."""
-    args = ["data.table=unread", *args]
-    cfg = compose(args)
-    if not any(a.startswith("gpus_per_node=") for a in args):
-        cfg = compose([*args, f"gpus_per_node={cfg.gpu.node_gpus}"])
-    return cfg
+NODE_SIZE = "gpus_per_node=${gpu.node_gpus}"  # the GPU kind's node size, resolved while composing
+
+
+def compose_for_plan(args: list[str]) -> RunConfig:
+    """The run configuration, with a GPU node's worth of processes unless gpus_per_node is given: composed
+    once, so a mistake is reported with the gpus_per_node the plan uses."""
+    given = any(a.startswith("gpus_per_node=") for a in args)
+    return compose(["data.table=unread", *args, *([] if given else [NODE_SIZE])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"plan: unknown flag {unknown[0]}; flags are {list(FLAGS)}", file=sys.stderr)
         return 2
+    args = [a for a in argv if not a.startswith("-")]
     try:
-        cfg = compose_for_plan([a for a in argv if not a.startswith("-")])
+        cfg = compose_for_plan(args)
         p = plan(cfg)
     except (ConfigError, PlanError) as e:
-        print(f"plan: {e}", file=sys.stderr)
+        defaulted = not any(a.startswith("gpus_per_node=") for a in args) and "gpus_per_node" in str(e)
+        note = " (gpus_per_node is the GPU's node size, gpu.node_gpus, unless given)" if defaulted else ""
+        print(f"plan: {e}{note}", file=sys.stderr)
         return 2
     print(json.dumps(p.to_dict(), indent=2) if "--json" in argv else format_plan(p))
     if "--blocks" in argv:

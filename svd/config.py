@@ -33,6 +33,10 @@ DEFAULT_OPTIONS = {
     "gpu": "h100-80gb",
 }
 TASKS = ("image", "text_to_video", "image_to_video", "interpolation", "multiview")
+# The node's Prometheus endpoint (metrics.port). Not 9400 (dcgm-exporter's, on most GPU nodes) nor anything in
+# 9100-9999 (Prometheus' exporter allocations), Ray's (8080, 8265, 6379, 10001, 52365, workers 10002-19999),
+# torch's rendezvous (29400, 29500), the Slurm launcher's (15000-19999) or the ephemeral range (32768+).
+METRICS_PORT = 24600
 
 
 class ConfigError(ValueError):
@@ -91,6 +95,7 @@ class DataConfig:
     micro_batch: int = 1  # samples per rank per forward/backward
     num_workers: int = 4
     batch_timeout_s: float = 600.0  # the longest wait for one batch from a loader worker
+    index_timeout_s: float = 3600.0  # the longest wait for rank 0's row-index build (a scan of the table)
     serve: str = "auto"  # auto | frames | latents (auto: latents when the table has them)
     motion_score_scale: float = 1.0
     caption_weights: list[float] | None = None
@@ -108,6 +113,8 @@ class TrainConfig:
     warmup_steps: int = 1000
     schedule: str = "constant"  # constant | cosine (after warmup)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # A step whose loss or gradient norm is not finite is skipped (no update); so many in a row stop a run.
+    nonfinite_steps_limit: int = 5
     ema_decay: float = 0.9999
     seed: int = 0
     log_every: int = 10  # progress line and metrics
@@ -142,7 +149,7 @@ class CheckpointConfig:
 
 @dataclass
 class MetricsConfig:
-    port: int = 9400  # one Prometheus endpoint per node; 0: none
+    port: int = METRICS_PORT  # one Prometheus endpoint per node (or the next free port); 0: none
     gpu: str | None = None  # key of the peak-FLOP/s table; None: matched to the device name
     # bf16 dense peak FLOP/s by GPU name, added to (or replacing entries of) svd.train.metrics.PEAK_FLOPS
     gpu_peak_flops: dict[str, float] = field(default_factory=dict)
@@ -333,8 +340,93 @@ def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{key}={value!r}: choose one of {list(allowed)}")
 
 
+# Ranges of the settings, by dotted key. Every numeric setting is in one of these tables or has a range of its
+# own in `_check_ranges`: a value outside its range would otherwise fail hours into a run (a division by zero
+# at the first validation, a collective that times out at once), or never.
+AT_LEAST_ONE = (
+    "nodes",
+    "gpus_per_node",
+    "stage.iterations",
+    "stage.lora_rank",
+    "model.autoencoder_factor",
+    "data.height",
+    "data.width",
+    "data.frames",
+    "data.micro_batch",
+    "train.global_batch",
+    "train.log_every",
+    "train.val_samples",
+    "train.preview_steps",
+    "train.nonfinite_steps_limit",
+    "parallel.ac_every",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "gpu.node_gpus",
+)
+AT_LEAST_ZERO = (  # 0 is "off" or "none" for each of these (see the settings' comments)
+    "data.num_workers",
+    "diffusion.cond_aug_std",
+    "train.weight_decay",
+    "train.warmup_steps",
+    "train.grad_clip",
+    "train.seed",
+    "train.val_every",
+    "train.preview_every",
+    "launcher.max_requeues",
+    "plan.workspace_fraction",
+    "plan.cuda_context_gib",
+)
+ABOVE_ZERO = (
+    "model.scale_factor",
+    "diffusion.p_std",
+    "data.fps",
+    "data.batch_timeout_s",
+    "data.index_timeout_s",
+    "data.motion_score_scale",
+    "train.lr",
+    "parallel.collective_timeout_s",
+    "gpu.memory_gib",
+    "gpu.bf16_tflops",
+    "gpu.intra_node_gbps",
+    "gpu.inter_node_gbps",
+    "plan.source_mbps",
+)
+PORTS = ("metrics.port", "launcher.master_port")  # 0: none (metrics), a free one (rendezvous)
+NOT_EMPTY = (  # names and paths that something is written under or read from
+    "job_name",
+    "stage.name",
+    "model.cache_dir",
+    "data.table",
+    "data.val_split",
+    "data.cache_dir",
+    "checkpoint.run_dir",
+    "launcher.folder",
+    "gpu.name",
+)
+NOT_EMPTY_WHEN_SET = (  # None has a meaning (see the comments above); an empty string has none
+    "model.autoencoder_path",
+    "data.version",
+    "metrics.gpu",
+)
+
+
+def setting(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (`train.lr`) of a configuration dataclass."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
-    """Raises ConfigError naming the first impossible setting."""
+    """Raises ConfigError naming the first impossible setting: ranges first, then how settings combine."""
+    _check_choices(cfg)
+    _check_ranges(cfg)
+    _check_combinations(cfg)
+    if check_uris:
+        _check_uris(cfg)
+
+
+def _check_choices(cfg: RunConfig) -> None:
     from svd.model.autoencoder import KINDS
     from svd.model.video_unet import PRESETS
 
@@ -354,55 +446,67 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
     )
     _choice("parallel.init_device", cfg.parallel.init_device, ("auto", "meta", "direct"))
     _choice("launcher.name", cfg.launcher.name, ("local", "slurm", "ray"))
-    for key, value in [
-        ("nodes", cfg.nodes),
-        ("gpus_per_node", cfg.gpus_per_node),
-        ("data.micro_batch", cfg.data.micro_batch),
-        ("data.height", cfg.data.height),
-        ("data.width", cfg.data.width),
-        ("data.frames", cfg.data.frames),
-        ("train.global_batch", cfg.train.global_batch),
-        ("train.log_every", cfg.train.log_every),
-        ("train.val_samples", cfg.train.val_samples),
-        ("checkpoint.keep", cfg.checkpoint.keep),
-        ("checkpoint.every", cfg.checkpoint.every),
-        ("stage.lora_rank", cfg.stage.lora_rank),
-    ]:
-        _check(value >= 1, f"{key}={value} must be ≥ 1")
-    for key, value in [
-        ("data.num_workers", cfg.data.num_workers),
-        ("train.warmup_steps", cfg.train.warmup_steps),
-        ("train.grad_clip", cfg.train.grad_clip),
-        ("train.val_every", cfg.train.val_every),
-        ("train.preview_every", cfg.train.preview_every),
-        ("metrics.port", cfg.metrics.port),
-        ("plan.workspace_fraction", cfg.plan.workspace_fraction),
-        ("plan.cuda_context_gib", cfg.plan.cuda_context_gib),
-    ]:
-        _check(value >= 0, f"{key}={value} must be ≥ 0")
-    for key, value in [
-        ("gpu.memory_gib", cfg.gpu.memory_gib),
-        ("gpu.bf16_tflops", cfg.gpu.bf16_tflops),
-        ("gpu.intra_node_gbps", cfg.gpu.intra_node_gbps),
-        ("gpu.inter_node_gbps", cfg.gpu.inter_node_gbps),
-        ("gpu.node_gpus", cfg.gpu.node_gpus),
-        ("plan.source_mbps", cfg.plan.source_mbps),
-    ]:
-        _check(value > 0, f"{key}={value} must be > 0")
-    _check(0 < cfg.plan.mfu <= 1, f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
-    _check(cfg.steps >= 1, f"train.steps={cfg.steps} must be ≥ 1")
-    _check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
-    _check(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1)")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key in NOT_EMPTY:
+        _check(setting(cfg, key) != "", f"{key} is empty")
+    for key in NOT_EMPTY_WHEN_SET:
+        _check(setting(cfg, key) != "", f"{key} is empty: give a value, or null")
+    for key in AT_LEAST_ONE:
+        _check(setting(cfg, key) >= 1, f"{key}={setting(cfg, key)} must be ≥ 1")
+    for key in AT_LEAST_ZERO:
+        _check(setting(cfg, key) >= 0, f"{key}={setting(cfg, key)} must be ≥ 0")
+    for key in ABOVE_ZERO:
+        _check(setting(cfg, key) > 0, f"{key}={setting(cfg, key)} must be > 0")
+    for key in PORTS:
+        _check(0 <= setting(cfg, key) <= 65535, f"{key}={setting(cfg, key)} must be a port in [0, 65535]")
+    _check(cfg.train.steps is None or cfg.train.steps >= 1, f"train.steps={cfg.train.steps} must be ≥ 1")
+    d, t, p = cfg.diffusion, cfg.train, cfg.plan
+    _check(0 <= d.cond_dropout <= 1, f"diffusion.cond_dropout={d.cond_dropout} must be in [0, 1]")
+    _check(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    _check(0 < p.mfu <= 1, f"plan.mfu={p.mfu} must be in (0, 1]")
+    elevation = cfg.data.elevation_deg
+    _check(-90 <= elevation <= 90, f"data.elevation_deg={elevation} must be in [-90, 90]")
     _check(
-        0 <= cfg.diffusion.cond_dropout <= 1,
-        f"diffusion.cond_dropout={cfg.diffusion.cond_dropout} not in [0, 1]",
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        f"train.betas={list(t.betas)} must be two values in [0, 1)",
     )
-    _check(cfg.diffusion.p_std > 0, f"diffusion.p_std={cfg.diffusion.p_std} must be > 0")
-    _check(cfg.data.fps > 0, f"data.fps={cfg.data.fps} must be > 0")
-    _check(cfg.data.batch_timeout_s > 0, f"data.batch_timeout_s={cfg.data.batch_timeout_s} must be > 0")
-    _check(len(cfg.train.betas) == 2, f"train.betas={cfg.train.betas} must have two values")
-    _check(len(cfg.train.preview_guidance) == 2, "train.preview_guidance must be [first, last]")
-    _check(cfg.train.preview_steps >= 1, f"train.preview_steps={cfg.train.preview_steps} must be ≥ 1")
+    _check(
+        len(t.val_sigmas) >= 1 and min(t.val_sigmas) > 0,
+        f"train.val_sigmas={list(t.val_sigmas)} must be one or more noise levels, each > 0",
+    )
+    _check(
+        len(t.preview_guidance) == 2 and min(t.preview_guidance) >= 0,
+        f"train.preview_guidance={list(t.preview_guidance)} must be [first, last], each ≥ 0",
+    )
+    weights = cfg.data.caption_weights
+    _check(
+        weights is None or (len(weights) >= 1 and min(weights) >= 0 and sum(weights) > 0),
+        f"data.caption_weights={weights} must be null (equal) or a weight ≥ 0 per caption slot, "
+        "with a positive sum",
+    )
+    for name, peak in cfg.metrics.gpu_peak_flops.items():
+        _check(peak > 0, f"metrics.gpu_peak_flops.{name}={peak} must be > 0")
+    check_cluster_settings(cfg.cluster)
+
+
+def check_cluster_settings(cluster: ClusterConfig) -> None:
+    """The ranges of a cluster's settings (also checked on their own for curation's Slurm jobs)."""
+    _check(cluster.name != "", "cluster.name is empty")
+    for key in ("time_min", "cpus_per_task"):
+        _check(getattr(cluster, key) >= 1, f"cluster.{key}={getattr(cluster, key)} must be ≥ 1")
+    _check(cluster.mem_gb >= 0, f"cluster.mem_gb={cluster.mem_gb} must be ≥ 0 (0: Slurm's default)")
+    _check(
+        0 <= cluster.signal_delay_s < cluster.time_min * 60,
+        f"cluster.signal_delay_s={cluster.signal_delay_s} must be ≥ 0 and shorter than "
+        f"cluster.time_min={cluster.time_min} minutes",
+    )
+    for name, value in cluster.sbatch_extra.items():
+        _check(value != "", f"cluster.sbatch_extra.{name} is empty: sbatch needs a value")
+
+
+def _check_combinations(cfg: RunConfig) -> None:
     per_step = cfg.world_size * cfg.data.micro_batch
     _check(
         cfg.train.global_batch % per_step == 0,
@@ -428,8 +532,6 @@ def validate(cfg: RunConfig, *, check_uris: bool = False) -> None:
                 f"data.{key}={value} is not a multiple of "
                 f"model.autoencoder_factor={cfg.model.autoencoder_factor}",
             )
-    if check_uris:
-        _check_uris(cfg)
 
 
 def _check_uris(cfg: RunConfig) -> None:
@@ -448,5 +550,7 @@ def _check_uris(cfg: RunConfig) -> None:
             fs, path = storage.fsspec(uri)
             exists = fs.exists(path)
         except Exception as e:  # any client error is a reason the run cannot start
-            raise ConfigError(f"{key}={uri}: cannot be read ({type(e).__name__}: {e})") from None
+            raise ConfigError(
+                f"{key}={uri}: cannot be read ({type(e).__name__}: {e}){storage.timeout_hint(e)}"
+            ) from None
         _check(exists, f"{key}={uri}: does not exist")

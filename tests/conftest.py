@@ -53,11 +53,18 @@ class ObjectStore:
         return read_full_state(run_dir, "model.model", self.storage)
 
 
+# The local stores answer slowly on this machine when it is loaded (radosgw took over 20 s to create a
+# bucket at a load of 30 on 2 cores): the tests give them lenient deadlines. The defaults are meant for a
+# production store; tests/faults checks that they fail a silent one within a minute.
+LOCAL_STORE_DEADLINES = {"SVD_STORAGE_READ_TIMEOUT": "30", "SVD_STORAGE_MAX_ATTEMPTS": "3"}
+
+
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[ObjectStore]:
     """moto's S3 server: starts in ~1 s; for correctness tests."""
     with LocalS3() as server:
-        yield ObjectStore(server.storage(), server.env())
+        env = server.env() | LOCAL_STORE_DEADLINES
+        yield ObjectStore(Storage.from_env(env), env)
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +79,7 @@ def radosgw() -> ObjectStore:
             pytest.fail(message)
         pytest.skip(message)
     env = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    env |= LOCAL_STORE_DEADLINES
     for key in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
         os.environ[key] = env[key]  # read by the AWS SDKs from the environment only
     return ObjectStore(Storage.from_env(env), env)

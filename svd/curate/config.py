@@ -63,35 +63,38 @@ class CurateConfig:
             raise ValueError("input= is required: the folder of raw videos (e.g. s3://bucket/raw/)")
         self.shard_index()  # raises on a malformed shard
         self._validate_launcher()
-        if self.workers < 0 or self.commit_every < 1:
-            raise ValueError(f"workers={self.workers} must be ≥ 0 and commit_every={self.commit_every} ≥ 1")
-        if not self.min_clip_s > 0:
-            raise ValueError(f"min_clip_s={self.min_clip_s} must be > 0")
+        self._validate_ranges()
         if self.max_clip_s is not None and not self.max_clip_s >= self.min_clip_s:
             raise ValueError(f"max_clip_s={self.max_clip_s} must be ≥ min_clip_s={self.min_clip_s} (or null)")
         if not self.max_video_s >= self.min_clip_s:
             raise ValueError(f"max_video_s={self.max_video_s} must be ≥ min_clip_s={self.min_clip_s}")
-        if self.analysis_side < 16:
-            raise ValueError(f"analysis_side={self.analysis_side} must be ≥ 16 pixels")
         if self.cut_detector not in CUT_DETECTORS:
             raise ValueError(
                 f"cut_detector={self.cut_detector!r}: expected one of {', '.join(CUT_DETECTORS)}"
             )
         if self.aesthetic_head and not self.clip_model:
             raise ValueError("aesthetic_head= needs clip_model=: the head scores CLIP embeddings")
-        if self.latents:
-            self._validate_latents()
+        self._validate_latents()
+
+    def _validate_ranges(self) -> None:
+        """Every number's range and every name that must not be empty, whether or not this run uses it (a
+        value that cannot be right is a mistake either way)."""
+        for key in ("workers", "cpus_per_shard", "gpus_per_shard"):
+            _require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be ≥ 0")
+        for key in ("shards", "commit_every", "latent_frames"):
+            _require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be ≥ 1")
+        for key in ("min_clip_s", "latent_fps"):
+            _require(getattr(self, key) > 0, f"{key}={getattr(self, key)} must be > 0")
+        _require(self.analysis_side >= 16, f"analysis_side={self.analysis_side} must be ≥ 16 pixels")
+        for key in ("cluster", "folder", "split", "cache_dir"):
+            _require(getattr(self, key) != "", f"{key} is empty")
+        _require(self.autoencoder_path != "", "autoencoder_path is empty: give a folder or URI, or null")
 
     def _validate_launcher(self) -> None:
         from svd.launch import LAUNCHERS
 
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher={self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
-        if self.shards < 1 or self.cpus_per_shard < 0 or self.gpus_per_shard < 0:
-            raise ValueError(
-                f"shards={self.shards} must be ≥ 1, cpus_per_shard={self.cpus_per_shard} and "
-                f"gpus_per_shard={self.gpus_per_shard} ≥ 0"
-            )
         if self.launcher == "local" and self.shards > 1:
             raise ValueError(
                 f"shards={self.shards} needs launcher=slurm or launcher=ray; on one host run "
@@ -107,10 +110,6 @@ class CurateConfig:
             raise ValueError(f"autoencoder={self.autoencoder!r}; choose one of {KINDS}")
         if len(self.latent_size) != 2 or min(self.latent_size) < 8:
             raise ValueError(f"latent_size={list(self.latent_size)} must be [height, width], each ≥ 8")
-        if self.latent_frames < 1 or not self.latent_fps > 0:
-            raise ValueError(
-                f"latent_frames={self.latent_frames} must be ≥ 1 and latent_fps={self.latent_fps} > 0"
-            )
 
     def shard_index(self) -> tuple[int, int]:
         try:
@@ -120,3 +119,8 @@ class CurateConfig:
         if not 0 <= i < n:
             raise ValueError(f"shard={self.shard!r}: need 0 ≤ i < n")
         return i, n
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

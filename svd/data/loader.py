@@ -19,18 +19,19 @@ decides the rows of each bucket (bucket shapes, filter, table content). Each bat
 of ranks or workers: a run saved on 2 ranks resumes on 1 or 3. A state that does not match the config is
 refused: resuming it would silently repeat or skip samples.
 
-On many ranks, one process per node builds the row index and the others open it:
+On many ranks, rank 0 builds the row index once for the whole run and publishes it next to the run; the
+other ranks wait for it (up to `index_timeout_s`, not the collective timeout) and open it, one copy per node:
 
-    if local_rank == 0:
-        ensure_row_index(cfg, storage, state=state)   # pin cfg.version first if the table may grow
-    dist.barrier()
-    loader = ClipLoader(cfg, storage=storage, state=state, build_index=False)
+    shared = f"{run_dir}/row_index"
+    share_row_index(cfg, storage, shared, state=state)   # every rank; pin cfg.version first
+    loader = ClipLoader(cfg, storage=storage, state=state, build_index=False, shared_index=shared)
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import io
 import json
 import multiprocessing.resource_tracker
@@ -39,16 +40,19 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lance
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from svd.data import buckets as bucketing
@@ -56,7 +60,7 @@ from svd.data import row_index, schema
 from svd.data.buckets import Bucket
 from svd.data.order import rank_positions, stream_indices
 from svd.data.row_index import RowIndex, one_line
-from svd.data.storage import Storage
+from svd.data.storage import Storage, join, scheme, strip_scheme
 from svd.data.video import DecodeError, decode_clip
 
 METADATA_COLUMNS = [
@@ -93,7 +97,10 @@ class LoaderConfig:
     # Longest wait for one batch from a worker (worker start-up included); the storage clients' own
     # timeouts normally fail a read sooner. In process (num_workers=0) only those apply.
     batch_timeout_s: float = 600.0
-    cache_dir: str = str(Path.home() / ".cache" / "svd" / "row_index")
+    # Longest wait of the other ranks for rank 0's row-index build (`share_row_index`): a scan of the table's
+    # index columns, minutes for 10⁸ rows on object storage, so not bounded by the collective timeout.
+    index_timeout_s: float = 3600.0
+    cache_dir: str = str(Path.home() / ".cache" / "svd" / "row_index")  # node-local copies of row indexes
 
     def __post_init__(self) -> None:
         if not self.buckets:
@@ -110,6 +117,8 @@ class LoaderConfig:
             raise ValueError(f"data.caption_weights={self.caption_weights} must be ≥ 0 with a positive sum")
         if self.batch_timeout_s <= 0:
             raise ValueError(f"data.batch_timeout_s={self.batch_timeout_s} must be > 0")
+        if self.index_timeout_s <= 0:
+            raise ValueError(f"data.index_timeout_s={self.index_timeout_s} must be > 0")
 
     def shapes(self) -> list[list[float]]:
         """What decides a bucket's rows: (height, width, frames, fps); the batch size may change on resume."""
@@ -169,7 +178,8 @@ def open_table(uri: str, storage: Storage, version: int | str | None = None) -> 
     try:
         table = lance.dataset(uri, version=version, storage_options=storage.lance_options(uri))
     except (ValueError, OSError) as e:
-        raise FileNotFoundError(f"cannot open clip table {uri} (version {version}): {one_line(e)}") from None
+        problem = one_line(e) + storage.timeout_hint(e)
+        raise FileNotFoundError(f"cannot open clip table {uri} (version {version}): {problem}") from None
     schema.validate(table.schema, where=uri)
     return table
 
@@ -454,10 +464,57 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _init_worker(_: int) -> None:
+def _init_worker(_: int, parent: int) -> None:
+    """A worker leaves when its rank is gone. torch's watchdog compares the parent pid with the one it saw at
+    start, but a worker still importing torch when its rank died (a rank killed right after it spawned its
+    workers) sees the reaper as its parent from the start and would poll its queue forever, holding the
+    job's output open. So: leave now if the parent is already gone, and ask the kernel to kill this worker
+    with its parent from here on."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent:
+        os._exit(0)
     atexit.register(_leave_without_finalizing)
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; elsewhere torch's watchdog alone."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+
+# The batch iterators with live workers, for `_shut_down_at_exit`.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shut_down(batches: Iterator[dict[str, Any]]) -> None:
+    """Stop an iterator's workers for sure. torch asks them to leave, waits a few seconds, then sends
+    SIGTERM, which our workers ignore (stop signals are the rank's to handle): a worker still busy is then
+    killed, since nothing it holds outlives it (it writes nothing but batches to its queue)."""
+    workers = list(getattr(batches, "_workers", []))
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    _RUNNING.discard(batches)
+
+
+@atexit.register
+def _shut_down_at_exit() -> None:
+    """A rank that ends on an exception may leave an iterator unclosed (a traceback still references it).
+    multiprocessing's own exit hook would then SIGTERM its workers, which ignore it, and wait for them
+    forever. Hooks run last-registered first, and multiprocessing registered its hook before this module
+    was imported, so the workers are gone by then."""
+    for batches in list(_RUNNING):
+        _shut_down(batches)
 
 
 @contextmanager
@@ -500,8 +557,9 @@ def _leave_without_finalizing() -> None:
 class ClipLoader:
     """Iterable of batches for one rank; `state_dict()`/`load_state_dict()` resume it on any world size.
 
-    `build_index=False`: open the row index that `ensure_row_index` built (on one process per node) instead
-    of building it here; a missing index is an error, not a silent second scan.
+    `build_index=False`: open the row index that `ensure_row_index` built (rank 0, see `share_row_index`)
+    instead of building it here; a missing index is an error, not a silent second scan. `shared_index`: the
+    folder next to the run where rank 0 published it; a node without its own copy fetches one from there.
     """
 
     def __init__(
@@ -513,6 +571,7 @@ class ClipLoader:
         storage: Storage | None = None,
         state: dict[str, Any] | None = None,
         build_index: bool = True,
+        shared_index: str | None = None,
     ):
         self.cfg = cfg
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -535,7 +594,9 @@ class ClipLoader:
         self._check_state(self.state)
         self.serve = _serve(cfg, table)
         self.clip_bytes = "clip_bytes" in table.schema.names
-        self.index = _row_index(cfg, table, self.table_content, build=build_index)
+        self.index = _row_index(
+            cfg, table, self.table_content, self.storage, build=build_index, shared=shared_index
+        )
         self.sizes = tuple(self.index.size(b) for b in range(len(cfg.buckets)))
         if not any(self.sizes):
             raise ValueError(
@@ -633,15 +694,19 @@ class ClipLoader:
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=False,
             timeout=self.cfg.batch_timeout_s if workers else 0,
-            worker_init_fn=_init_worker if workers else None,
+            worker_init_fn=functools.partial(_init_worker, parent=os.getpid()) if workers else None,
         )
         with _new_processes_ignore_stop_signals():
-            batches = iter(loader)  # closing (or dropping) this generator shuts its workers down
-        while True:
-            batch = self._next(batches)
-            self.state = batch.pop("state")
-            self.skipped.update(batch["skipped"])
-            yield batch
+            batches = iter(loader)
+        _RUNNING.add(batches)
+        try:
+            while True:
+                batch = self._next(batches)
+                self.state = batch.pop("state")
+                self.skipped.update(batch["skipped"])
+                yield batch
+        finally:  # closing (or dropping) this generator shuts its workers down
+            _shut_down(batches)
 
     def _next(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """The next batch; a failure in a worker comes back as one line, not as torch's worker traceback."""
@@ -668,16 +733,62 @@ class ClipLoader:
         self.state = restored
 
 
-def ensure_row_index(cfg: LoaderConfig, storage: Storage, *, state: dict[str, Any] | None = None) -> Path:
-    """Build the row index for this config (and state) unless it exists; returns its path.
+def ensure_row_index(
+    cfg: LoaderConfig,
+    storage: Storage,
+    *,
+    state: dict[str, Any] | None = None,
+    shared: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Build the row index for this config (and state) unless it exists; returns its path. With `shared` (a
+    folder next to the run), the index is published there for the other nodes (see `share_row_index`).
 
-    Call it on one process per node (or per run, with `cache_dir` on a shared file system) before a
-    barrier; every rank then opens it with `ClipLoader(…, build_index=False)`. The ranks must resolve the
-    same table version: give them the same `state`, or pin `cfg.version` when the table may grow meanwhile.
+    The ranks must resolve the same table version: give them the same `state`, or pin `cfg.version` when
+    the table may grow meanwhile.
     """
     restored = LoaderState.from_dict(state) if state else None
     table = open_table(cfg.table, storage, _version(cfg, restored))
-    return _row_index(cfg, table, row_index.content_id(table), build=True).path
+    content = row_index.content_id(table)
+    return _row_index(cfg, table, content, storage, build=True, shared=shared, progress=progress).path
+
+
+def share_row_index(
+    cfg: LoaderConfig,
+    storage: Storage,
+    shared: str,
+    *,
+    state: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> None:
+    """Rank 0 builds the row index once for the whole run and publishes it in `shared`; the other ranks wait
+    for it, then open it with `ClipLoader(…, build_index=False, shared_index=shared)`. Call it on every rank.
+
+    Why not a barrier: the build is a table scan whose length grows with the table, while a collective's
+    timeout is sized for a dead rank. The ranks wait in a gloo group of their own whose deadline is
+    `cfg.index_timeout_s`, and rank 0 hands them its outcome, so a failed build is raised on every rank
+    (in one line) instead of leaving them to time out. One scan per run, not one per node: 32 nodes reading
+    the same columns at once would read the table 32 times from the same store.
+    """
+    if not dist.is_initialized():
+        ensure_row_index(cfg, storage, state=state, shared=shared, progress=progress)
+        return
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.index_timeout_s))
+    error: Exception | None = None
+    outcome: list[str | None] = [None]
+    try:
+        if dist.get_rank() == 0:
+            try:
+                ensure_row_index(cfg, storage, state=state, shared=shared, progress=progress)
+            except Exception as e:  # handed to the other ranks, then raised here as it is
+                error, outcome = e, [f"{type(e).__name__}: {one_line(e)}"]
+        dist.broadcast_object_list(outcome, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise LoaderError(f"rank 0 could not build the row index of {cfg.table}: {outcome[0]}")
 
 
 def _version(cfg: LoaderConfig, state: LoaderState | None) -> int | str | None:
@@ -691,17 +802,49 @@ def _serve(cfg: LoaderConfig, table: lance.LanceDataset) -> str:
     return "latents" if cfg.serve == "latents" or (cfg.serve == "auto" and has_latents) else "frames"
 
 
-def _row_index(cfg: LoaderConfig, table: lance.LanceDataset, content: str, *, build: bool) -> RowIndex:
+def _row_index(
+    cfg: LoaderConfig,
+    table: lance.LanceDataset,
+    content: str,
+    storage: Storage,
+    *,
+    build: bool,
+    shared: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RowIndex:
+    """This node's copy of the index: found in `cfg.cache_dir`, else copied from `shared` (once per node),
+    else built (and published to `shared`) when `build`. A local `shared` folder is seen by every node (the
+    checkpointer checked that the run directory is shared), so the index is built and mapped there."""
     expression = row_index.check_filter(table, cfg.filter, cfg.table) if cfg.filter is not None else None
     path = row_index.index_path(cfg.cache_dir, cfg.table, content, cfg.filter, cfg.buckets)
+    published = join(shared, path.name) if shared else None
+    if published and scheme(published) == "file":
+        path, published = Path(strip_scheme(published)), None
     if path.exists():
-        return RowIndex(path)
-    if not build:
+        index = RowIndex(path)
+    elif published and (copy := _published_copy(published, cfg.cache_dir, storage)):
+        return RowIndex(copy)
+    elif build:
+        index = row_index.build(table, expression, cfg.buckets, path, progress)
+    else:
         raise FileNotFoundError(
-            f"no row index for {cfg.table} (version {table.version}) in data.cache_dir={cfg.cache_dir}: "
-            "call ensure_row_index on one process per node before the others open it"
+            f"no row index for {cfg.table} (version {table.version}) in data.cache_dir={cfg.cache_dir}"
+            + (f" or {shared}" if shared else "")
+            + ": rank 0 builds it (share_row_index or ensure_row_index) before the others open it"
         )
-    return row_index.build(table, expression, cfg.buckets, path)
+    if build and published:  # also when this node had it from an earlier run: the others may not
+        fs, target = storage.fsspec(published)
+        if not fs.exists(target):
+            fs.put_file(str(path), target)  # one PUT: an object appears whole or not at all
+    return index
+
+
+def _published_copy(published: str, cache_dir: str, storage: Storage) -> Path | None:
+    """This node's copy of a published index (downloaded once per node); None when it is not published."""
+    try:
+        return Path(storage.local_copy(published, cache_dir))
+    except FileNotFoundError:
+        return None
 
 
 def _latents_fit(shape: tuple[int, ...], bucket: Bucket) -> bool:

@@ -320,3 +320,45 @@ def graded_videos(
         ]
         video, truth = video_with_cuts(frames, list(zip(chosen, lengths, strict=True)))
         yield video, truth, chosen
+
+
+def clip_table_batches(rows: int, video_uri: str, *, seed: int = 0, chunk: int = 1_000_000):
+    """`rows` clip-table rows as Arrow record batches of `chunk` rows, fast enough for tables of millions
+    (a 10M-row table in seconds): every clip cuts the same `video_uri`, and the columns that decide buckets
+    and filters vary like curated data (sizes of a few aspect ratios, random durations and scores, ~1%
+    held out as `val`), so a scan of them reads what a real table's would. Captions stay empty: no scan of
+    the index reads them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from svd.data.schema import CAMERA_MOTIONS, clip_schema
+
+    rng = np.random.default_rng(seed)
+    schema = clip_schema()
+    sizes = np.array([(256, 384), (320, 576), (360, 640), (480, 640), (512, 512), (576, 1024)], np.int32)
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        size = sizes[rng.integers(0, len(sizes), n)]
+        fps = rng.choice(np.array([24.0, 25.0, 30.0], np.float32), n)
+        start_s = rng.uniform(0.0, 300.0, n)
+        end_s = start_s + rng.uniform(2.0, 10.0, n)
+        ids = pa.array(np.arange(start, start + n)).cast(pa.string())
+        columns = {
+            "clip_id": pc.binary_join_element_wise("clip-", ids, ""),
+            "video_uri": pa.repeat(video_uri, n),
+            "start_s": start_s,
+            "end_s": end_s,
+            "fps": fps,
+            "width": size[:, 1],
+            "height": size[:, 0],
+            "num_frames": np.floor((end_s - start_s) * fps).astype(np.int32),
+            "captions": pa.nulls(n, pa.list_(pa.string())),
+            "motion_score": rng.random(n, np.float32),
+            "aesthetic_score": rng.uniform(3.0, 7.0, n).astype(np.float32),
+            "clip_score": rng.uniform(0.1, 0.4, n).astype(np.float32),
+            "text_area": rng.exponential(0.03, n).astype(np.float32),
+            "camera_motion": pa.array(np.array(CAMERA_MOTIONS)[rng.integers(0, len(CAMERA_MOTIONS), n)]),
+            "source": pa.repeat("synthetic", n),
+            "split": pa.array(np.where(rng.random(n) < 0.01, "val", "train")),
+        }
+        yield pa.RecordBatch.from_arrays([pa.array(columns[f.name], f.type) for f in schema], schema=schema)

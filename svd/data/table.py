@@ -50,7 +50,8 @@ def open_dataset(uri: str, storage: Storage, version: int | str | None = None) -
         message = str(e)
         if message.startswith("Dataset at path") and "was not found" in message:
             return None
-        raise TableUnreadableError(f"cannot read table {uri}: {message.splitlines()[0][:300]}") from None
+        problem = message.splitlines()[0][:300] + storage.timeout_hint(e)
+        raise TableUnreadableError(f"cannot read table {uri}: {problem}") from None
 
 
 def create_if_absent(uri: str, schema: pa.Schema, storage: Storage) -> None:

@@ -57,11 +57,18 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
     return path
 
 
+def encode_gif(frames: np.ndarray, fps: float) -> bytes:
+    """(T, H, W, 3) uint8 → the bytes of a looping GIF at `fps`."""
+    buffer = io.BytesIO()
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
+    return buffer.getvalue()
+
+
 def write_gif(frames: np.ndarray, path: str | Path, fps: float) -> Path:
-    """(T, H, W, 3) uint8 → looping GIF at `fps`."""
+    """(T, H, W, 3) uint8 → looping GIF file at `fps`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
+    tmp.write_bytes(encode_gif(frames, fps))
     os.replace(tmp, path)
     return path

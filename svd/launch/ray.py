@@ -3,7 +3,7 @@
 The cluster is `launcher.ray_address`, else `$RAY_ADDRESS` (set by KubeRay for a RayJob's entrypoint), else
 a local Ray started here for the job and stopped after it. Ray Train places `nodes × gpus_per_node`
 workers, sets their torch.distributed environment and creates the process group (NCCL with GPUs, gloo
-without), which `svd.train.parallel.init_distributed` then joins; every worker runs `svd.train.run`.
+without), which `svd.train.distributed.init_distributed` then joins; every worker runs `svd.train.run`.
 
 Failures: when a worker dies, Ray Train stops the others and starts a new worker group, up to
 `launcher.max_requeues` times (`FailureConfig.max_failures`). The new group resumes from the latest
@@ -259,7 +259,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from ray.train.torch import get_device
 
     from svd.train import run
-    from svd.train.parallel import DEVICE_ENV
+    from svd.train.distributed import DEVICE_ENV
 
     cfg = from_yaml(config["cfg"])
     context = ray.train.get_context()
@@ -354,6 +354,7 @@ def ray_cluster(address: str, *, cpus: int, gpus: int = 0) -> Iterator[Any]:
         import torch
 
         ray.init(
+            address="local",  # a new Ray of our own: never one that another job left in /tmp/ray
             num_cpus=cpus,
             num_gpus=min(gpus, torch.cuda.device_count()),
             include_dashboard=False,

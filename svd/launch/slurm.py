@@ -32,7 +32,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import submitit
 from omegaconf import OmegaConf
 
-from svd.config import CONF_DIR, ClusterConfig, ConfigError, RunConfig, config_errors, from_yaml, to_yaml
+from svd.config import (
+    CONF_DIR,
+    ClusterConfig,
+    ConfigError,
+    RunConfig,
+    check_cluster_settings,
+    config_errors,
+    from_yaml,
+    to_yaml,
+)
 from svd.curate.config import CurateConfig
 from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 from svd.train.stop import StopRequest
@@ -94,16 +103,7 @@ def sbatch_parameters(
 
 def check_cluster(cluster: ClusterConfig) -> None:
     """Raises ConfigError naming the first setting that sbatch would refuse, or that makes no sense."""
-    for key in ("time_min", "cpus_per_task"):
-        if getattr(cluster, key) < 1:
-            raise ConfigError(f"cluster.{key}={getattr(cluster, key)} must be ≥ 1")
-    if cluster.mem_gb < 0:
-        raise ConfigError(f"cluster.mem_gb={cluster.mem_gb} must be ≥ 0 (0: Slurm's default)")
-    if not 0 <= cluster.signal_delay_s < cluster.time_min * 60:
-        raise ConfigError(
-            f"cluster.signal_delay_s={cluster.signal_delay_s} must be ≥ 0 and shorter than "
-            f"cluster.time_min={cluster.time_min} minutes"
-        )
+    check_cluster_settings(cluster)
     for key in cluster.sbatch_extra:
         if key.replace("_", "-") in ("nodes", "ntasks-per-node", "array", "output", "error", "signal"):
             raise ConfigError(f"cluster.sbatch_extra.{key}: set by the launcher; use the run's settings")
@@ -263,12 +263,13 @@ def job_port(job_id: str) -> int:
 @contextmanager
 def node_metrics(cfg: RunConfig) -> Iterator[None]:
     """With metrics.port: the node's ranks share a multiprocess folder new to this run of the job (a
-    requeued run never serves the files of the last), and local rank 0 announces host:port to Prometheus
-    (file_sd) while the run lasts."""
+    requeued run never serves the files of the last), and local rank 0 has its endpoint announce host:port to
+    Prometheus (file_sd) once it serves, with the port it bound (metrics.port, or the next free one when that
+    is taken); the announcement goes when the run ends."""
     if not cfg.metrics.port:
         yield
         return
-    from svd.launch.targets import remove_target, write_target
+    from svd.train.file_sd import ANNOUNCE_ENV, Announcement, targets_dir
     from svd.train.metrics import ENV_DIR, MetricsConfig
 
     job_id, restarts = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -279,13 +280,14 @@ def node_metrics(cfg: RunConfig) -> Iterator[None]:
         yield
         return
     node = os.environ["SLURMD_NODENAME"]
-    name = f"{cfg.job_name}-{job_id}-{node}"
     labels = {"job": cfg.job_name, "slurm_job_id": job_id, "node": node}
-    write_target(name, node, cfg.metrics.port, labels)
+    announcement = Announcement(f"{cfg.job_name}-{job_id}-{node}", node, labels, str(targets_dir()))
+    os.environ[ANNOUNCE_ENV] = announcement.to_env()
     try:
         yield
     finally:
-        remove_target(name)
+        del os.environ[ANNOUNCE_ENV]
+        announcement.remove()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,20 +76,31 @@ def adapt_state_dict(
     shapes of `model.state_dict()` are read, so a meta-device or sharded model works.
     """
     target = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    adapted: dict[str, Tensor] = {}
+    report = plan_transfer(target, {name: tuple(t.shape) for name, t in source.items()}, input_convs)
+    widened = {name: shape for name, _, shape in report.reshaped}
+    adapted = {
+        name: _zero_extend_input_channels(tensor, widened[name]) if name in widened else tensor
+        for name, tensor in source.items()
+        if name in target
+    }
+    return adapted, report
+
+
+def plan_transfer(
+    target: Mapping[str, Shape], source: Mapping[str, Shape], input_convs: tuple[str, ...] = INPUT_CONVS
+) -> TransferReport:
+    """What `adapt_state_dict` does, decided from names and shapes alone: for loaders that read only the
+    tensors they keep (a sharded model reads its shards of them). Raises ShapeMismatchError as it does."""
     reshaped: list[tuple[str, Shape, Shape]] = []
     mismatched: list[tuple[str, Shape, Shape]] = []
-    for name, tensor in source.items():
-        if name not in target:
+    for name, have in source.items():
+        want = target.get(name)
+        if want is None or tuple(have) == tuple(want):
             continue
-        have, want = tuple(tensor.shape), target[name]
-        if have == want:
-            adapted[name] = tensor
-        elif name in input_convs and _grows_input_channels(have, want):
-            adapted[name] = _zero_extend_input_channels(tensor, want)
-            reshaped.append((name, have, want))
+        if name in input_convs and _grows_input_channels(tuple(have), tuple(want)):
+            reshaped.append((name, tuple(have), tuple(want)))
         else:
-            mismatched.append((name, have, want))
+            mismatched.append((name, tuple(have), tuple(want)))
     if mismatched:
         details = describe_shape_mismatches(mismatched, ("source", "model"))
         raise ShapeMismatchError(
@@ -97,13 +108,12 @@ def adapt_state_dict(
             if len(mismatched) == 1
             else f"{len(mismatched)} source tensors do not fit the model:\n{details}"
         )
-    report = TransferReport(
-        loaded=len(adapted),
+    return TransferReport(
+        loaded=sum(name in target for name in source),
         added=tuple(name for name in target if name not in source),
         dropped=tuple(name for name in source if name not in target),
         reshaped=tuple(reshaped),
     )
-    return adapted, report
 
 
 def _grows_input_channels(have: Shape, want: Shape) -> bool:

@@ -8,6 +8,8 @@
     ckpt.close()                                  # every rank: finish the last save
 
     weights = read_full_state("s3://bucket/runs/r1", "ema", storage)   # no process group needed
+    folder = checkpoint_folder("s3://bucket/runs/r1", storage)          # its latest step folder
+    read_state(folder, {"ema.w": sharded_w}, storage)                  # every rank reads its shards only
 
 Layout: `<run>/checkpoints/step-00000100/` holds torch.distributed.checkpoint (DCP) files, one per rank
 plus `.metadata`; `<run>/checkpoints/latest` is a small JSON marker (step, folder, time, world size).
@@ -24,16 +26,17 @@ already has). They must be the same on every rank: DCP keeps one copy of a non-t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any
 
 import fsspec
 import torch
@@ -44,10 +47,12 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from svd.config import ParallelConfig
 from svd.data.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -85,7 +90,10 @@ class ModelOptimizerState(Stateful):
 class Checkpointer:
     """Saves and restores the parts of a run under `<run_uri>/checkpoints/`. Every method is called on every
     rank. With a process group, the constructor creates a gloo group of its own (a collective: construct it
-    on all ranks at the same point), so background saves never interleave with training collectives."""
+    on all ranks at the same point), so background saves never interleave with training collectives. Its
+    collectives (the storage probe, DCP's planning and commit, in the async save's thread too) give up after
+    `collective_timeout_s`, like the training's: torch's default for a new group is 30 minutes, so a frozen
+    rank would hold the run (a rank that times out in training still waits for its save in flight)."""
 
     def __init__(
         self,
@@ -95,6 +103,7 @@ class Checkpointer:
         keep: int | None = 3,
         async_save: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        collective_timeout_s: float = ParallelConfig.collective_timeout_s,
     ):
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be ≥ 1 (or None to keep every checkpoint)")
@@ -102,9 +111,12 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self.prune_failures = 0  # old checkpoints that could not be deleted (retried at the next commit)
-        self._fs, self._path = (storage or Storage.from_env()).fsspec(self.uri)
+        self._storage = storage or Storage.from_env()
+        self._fs, self._path = self._storage.fsspec(self.uri)
+        self._collective_timeout_s = collective_timeout_s
         if dist.is_available() and dist.is_initialized():
-            self._pg = process_group or dist.new_group(backend="gloo")
+            timeout = timedelta(seconds=collective_timeout_s)
+            self._pg = process_group or dist.new_group(backend="gloo", timeout=timeout)
             self._rank, self._world = dist.get_rank(self._pg), dist.get_world_size(self._pg)
         else:
             self._pg, self._rank, self._world = None, 0, 1
@@ -116,11 +128,14 @@ class Checkpointer:
         self._last_step: int | None = None
         self._probe_storage()
 
-    def save(self, step: int, parts: Mapping[str, Part]) -> float:
+    def save(
+        self, step: int, parts: Mapping[str, Part], on_commit: Callable[[int], None] | None = None
+    ) -> float:
         """Checkpoint `parts` as of `step`; returns the seconds it blocked the caller. In async mode it waits
         for the previous save, copies the state to CPU memory and returns while a thread writes it; rank 0
-        then writes the marker and deletes old checkpoints. A save of the step last saved or loaded is a
-        no-op (the state is the same)."""
+        then writes the marker and deletes old checkpoints. `on_commit(step)` is called once the checkpoint
+        is complete (in async mode from that thread; never for a save that fails). A save of the step last
+        saved or loaded is a no-op (the state is the same)."""
         started = time.perf_counter()
         self.wait()
         if self._last_step is not None and step <= self._last_step:
@@ -137,14 +152,16 @@ class Checkpointer:
                 async_stager=self._stager,
                 no_dist=self._pg is None,
             )
-            self._pending = self._executor.submit(self._commit_when_written, future, step)
+            self._pending = self._executor.submit(self._commit_when_written, future, step, on_commit)
         else:
             try:
                 with _single_process_is_intended():
                     dcp.save(state, storage_writer=writer, process_group=self._pg, no_dist=self._pg is None)
             except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-                raise CheckpointError(f"saving {self._step_uri(step)} failed: {_one_line(e)}") from e
+                raise CheckpointError(f"saving {self._step_uri(step)} failed: {self._describe(e)}") from e
             self._commit(step)
+            if on_commit is not None:
+                on_commit(step)
         self._last_step = step
         return time.perf_counter() - started
 
@@ -192,17 +209,21 @@ class Checkpointer:
             with _single_process_is_intended():
                 dcp.load(state, storage_reader=reader, process_group=self._pg, no_dist=self._pg is None)
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading {self._step_uri(step)} failed: {_one_line(e)}") from e
+            raise CheckpointError(f"loading {self._step_uri(step)} failed: {self._describe(e)}") from e
         _from_dcp(state, parts)
         self._last_step = step
         return step
 
-    def _commit_when_written(self, future: Future, step: int) -> None:
+    def _commit_when_written(
+        self, future: Future, step: int, on_commit: Callable[[int], None] | None
+    ) -> None:
         try:
             future.result()
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"saving {self._step_uri(step)} failed: {_one_line(e)}") from e
+            raise CheckpointError(f"saving {self._step_uri(step)} failed: {self._describe(e)}") from e
         self._commit(step)
+        if on_commit is not None:
+            on_commit(step)
 
     def _commit(self, step: int) -> None:
         """Rank 0, once every rank's data and DCP's metadata are written: point the marker at `step`, then
@@ -218,7 +239,7 @@ class Checkpointer:
         try:
             _write_atomically(self._fs, f"{self._path}/{MARKER}", json.dumps(marker).encode())
         except OSError as e:
-            raise CheckpointError(f"writing {join(self.uri, MARKER)} failed: {_one_line(e)}") from e
+            raise CheckpointError(f"writing {join(self.uri, MARKER)} failed: {self._describe(e)}") from e
         log.info("checkpoint %s committed", self._step_uri(step))
         self._prune(step)
 
@@ -236,7 +257,7 @@ class Checkpointer:
                 self._fs.rm(self._step_path(step), recursive=True)
             except OSError as e:
                 self.prune_failures += 1
-                log.warning("could not delete old checkpoint %s: %s", self._step_uri(step), _one_line(e))
+                log.warning("could not delete old checkpoint %s: %s", self._step_uri(step), self._describe(e))
 
     def _step_folders(self) -> list[int]:
         self._fs.invalidate_cache(self._path)  # other processes write here; s3fs caches listings
@@ -263,7 +284,7 @@ class Checkpointer:
             self._fs.pipe_file(probe.format(self._rank), b"")
             error = None
         except OSError as e:
-            error = f"cannot write checkpoints to {self.uri}: {_one_line(e)}"
+            error = f"cannot write checkpoints to {self.uri}: {self._describe(e)}"
         self._raise_on_every_rank(error)
         self._fs.invalidate_cache(self._path)
         shared = self._fs.exists(probe.format(0))
@@ -272,15 +293,44 @@ class Checkpointer:
         )
         self._fs.rm_file(probe.format(self._rank))
 
+    def _describe(self, error: BaseException) -> str:
+        return _one_line(error, self._storage, self._collective_timeout_s if self._pg is not None else None)
+
     def _raise_on_every_rank(self, error: str | None) -> None:
         """One rank's failure raised on all of them, so none waits for the others in a later collective."""
         errors = [error]
         if self._pg is not None:
             errors = [None] * self._world
-            dist.all_gather_object(errors, error, group=self._pg)
+            try:
+                dist.all_gather_object(errors, error, group=self._pg)
+            except RuntimeError as e:  # torch's distributed errors, a timeout included
+                raise CheckpointError(
+                    f"checking {self.uri} with the other ranks failed: {self._describe(e)}"
+                ) from e
         first = next((e for e in errors if e is not None), None)
         if first is not None:
             raise CheckpointError(first)
+
+
+def checkpoint_folder(uri: str, storage: Storage | None = None) -> str:
+    """The step folder `uri` names: itself when it holds DCP's `.metadata`, else the folder of the run's
+    latest checkpoint. Resolve it once and hand it to every rank: a run that is still training moves its
+    marker, and ranks that each resolved it could read different steps."""
+    fs, path = (storage or Storage.from_env()).fsspec(uri)
+    fs.invalidate_cache(path)
+    if fs.exists(f"{path}/.metadata"):
+        return uri
+    marker = _read_marker(fs, f"{path}/checkpoints/{MARKER}", join(uri, "checkpoints", MARKER))
+    if marker is None:
+        raise CheckpointError(f"no checkpoint at {uri}: neither DCP's .metadata nor checkpoints/{MARKER}")
+    return join(uri, "checkpoints", marker["folder"])
+
+
+def saved_tensors(folder: str, storage: Storage | None = None) -> dict[str, TensorStorageMetadata]:
+    """Shape and dtype of every tensor saved in a step folder, by key (`"ema.weights.network.…"`)."""
+    fs, path = (storage or Storage.from_env()).fsspec(folder)
+    entries = _open_reader(fs, path, folder).read_metadata().state_dict_metadata
+    return {key: entry for key, entry in entries.items() if isinstance(entry, TensorStorageMetadata)}
 
 
 def read_full_state(uri: str, prefix: str, storage: Storage | None = None) -> dict[str, torch.Tensor]:
@@ -288,27 +338,35 @@ def read_full_state(uri: str, prefix: str, storage: Storage | None = None) -> di
     `ModelOptimizerState` saved as `"train"`), keyed by the name below `prefix`. `uri` is a run (its latest
     checkpoint) or one step folder. Reads in this process only: no process group, none of its collectives,
     so one rank or an export job can call it."""
-    fs, path = (storage or Storage.from_env()).fsspec(uri)
-    if not fs.exists(f"{path}/.metadata"):
-        marker = _read_marker(fs, f"{path}/checkpoints/{MARKER}", join(uri, "checkpoints", MARKER))
-        if marker is None:
-            raise CheckpointError(f"no checkpoint at {uri}: neither DCP's .metadata nor checkpoints/{MARKER}")
-        path, uri = f"{path}/checkpoints/{marker['folder']}", join(uri, "checkpoints", marker["folder"])
-    reader = _open_reader(fs, path, uri)
+    folder = checkpoint_folder(uri, storage)
     entries = {
-        key: entry
-        for key, entry in reader.read_metadata().state_dict_metadata.items()
-        if key.startswith(f"{prefix}.") and isinstance(entry, TensorStorageMetadata)
+        key: entry for key, entry in saved_tensors(folder, storage).items() if key.startswith(f"{prefix}.")
     }
     if not entries:
-        raise CheckpointError(f"{uri} has no tensors under {prefix!r}")
+        raise CheckpointError(f"{folder} has no tensors under {prefix!r}")
     state = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in entries.items()}
+    fs, path = (storage or Storage.from_env()).fsspec(folder)
+    _load(state, _open_reader(fs, path, folder), folder, no_dist=True)
+    return {key.removeprefix(f"{prefix}."): tensor for key, tensor in state.items()}
+
+
+def read_state(folder: str, state: dict[str, torch.Tensor], storage: Storage | None = None) -> None:
+    """Fill `state` in place from a step folder (`checkpoint_folder`): keys are the checkpoint's, values
+    plain tensors or DTensors sharded like a model's (`torch.empty_like` of its state dict). With a process
+    group it is a collective, and each rank reads only the chunks its shards cover, and of them only the
+    bytes of the keys asked for (`_RangeReader`): a sharded model starting from a 1.5B-parameter run reads
+    1/world of its weights and EMA per rank instead of all of them."""
+    fs, path = (storage or Storage.from_env()).fsspec(folder)
+    reader = _open_reader(fs, path, folder, kind=_RangeReader)
+    _load(state, reader, folder, no_dist=not (dist.is_available() and dist.is_initialized()))
+
+
+def _load(state: dict[str, Any], reader: FsspecReader, uri: str, *, no_dist: bool) -> None:
     try:
         with _single_process_is_intended():
-            dcp.load(state, storage_reader=reader, no_dist=True)
+            dcp.load(state, storage_reader=reader, no_dist=no_dist)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"loading {uri} failed: {_one_line(e)}") from e
-    return {key.removeprefix(f"{prefix}."): tensor for key, tensor in state.items()}
 
 
 class _Filesystem(FileSystem):
@@ -334,11 +392,37 @@ class _Reader(FsspecReader):
         self.fs = _Filesystem(fs)
 
 
-def _open_reader(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> _Reader:
+class _RangeReader(_Reader):
+    """Reads exactly the byte ranges of the items in this rank's plan, all at once (concurrently where the
+    file system is asynchronous, as s3fs is). DCP's own reader goes through a file object that reads ahead
+    (50 MB on s3fs), so a rank that needs some of a file's items (the model and EMA, not the optimizer state
+    saved between them) would fetch all of it. Holds this rank's share of the bytes in memory at once.
+    `_slice_file` is DCP's hook for an item's bytes (private, like the reader it belongs to)."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        items = [self.storage_data[item.storage_index] for item in plan.items]
+        wanted = sorted({(item.relative_path, item.offset, item.length) for item in items})
+        paths = [f"{self.path}/{relative}" for relative, _, _ in wanted]
+        starts = [offset for _, offset, _ in wanted]
+        ends = [offset + length for _, offset, length in wanted]
+        blobs = self.fs.fs.cat_ranges(paths, starts, ends, on_error="raise") if wanted else []
+        self._fetched = {(rel, offset): blob for (rel, offset, _), blob in zip(wanted, blobs, strict=True)}
+        try:
+            return super().read_data(plan, planner)
+        finally:
+            self._fetched = {}
+
+    def _slice_file(self, file: IO[bytes], sinfo: Any) -> IO[bytes]:
+        return io.BytesIO(self._fetched[(sinfo.relative_path, sinfo.offset)])
+
+
+def _open_reader(
+    fs: fsspec.AbstractFileSystem, path: str, uri: str, *, kind: type[_Reader] = _Reader
+) -> _Reader:
     fs.invalidate_cache(path)  # written by other processes; s3fs caches listings
     if not fs.exists(f"{path}/.metadata"):
         raise CheckpointError(f"{uri} is incomplete: DCP's .metadata is missing")
-    return _Reader(fs, path)
+    return kind(fs, path)
 
 
 def _to_dcp(parts: Mapping[str, Part]) -> dict[str, Any]:
@@ -437,10 +521,20 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _one_line(error: BaseException) -> str:
-    """An error as one line; for DCP's multi-rank report, the lowest failing rank's error."""
+def _one_line(
+    error: BaseException, storage: Storage | None = None, collective_timeout_s: float | None = None
+) -> str:
+    """An error as one line; for DCP's multi-rank report, the lowest failing rank's error. A storage error
+    that ran out of time names the storage deadlines to raise; a collective that timed out (a RuntimeError,
+    which DCP raises as it is: a rank stopped answering) names the setting that bounded the wait."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (cause, _) = min(error.failures.items(), key=lambda item: item[0])
         others = len(error.failures) - 1
-        return f"rank {rank}: {_one_line(cause)}" + (f" (and {others} more ranks)" if others else "")
-    return " ".join(f"{type(error).__name__}: {error}".split())
+        cause_text = _one_line(cause, storage, collective_timeout_s)
+        return f"rank {rank}: {cause_text}" + (f" (and {others} more ranks)" if others else "")
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    if isinstance(error, RuntimeError):  # torch's distributed errors; storage clients raise others
+        if collective_timeout_s is None or "timed out" not in text.lower():
+            return text
+        return f"{text} (a rank did not answer within parallel.collective_timeout_s={collective_timeout_s:g})"
+    return text + (storage.timeout_hint(error) if storage is not None else "")

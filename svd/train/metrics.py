@@ -1,21 +1,24 @@
 """Training metrics: Prometheus series from every rank, one endpoint per node, and a progress line.
 
 Every rank writes its values with prometheus_client in multiprocess mode (one mmap file per process in a
-node-local folder); one process per node serves them all on `metrics.port`. Each series carries the labels
-job, stage, rank and node, so Prometheus sees every rank separately however the processes are placed.
+node-local folder); one process per node serves them all on `metrics.port`, or on the next free port when
+another program holds it (a node runs several jobs, or an exporter chose the same port): metrics never stop
+training, so a taken port costs one line on stderr, never the run. Each series carries the labels job, stage,
+rank and node, so Prometheus sees every rank separately however the processes are placed.
 
     # launcher, once per node, before the ranks start (clears values left by an earlier run):
     prepare_multiprocess_dir(cfg.metrics.directory(job))
     # every rank (before anything imports prometheus_client):
     metrics = TrainMetrics(cfg.metrics, job=job, stage=stage, rank=rank, node=node, device=device,
                            flops_per_sample=flops_per_sample(fwd_bwd_one_sample))
-    server = serve_node_metrics(cfg.metrics.port, metrics.directory) if local_rank == 0 else None
+    server = serve_node_metrics(cfg.metrics.port, metrics.directory) if local_rank == 0 else None  # or None
     progress = ProgressLine(total_steps, cfg.metrics.progress_every) if rank == 0 else None
     ...
     metrics.observe_start(world_size, checkpoint_every, checkpoint_step=resumed_step)
     metrics.observe_step(step, loss, grad_norm, lr, step_seconds, data_wait_seconds, samples)
     metrics.observe_skipped(loader.skipped)
-    metrics.observe_checkpoint(seconds, step)      # or observe_checkpoint_failure() when a save fails
+    metrics.observe_checkpoint(seconds)            # or observe_checkpoint_failure() when a save fails
+    metrics.observe_checkpoint_committed(step)     # when the checkpoint is complete (async: later)
 
 prometheus_client fixes its mode when it is first imported, from PROMETHEUS_MULTIPROC_DIR. This module
 therefore imports it only inside functions, and `TrainMetrics` refuses to start if it finds the mode
@@ -24,6 +27,7 @@ already fixed the wrong way (a silent single-process registry would serve nothin
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
@@ -38,7 +42,13 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from svd.config import METRICS_PORT
+from svd.train.file_sd import announce_from_env
+
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# metrics.port and the next ports tried in turn when it is taken: a node shared by a few jobs finds one, and
+# the range stays small enough to open in a firewall and to find by eye.
+PORT_TRIES = 8
 
 T = TypeVar("T")
 
@@ -68,7 +78,7 @@ class MetricsConfig:
     """Where metrics go. `port=0` turns the endpoint (and multiprocess files) off; `gpu` names the
     `peak_flops` entry for MFU, else it is found from the CUDA device name (on CPU: no MFU unless set)."""
 
-    port: int = 9400
+    port: int = METRICS_PORT
     progress_every: int = 10
     multiproc_dir: str | None = None
     gpu: str | None = None
@@ -130,10 +140,7 @@ class MetricsServer:
 
         registry = CollectorRegistry()  # fresh: only the files, never this process's own registry twice
         MultiProcessCollector(registry, path=str(multiproc_dir))
-        try:
-            self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
-        except OSError as e:
-            raise OSError(f"metrics.port={port}: cannot serve metrics on {addr}:{port}: {e}") from e
+        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
         self.port = port
 
     def close(self) -> None:
@@ -149,14 +156,50 @@ class MetricsServer:
 
 
 def serve_node_metrics(
-    port: int, multiproc_dir: str | Path | None, addr: str = "0.0.0.0"
+    port: int,
+    multiproc_dir: str | Path | None,
+    addr: str = "0.0.0.0",
+    tries: int = PORT_TRIES,
+    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> MetricsServer | None:
-    """Serve all ranks of this node on `port` (call on local rank 0 only); None when `port` is 0."""
+    """Serve all ranks of this node (call on local rank 0 only) on `port`, else on the first free one of the
+    next `tries - 1` ports; then announce the port served where a launcher asked (Prometheus file_sd).
+
+    None when `port` is 0, or when no endpoint could start: it never raises, because this runs on one rank
+    of the node only, and a rank that stopped here would leave the others waiting in their first collective.
+    Anything but the configured port is said once, in one line through `warn`."""
     if port == 0:
         return None
     if multiproc_dir is None or not Path(multiproc_dir).is_dir():
-        raise FileNotFoundError(f"metrics multiprocess folder {multiproc_dir} does not exist")
-    return MetricsServer(port, Path(multiproc_dir), addr)
+        warn(
+            f"metrics: the multiprocess folder {multiproc_dir} does not exist; training goes on without "
+            f"a metrics endpoint on this node"
+        )
+        return None
+    last = min(port + tries - 1, 65535)
+    for candidate in range(port, last + 1):
+        try:
+            server = MetricsServer(candidate, Path(multiproc_dir), addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            warn(
+                f"metrics: cannot serve on {addr}:{candidate} ({e.strerror or e}); training goes on without "
+                f"a metrics endpoint on this node"
+            )
+            return None
+        if candidate != port:
+            warn(f"metrics: port {port} is taken; serving on {candidate}")
+        try:
+            announce_from_env(candidate)
+        except OSError as e:  # a shared folder out of reach: Prometheus misses this node, training goes on
+            warn(f"metrics: serving on {candidate}, but cannot announce it to Prometheus: {e}")
+        return server
+    warn(
+        f"metrics: ports {port}-{last} are all taken; training goes on without a metrics endpoint on this "
+        f"node (set metrics.port to a free range)"
+    )
+    return None
 
 
 def _use_multiprocess_dir(path: Path) -> Path:
@@ -238,7 +281,9 @@ class TrainMetrics:
         self.samples_per_second = gauge("svd_samples_per_second", "This rank's samples / step time.")
         # No series at all when MFU cannot be computed: a 0 would read as an idle device.
         self.mfu = (
-            gauge("svd_mfu", "Model FLOPs utilisation: FLOPs per sample × samples/s ÷ device peak.")
+            gauge(
+                "svd_mfu_ratio", "Model FLOPs utilisation: FLOPs per sample × samples/s ÷ device peak (0-1)."
+            )
             if flops_per_sample is not None and self.peak_flops is not None
             else None
         )
@@ -253,6 +298,12 @@ class TrainMetrics:
         self.checkpoint_interval = gauge("svd_checkpoint_interval_steps", "Steps between checkpoints.")
         self.checkpoint_failures = Counter(
             "svd_checkpoint_failures", "Checkpoint saves that failed.", LABELS, registry=self.registry
+        ).labels(**labels)
+        self.nonfinite_steps = Counter(
+            "svd_nonfinite_steps",
+            "Steps skipped because their loss or gradient norm was not finite.",
+            LABELS,
+            registry=self.registry,
         ).labels(**labels)
         self.samples = Counter("svd_samples", "Samples trained on.", LABELS, registry=self.registry).labels(
             **labels
@@ -298,13 +349,20 @@ class TrainMetrics:
             self.mfu.set(self.flops_per_sample * throughput / self.peak_flops)
         self._observe_memory()
 
-    def observe_checkpoint(self, seconds: float, step: int) -> None:
-        """A save of `step` that blocked training `seconds` (async saves: their failure shows at the next)."""
+    def observe_checkpoint(self, seconds: float) -> None:
+        """A save that blocked training `seconds` (async saves: their failure shows at the next)."""
         self.checkpoint_seconds.observe(seconds)
+
+    def observe_checkpoint_committed(self, step: int) -> None:
+        """The checkpoint of `step` is complete: a run restarted now resumes from it. Not when its save
+        starts: an asynchronous save that then fails must leave the step of the last good one."""
         self.checkpoint_step.set(step)
 
     def observe_checkpoint_failure(self) -> None:
         self.checkpoint_failures.inc()
+
+    def observe_nonfinite_step(self) -> None:
+        self.nonfinite_steps.inc()
 
     def observe_skipped(self, totals: Mapping[str, int]) -> None:
         """Add what is new in the loader's running totals by reason (`ClipLoader.skipped`) since the last

@@ -4,42 +4,55 @@
 
 Build: the UNet for the stage's task (on `meta` for large models, materialised after sharding), LoRA or
 frozen temporal layers where the stage says so, FSDP2 via `parallel.parallelize`, AdamW, the EMA, the
-frozen encoders (`task.Task`), the clip loader for this rank. Restore: the latest complete checkpoint of
-the run directory, else the weights of `stage.init_from`. Loop: `grad_accumulation` micro-batches per
-optimizer step, gradient clipping, EMA update, metrics and a progress line, checkpoints, validation at
-fixed noise levels and preview videos sampled with the EMA weights.
+frozen encoders (`task.Task`). Restore: the latest complete checkpoint of the run directory, else the
+weights of `stage.init_from`; the clip loader for this rank at the position the checkpoint recorded.
+Loop: `grad_accumulation` micro-batches per optimizer step, gradient clipping, the EMA update, metrics
+and a progress line, checkpoints, validation and previews (`validation.py`) when due.
+
+A step whose gradient norm is not finite (a NaN or infinite loss on any rank makes it so, through the
+gradient all-reduce) is skipped: no update of the weights or of the EMA; it is counted, and
+`train.nonfinite_steps_limit` such steps in a row stop the run. The weights are checked again before
+every save, so a checkpoint never holds non-finite values and `checkpoint.keep` never prunes toward one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import socket
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from svd.config import RunConfig, to_yaml
 from svd.data.buckets import Bucket
-from svd.data.loader import ClipLoader, LoaderConfig, open_table
+from svd.data.loader import ClipLoader, LoaderConfig, open_table, share_row_index
 from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
 from svd.train import parallel
 from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
+from svd.train.distributed import DistEnv, init_distributed
 from svd.train.ema import EMA
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
 from svd.train.optim import build_optimizer, build_scheduler
-from svd.train.parallel import DistEnv
+from svd.train.run_files import RunFiles
 from svd.train.stop import StopRequest
-from svd.train.task import CONDITIONED_ON_IMAGE, SampleRandoms, Task, unet_config
-from svd.train.weights import initial_weights, load_initial_weights
+from svd.train.task import Task, unet_config
+from svd.train.validation import Previewer, Validator
+from svd.train.weights import load_initial_weights
 
 META_INIT_PARAMS = 100_000_000  # parallel.init_device=auto: build on `meta` above this many parameters
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values the run cannot step over; the message says where."""
 
 
 @dataclass
@@ -54,6 +67,16 @@ class TrainResult:
     peak_flops: float | None = None  # of the device, from the metrics table
     validation: list[dict[str, float]] = field(default_factory=list)
     stopped: bool = False  # a stop request ended the run early, after a checkpoint of its last step
+    nonfinite_steps: list[int] = field(default_factory=list)  # steps skipped for a non-finite gradient
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float  # global mean over the step's samples
+    grad_norm: float  # global, before clipping
+    data_wait: float  # seconds this rank waited for batches
+    stop: bool  # some rank was asked to stop: every rank saves this step and returns
+    applied: bool  # False: the gradient was not finite and the step changed no weight
 
 
 class Trainer:
@@ -75,11 +98,18 @@ class Trainer:
             self.storage,
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
+            collective_timeout_s=cfg.parallel.collective_timeout_s,
         )
+        self.files = RunFiles(cfg.checkpoint.run_dir, self.storage)
+        self.validator = Validator(
+            cfg, env, self.task, lambda: self._build_loader(state=None, validation=True), self.files
+        )
+        self.previewer = Previewer(cfg, env, self.task, self.files)
+        self.preview_batch: dict[str, Any] | None = None  # the run's first batch: previews condition on it
         self.metrics: TrainMetrics | None = None
         self.flops: float | None = None
         self.peak_flops: float | None = None
-        self.preview_batch: dict[str, Any] | None = None
+        self.nonfinite_in_row = 0
         self.progress = ProgressLine(cfg.steps, cfg.train.log_every) if env.is_main else None
 
     # ---- build -------------------------------------------------------------------------------------
@@ -95,7 +125,7 @@ class Trainer:
         with torch.device("meta" if on_meta else self.device):
             model = Denoiser(VideoUNet(unet_cfg), missing_frame_channels=missing)
         self._choose_trainable(model)
-        mesh = parallel.build_mesh(self.env, cfg.parallel.sharding)
+        mesh = parallel.build_mesh(self.env, cfg.parallel.sharding, cfg.parallel.collective_timeout_s)
         parallel.parallelize(model, list(model.network.block_pairs()), mesh, cfg.parallel, self.device)
         if on_meta:
             model.to_empty(device=self.device)
@@ -129,17 +159,19 @@ class Trainer:
             filter=" AND ".join(parts),
             version=int(d.version) if d.version and d.version.isdigit() else d.version,
             seed=cfg.train.seed,
+            # Validation reads a few batches per call: workers would cost more to start than they save.
             num_workers=0 if validation else d.num_workers,
             serve="frames" if needs_pixels else d.serve,
             motion_score_scale=d.motion_score_scale,
             caption_weights=tuple(d.caption_weights) if d.caption_weights else None,
             cache_dir=d.cache_dir,
             batch_timeout_s=d.batch_timeout_s,
+            index_timeout_s=d.index_timeout_s,
         )
 
     def _build_loader(self, state: dict[str, Any] | None, *, validation: bool = False) -> ClipLoader:
         """Every rank reads the same table version (rank 0 resolves it: a curation commit may land while the
-        ranks start); the node's first rank builds the row index, the others wait, then open it."""
+        ranks start); rank 0 builds the row index once for the run, the others wait for it, then open it."""
         config = self._loader_config(validation=validation)
         if state is None:
             version = [
@@ -148,18 +180,17 @@ class Trainer:
             dist.broadcast_object_list(version, src=0)
             config = dataclasses.replace(config, version=version[0])
 
-        def make() -> ClipLoader:
-            return ClipLoader(
-                config, rank=self.env.rank, world_size=self.env.world_size, storage=self.storage, state=state
-            )
-
-        if self.env.local_rank == 0:
-            loader = make()
-            dist.barrier()
-        else:
-            dist.barrier()
-            loader = make()
-        return loader
+        shared = join(self.cfg.checkpoint.run_dir, "row_index")
+        share_row_index(config, self.storage, shared, state=state)
+        return ClipLoader(
+            config,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            storage=self.storage,
+            state=state,
+            build_index=False,
+            shared_index=shared,
+        )
 
     # ---- state -------------------------------------------------------------------------------------
     def _parts(self, step: int, data: dict[str, Any]) -> dict[str, Any]:
@@ -178,8 +209,9 @@ class Trainer:
         step = self.checkpointer.load(parts)
         self.loader = self._build_loader(state=parts["data"] if step is not None else None)
         if step is None and self.cfg.stage.init_from:
-            weights = initial_weights(self.cfg.stage.init_from, self.storage, self.cfg.model.cache_dir)
-            report = load_initial_weights(self.model, weights)
+            report = load_initial_weights(
+                self.model, self.cfg.stage.init_from, self.storage, self.cfg.model.cache_dir
+            )
             self.ema = EMA(self.model, self.cfg.train.ema_decay)  # the average starts from the loaded weights
             if self.env.is_main:
                 print(f"init_from {self.cfg.stage.init_from}: {report.summary()}", flush=True)
@@ -187,35 +219,28 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        cfg, env = self.cfg, self.env
-        if env.is_main:
-            self._write_run_file("config.yaml", to_yaml(cfg))
+        cfg = self.cfg
+        if self.env.is_main:
+            self.files.write("config.yaml", to_yaml(cfg))
         resumed = self._restore()
         step = resumed or 0
         result = TrainResult(steps=step, resumed_from=resumed)
         server = self._start_metrics()
         if self.metrics:
-            self.metrics.observe_start(env.world_size, cfg.checkpoint.every, checkpoint_step=resumed)
+            self.metrics.observe_start(self.env.world_size, cfg.checkpoint.every, checkpoint_step=resumed)
         batches = iter(self.loader)
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
-                loss, wait, stopping = self._step(batches)
+                outcome = self._step(batches)
                 step += 1
-                seconds = time.perf_counter() - started
-                result.losses.append(loss)
-                result.step_seconds.append(seconds)
-                result.data_wait_seconds.append(wait)
-                self._observe(step, loss, seconds, wait)
-                if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
+                self._record(step, outcome, time.perf_counter() - started, result)
+                if outcome.stop or step % cfg.checkpoint.every == 0 or step == cfg.steps:
                     self._save(step)
-                if stopping:
+                if outcome.stop:
                     result.stopped = True
                     break
-                if cfg.train.val_every and step % cfg.train.val_every == 0:
-                    result.validation.append(self.validate(step))
-                if cfg.train.preview_every and step % cfg.train.preview_every == 0:
-                    self.preview(step)
+                self._validate_and_preview(step, result)
             result.steps = step
             if cfg.stage.trainable == "lora" and not result.stopped:
                 self._save_lora()
@@ -227,19 +252,9 @@ class Trainer:
                 server.close()
         return result
 
-    def _save(self, step: int) -> None:
-        try:
-            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()))
-        except CheckpointError:
-            if self.metrics:
-                self.metrics.observe_checkpoint_failure()
-            raise
-        if self.metrics:
-            self.metrics.observe_checkpoint(blocked, step)
-
-    def _step(self, batches) -> tuple[float, float, bool]:
-        """One optimizer step; returns the global mean loss, the seconds spent waiting for batches and
-        whether any rank was asked to stop (carried by the loss all-reduce, so all ranks agree)."""
+    def _step(self, batches: Iterator[dict[str, Any]]) -> StepOutcome:
+        """One optimizer step over `grad_accumulation` micro-batches. Whether any rank was asked to stop
+        travels with the loss all-reduce, so every rank sees it at the same step."""
         accumulation, wait = self.cfg.grad_accumulation, 0.0
         total = torch.zeros((), device=self.device)
         samples_per_rank = accumulation * self.cfg.data.micro_batch
@@ -247,27 +262,100 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - waited
-            self.preview_batch = self.preview_batch or batch  # previews condition on the run's first sample
+            self.preview_batch = self.preview_batch or batch
             latents, cond, randoms = self.task.prepare(batch, self.cfg.train.seed)
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == accumulation - 1)  # reduce once per step
             per_video = weighted_denoising_error(self.model, latents, cond, randoms.sigma, randoms.eps)
             (per_video.sum() / samples_per_rank).backward()
             total += per_video.detach().sum()
-        self.last_grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = self._clip_gradients()
+        applied = math.isfinite(grad_norm)  # global: every rank computed the same norm
+        if applied:
+            self.optimizer.step()
+            self.ema.update(self.model)
+        with warnings.catch_warnings():  # PyTorch warns when a schedule moves on without an optimizer step
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+            self.scheduler.step()  # the schedule follows the step count, applied or not
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
         reduced = torch.stack([total, torch.tensor(float(self.stop.is_set()), device=self.device)])
         dist.all_reduce(reduced)
-        return float(reduced[0]) / self.cfg.train.global_batch, wait, bool(reduced[1] > 0)
+        loss = float(reduced[0]) / self.cfg.train.global_batch
+        return StepOutcome(loss, grad_norm, wait, bool(reduced[1] > 0), applied)
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.cfg.train.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def _record(self, step: int, outcome: StepOutcome, seconds: float, result: TrainResult) -> None:
+        """The step's numbers to the result, the metrics and the progress line; a run of non-finite steps
+        longer than the limit ends here (every rank decides alike: the norm is global)."""
+        result.losses.append(outcome.loss)
+        result.step_seconds.append(seconds)
+        result.data_wait_seconds.append(outcome.data_wait)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.metrics:
+            local = self.cfg.grad_accumulation * self.cfg.data.micro_batch
+            self.metrics.observe_step(
+                step, outcome.loss, outcome.grad_norm, lr, seconds, outcome.data_wait, local
+            )
+            self.metrics.observe_skipped(self.loader.skipped)
+        if self.progress:
+            self.progress.update(step, outcome.loss, self.cfg.train.global_batch, seconds, outcome.data_wait)
+        if outcome.applied:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_in_row += 1
+        result.nonfinite_steps.append(step)
+        if self.metrics:
+            self.metrics.observe_nonfinite_step()
+        limit = self.cfg.train.nonfinite_steps_limit
+        if self.env.is_main:
+            print(
+                f"step {step} skipped: loss {outcome.loss:.4g}, gradient norm {outcome.grad_norm:.4g} "
+                f"({self.nonfinite_in_row} in a row; train.nonfinite_steps_limit={limit})",
+                flush=True,
+            )
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteError(
+                f"training stopped at step {step}: {limit} steps in a row had a non-finite loss or gradient "
+                f"norm (train.nonfinite_steps_limit={limit}); the weights are those of step "
+                f"{step - limit}, the latest checkpoint in {self.cfg.checkpoint.run_dir} holds finite ones"
+            )
+
+    def _validate_and_preview(self, step: int, result: TrainResult) -> None:
+        every_val, every_preview = self.cfg.train.val_every, self.cfg.train.preview_every
+        if every_val and step % every_val == 0 and (losses := self.validator(self.model, self.ema, step)):
+            result.validation.append(losses)
+        if every_preview and step % every_preview == 0:
+            self.previewer(self.model, self.ema, step, self.preview_batch)
+
+    def _save(self, step: int) -> None:
+        self._check_finite_weights(step)
+        committed = self.metrics.observe_checkpoint_committed if self.metrics else None
+        try:
+            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()), committed)
+        except CheckpointError:
+            if self.metrics:
+                self.metrics.observe_checkpoint_failure()
+            raise
+        if self.metrics:
+            self.metrics.observe_checkpoint(blocked)
+
+    def _check_finite_weights(self, step: int) -> None:
+        """Refuse to save weights (or their average) with a NaN or an infinity: the latest checkpoint, and
+        those `checkpoint.keep` keeps, stay finite. Each rank checks its shards; all agree on the answer."""
+        tensors = [p.detach() for p in self.model.parameters()] + list(self.ema.shadow.values())
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        finite = torch.stack([t.isfinite().all() for t in local if t.numel()]).all().float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
+            raise NonFiniteError(
+                f"the weights are not finite after step {step}: not saved; the latest checkpoint in "
+                f"{self.cfg.checkpoint.run_dir} is the last finite one (lower train.lr, or check the data)"
+            )
 
     # ---- metrics -----------------------------------------------------------------------------------
     def _start_metrics(self):
@@ -307,130 +395,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return flops
 
-    def _observe(self, step: int, loss: float, seconds: float, wait: float) -> None:
-        lr = self.scheduler.get_last_lr()[0]
-        if self.metrics:
-            local = self.cfg.grad_accumulation * self.cfg.data.micro_batch
-            self.metrics.observe_step(step, loss, self.last_grad_norm, lr, seconds, wait, local)
-            self.metrics.observe_skipped(self.loader.skipped)
-        if self.progress:
-            self.progress.update(step, loss, self.cfg.train.global_batch, seconds, wait)
-
-    # ---- validation and previews -------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self, step: int) -> dict[str, float]:
-        """EMA-weight loss on the held-out split at fixed σ and fixed noise, comparable across runs."""
-        try:
-            loader = self._build_loader(state=None, validation=True)
-        except ValueError as e:  # no held-out row: nothing to validate on
-            if self.env.is_main:
-                print(f"validation skipped: {e}", flush=True)
-            self.cfg.train.val_every = 0
-            return {}
-        sigmas = self.cfg.train.val_sigmas
-        sums = torch.zeros(len(sigmas) + 1, device=self.device)
-        with self.ema.applied(self.model):
-            per_step = self.env.world_size * self.cfg.data.micro_batch
-            for _, batch in zip(range(-(-self.cfg.train.val_samples // per_step)), loader, strict=False):
-                latents = self.task.latents(batch)
-                randoms = self.task.draw(batch, tuple(latents.shape[1:]), self.cfg.train.seed + 1)
-                randoms.dropped.zero_()
-                cond = self.task.conditioning(batch, latents, randoms)
-                for i, sigma in enumerate(sigmas):
-                    fixed = torch.full_like(randoms.sigma, sigma)
-                    sums[i] += weighted_denoising_error(self.model, latents, cond, fixed, randoms.eps).sum()
-                sums[-1] += latents.shape[0]
-        dist.all_reduce(sums)
-        losses = {f"sigma_{s:g}": float(v) for s, v in zip(sigmas, sums[:-1] / sums[-1], strict=True)}
-        losses["mean"] = sum(losses.values()) / len(sigmas)
-        if self.env.is_main:
-            self._append_run_file("validation.jsonl", json.dumps({"step": step, **losses}))
-            print(
-                f"validation at step {step}: loss {losses['mean']:.4f} (EMA weights, {len(sigmas)} σ)",
-                flush=True,
-            )
-        return losses
-
-    @torch.no_grad()
-    def preview(self, step: int) -> None:
-        """A video sampled with the EMA weights from the first training sample's conditioning. Every rank
-        samples (the sharded forward is collective); rank 0 writes mp4 and gif to the run directory."""
-        from svd.data.video_io import to_uint8_frames
-        from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
-
-        one = {k: (v[:1] if isinstance(v, Tensor | list) else v) for k, v in self.preview_batch.items()}
-        latents = self.task.latents(one)
-        lo, hi = self.cfg.train.preview_guidance
-        cond, uncond = (
-            self.task.conditioning(one, latents, self._preview_randoms(latents, one, dropped))
-            for dropped in (False, True)
-        )
-        sampler = EulerEDMSampler(
-            SamplerConfig(num_steps=self.cfg.train.preview_steps, guidance_min=lo, guidance_max=hi)
-        )
-        with self.ema.applied(self.model):
-            sample = sampler.sample(
-                self.model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.device
-            )
-        if self.env.is_main:
-            video = to_uint8_frames(self.task.autoencoder.decode(sample)[0].cpu())
-            self._write_preview(step, video)
-
-    def _preview_randoms(self, latents: Tensor, batch: dict[str, Any], dropped: bool) -> SampleRandoms:
-        """No dropout (or all, for the unconditional branch); the conditioning frame noised as the released
-        sampling script does, at σ_aug = 0.02."""
-        g = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
-        image_cond = "frames" in batch and self.cfg.stage.task in CONDITIONED_ON_IMAGE
-        return SampleRandoms(
-            dropped=torch.tensor([dropped], device=self.device),
-            sigma=torch.ones(1, device=self.device),
-            eps=torch.zeros_like(latents),
-            cond_sigma=torch.full((1,), 0.02 if image_cond else 0.0, device=self.device),
-            cond_noise=torch.randn(batch["frames"][:1, 0].shape, generator=g, device=self.device)
-            if image_cond
-            else None,
-        )
-
-    def _write_preview(self, step: int, video) -> None:
-        import tempfile
-        from pathlib import Path
-
-        from svd.data.video_io import write_gif, write_mp4
-
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in (
-                write_mp4(video, Path(tmp) / f"step-{step:08d}.mp4", self.cfg.data.fps),
-                write_gif(video, Path(tmp) / f"step-{step:08d}.gif", self.cfg.data.fps),
-            ):
-                fs, target = self.storage.fsspec(join(self.cfg.checkpoint.run_dir, "previews", path.name))
-                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                fs.put_file(str(path), target)
-        print(f"preview at step {step}: {join(self.cfg.checkpoint.run_dir, 'previews')}", flush=True)
-
+    # ---- LoRA --------------------------------------------------------------------------------------
     def _save_lora(self) -> None:
         """The camera LoRA on its own: the EMA of the adapters, `<run_dir>/lora.safetensors` (what
         `jobs/export.py format=lora` writes too), small enough to ship beside the base model."""
         from safetensors.torch import save
-        from torch.distributed.tensor import DTensor
 
         weights = {
             name.removeprefix("network."): (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
             for name, v in self.ema.shadow.items()
         }
         if self.env.is_main:
-            self._write_run_file(
+            self.files.write(
                 "lora.safetensors", save(weights, metadata={"svd.run": self.cfg.checkpoint.run_dir})
             )
-
-    def _write_run_file(self, name: str, text: str | bytes) -> None:
-        fs, path = self.storage.fsspec(join(self.cfg.checkpoint.run_dir, name))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, text.encode() if isinstance(text, str) else text)
-
-    def _append_run_file(self, name: str, line: str) -> None:
-        fs, path = self.storage.fsspec(join(self.cfg.checkpoint.run_dir, name))
-        old = fs.cat_file(path).decode() if fs.exists(path) else ""
-        fs.pipe_file(path, (old + line + "\n").encode())
 
 
 def peak_memory(device: torch.device) -> int:
@@ -443,13 +421,9 @@ def peak_memory(device: torch.device) -> int:
 
 def run(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     """The entry point of every rank, whatever launched it: joins the process group from the environment,
-    trains (until `stop` is set, if given), leaves the group; no loader worker outlives it
-    (`svd.train.processes`)."""
-    from svd.train.processes import children_ended
-
-    env = parallel.init_distributed(cfg.parallel.collective_timeout_s)
+    trains (until `stop` is set, if given), leaves the group."""
+    env = init_distributed(cfg.parallel.collective_timeout_s)
     try:
-        with children_ended():
-            return Trainer(cfg, env, stop=stop).fit()
+        return Trainer(cfg, env, stop=stop).fit()
     finally:
         dist.destroy_process_group()

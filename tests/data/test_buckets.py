@@ -40,7 +40,12 @@ def test_rows_go_to_the_closest_aspect_ratio_they_can_fill():
 
 def test_choice_is_the_same_for_the_same_state_and_proportional_to_size():
     sizes = (300, 100, 0)
-    assert choose(1, (8, 4, 0), sizes) == choose(1, (8, 4, 0), sizes)
+    states = [(i, 4, 0) for i in range(200)]
+    first = [choose(1, state, sizes) for state in states]
+    np.random.seed(123)  # the global generators' state must not matter
+    np.random.random(7)
+    assert [choose(1, state, sizes) for state in reversed(states)] == first[::-1]
+    assert [choose(2, state, sizes) for state in states] != first  # the seed does matter
     picks = [choose(1, (i, 0, 0), sizes) for i in range(4000)]
     assert 2 not in picks  # an empty bucket is never chosen
     assert np.mean(np.array(picks) == 0) == pytest.approx(0.75, abs=0.03)

@@ -10,8 +10,11 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import lance
 import numpy as np
@@ -400,15 +403,90 @@ def _worker_pids() -> list[int]:
 def test_workers_ignore_stop_signals_so_the_rank_decides_when_to_stop(corpus, moto_s3, signum):
     """Slurm and Kubernetes signal every process of a step; a worker that died of it made the next batch
     raise "worker exited unexpectedly" before the rank could save the step under way."""
+    others = set(_worker_pids())  # children that earlier tests of this process have not reaped yet
     batches = iter(loader(corpus, moto_s3, num_workers=2, batch_timeout_s=60))  # a dead worker: 60 s, not 600
     next(batches)
-    workers = _worker_pids()
+    workers = sorted(set(_worker_pids()) - others)
     assert len(workers) == 2
     for pid in workers:
         os.kill(pid, signum)
     time.sleep(1.0)  # a worker that does not ignore it is dead by now
     assert len(list(itertools.islice(batches, 6))) == 6
-    assert _worker_pids() == workers
+    assert sorted(set(_worker_pids()) - others) == workers
+
+
+ORPHAN_SCRIPT = """
+import json, multiprocessing, os, signal, sys, threading, time
+from svd.data.buckets import Bucket
+from svd.data.loader import ClipLoader, LoaderConfig
+from svd.data.storage import Storage
+
+config = LoaderConfig(**json.loads(sys.argv[1]), buckets=(Bucket(16, 24, frames=4, batch_size=2, fps=4),))
+loader = ClipLoader(config, rank=0, world_size=1, storage=Storage.from_env())
+
+def die_while_the_workers_start():
+    time.sleep(0.3)  # the workers exist and still import torch
+    print(json.dumps([p.pid for p in multiprocessing.active_children()]), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=die_while_the_workers_start).start()
+next(iter(loader))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_of_a_rank_killed_while_they_start_leave_instead_of_running_on(corpus, moto_s3, s3_env):
+    """They were left polling their queue forever (reparented before torch's watchdog noted their parent),
+    holding the job's output open: a launcher reading it never finished."""
+    settings = {"table": corpus["table"], "num_workers": 2, "cache_dir": corpus["cache"]}
+    done = subprocess.run(
+        [sys.executable, "-c", ORPHAN_SCRIPT, json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    workers = [pid for pid in json.loads(done.stdout.splitlines()[-1]) if _alive(pid)]
+    deadline = time.monotonic() + 60  # they finish importing torch, then see their parent is gone
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+FAILING_RANK_SCRIPT = """
+import json, sys
+from svd.data.buckets import Bucket
+from svd.data.loader import ClipLoader, LoaderConfig
+from svd.data.storage import Storage
+
+config = LoaderConfig(**json.loads(sys.argv[1]), buckets=(Bucket(16, 24, frames=4, batch_size=2, fps=4),))
+batches = iter(ClipLoader(config, rank=0, world_size=1, storage=Storage.from_env()))
+next(batches)
+raise RuntimeError("the rank fails with its batches in flight")
+"""
+
+
+def test_a_rank_that_fails_with_workers_running_exits(corpus, moto_s3, s3_env):
+    """Its workers ignore SIGTERM, which is how multiprocessing ends them at exit: the rank waited forever."""
+    settings = {"table": corpus["table"], "num_workers": 2, "cache_dir": corpus["cache"]}
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_RANK_SCRIPT, json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "RuntimeError: the rank fails with its batches in flight"
 
 
 class NeverAnswers:

@@ -31,10 +31,10 @@ def test_storage_comes_from_the_standard_aws_variables():
         "aws_secret_access_key": "very-secret-value",
         "aws_endpoint": "http://127.0.0.1:9",
         "allow_http": "true",
-        "connect_timeout": "5000ms",
-        "timeout": "30000ms",
-        "client_max_retries": "2",
-        "client_retry_timeout": "105",
+        "connect_timeout": "3000ms",
+        "timeout": "5000ms",
+        "client_max_retries": "1",
+        "client_retry_timeout": "5",
     }
     assert storage.lance_options("/local/t.lance") == {}
 
@@ -53,18 +53,49 @@ def test_deadlines_come_from_the_environment_and_reach_every_client():
         "2000ms",
         "3",
     )
+    assert options["client_retry_timeout"] == "2"  # object_store does not try again after a timeout
     fs, _ = storage.fsspec("s3://b/k")
-    assert fs.retries == 4
+    assert fs.retries == 2  # s3fs's loop around botocore's: once more when an answer broke off
     config = fs.config_kwargs
-    assert (config["connect_timeout"], config["read_timeout"], config["retries"]["max_attempts"]) == (
+    assert (config["connect_timeout"], config["read_timeout"], config["retries"]["total_max_attempts"]) == (
         0.5,
         2.0,
         4,
     )
+    assert storage.fsspec("s3://b/other")[0] is fs  # one client (and connection pool) for equal settings
     with pytest.raises(ValueError, match="SVD_STORAGE_MAX_ATTEMPTS='many'"):
         Storage.from_env(ENV | {"SVD_STORAGE_MAX_ATTEMPTS": "many"})
     with pytest.raises(ValueError, match="max_attempts=0"):
         Storage(max_attempts=0)
+
+
+def test_only_an_error_that_ran_out_of_time_names_the_deadlines_to_raise():
+    storage = Storage.from_env(ENV | {"SVD_STORAGE_READ_TIMEOUT": "2"})
+    hint = (
+        " (no answer in time: SVD_STORAGE_READ_TIMEOUT=2 s, SVD_STORAGE_CONNECT_TIMEOUT=3 s, "
+        "SVD_STORAGE_MAX_ATTEMPTS=2; raise them for a slow store)"
+    )
+    lance_timeout = (
+        "Error performing GET http://127.0.0.1:9/b?list-type=2 in 2.000902685s - HTTP error: error"
+    )
+    lance_refused = (
+        "Error performing GET http://127.0.0.1:9/b?list-type=2 in 0.001302685s - HTTP error: error"
+    )
+    curl = "AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 28, Timeout was reached"
+    try:
+        raise OSError("the client gave up") from TimeoutError()
+    except OSError as e:
+        chained = e
+    for error in (
+        TimeoutError(),
+        OSError(110, "Connection timed out"),
+        ValueError(lance_timeout),
+        OSError(curl),
+    ):
+        assert storage.timeout_hint(error) == hint
+    assert storage.timeout_hint(chained) == hint
+    for error in (ValueError(lance_refused), PermissionError("Access Denied"), FileNotFoundError("b/k")):
+        assert storage.timeout_hint(error) == ""
 
 
 def test_credentials_never_appear_in_the_repr():

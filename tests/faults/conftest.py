@@ -3,6 +3,8 @@
 `Gate` is a TCP relay in front of a real S3 server: stopping it refuses new connections and cuts open ones,
 which is what a client sees when the server process stops; starting it again on the same port is the
 server coming back, with its objects (moto forgets them on a restart; radosgw takes ~15 s to restart).
+Silencing it is a server that hangs: connections stay open, new ones are accepted, nothing is read or
+answered any more. `silent_endpoint` is such a server from the start (a black hole).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +22,7 @@ from urllib.parse import urlparse
 import pytest
 
 from svd.data.local_s3 import free_port
+from svd.data.storage import LANCE_LIST_TRIES, S3FS_CALL_TRIES, Storage
 from svd.data.synthetic import moving_square
 from svd.data.video_io import encode_mp4
 
@@ -29,6 +33,28 @@ DEADLINES = {
     "SVD_STORAGE_READ_TIMEOUT": "0.5",
     "SVD_STORAGE_MAX_ATTEMPTS": "1",
 }
+# Deadlines with a retry, for the tests that count how the clients compose them.
+RETRYING_DEADLINES = {
+    "SVD_STORAGE_CONNECT_TIMEOUT": "1",
+    "SVD_STORAGE_READ_TIMEOUT": "1",
+    "SVD_STORAGE_MAX_ATTEMPTS": "2",
+}
+
+
+def tries(storage: Storage, client: str) -> int:
+    """The requests one call of `client` makes before it gives up on an endpoint that accepts connections
+    and never answers, each waiting `read_timeout` (svd/data/storage.py says why)."""
+    return {
+        "s3fs": S3FS_CALL_TRIES * storage.max_attempts,  # s3fs's loop around botocore's
+        "lance": LANCE_LIST_TRIES,  # Lance's loop around a listing; object_store does not retry a timeout
+        "pyarrow": storage.max_attempts,
+    }[client]
+
+
+def give_up_within_s(storage: Storage, client: str) -> float:
+    """An upper bound of how long that takes: each try's overhead (a connection, backoff: botocore's and
+    the AWS SDK's first retry waits up to 1 s, random) is well under 1.5 s on an idle machine."""
+    return tries(storage, client) * (storage.read_timeout + 1.5)
 
 
 def curate_argv(*settings: str) -> list[str]:
@@ -53,6 +79,7 @@ class Gate:
         self.on_request: tuple[bytes, Callable[[], None]] | None = None  # (bytes seen, action), fires once
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
+        self._silent = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -60,11 +87,16 @@ class Gate:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
+    def silence(self) -> None:
+        """The server hangs: from now on nothing is read or answered, and connections stay open."""
+        self._silent = True
+
     def stop(self) -> None:
         """The server is gone: new connections are refused, open ones are reset."""
         with self._lock:
             listener, self._listener = self._listener, None
             connections, self._open = self._open, set()
+            self._silent = False
         if listener is not None:
             listener.close()
         for s in connections:
@@ -78,6 +110,10 @@ class Gate:
                 client, _ = listener.accept()
             except OSError:
                 return  # stopped
+            if self._silent:
+                with self._lock:
+                    self._open.add(client)  # held open, never read
+                continue
             try:
                 server = socket.create_connection(self.upstream)
             except OSError:
@@ -96,17 +132,20 @@ class Gate:
         try:
             while data := source.recv(65536):
                 trigger = self.on_request
-                if from_client and trigger is not None and trigger[0] in data:
+                fired = from_client and trigger is not None and trigger[0] in data
+                if fired:
                     self.on_request = None
                     trigger[1]()
-                    return
+                if self._silent:
+                    return  # hung: both sockets stay open (until `stop`), nothing more is read or sent
+                if fired:
+                    break
                 sink.sendall(data)
         except OSError:
             pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture
@@ -117,22 +156,67 @@ def gate(moto_s3) -> Iterator[Gate]:
     g.stop()
 
 
+class SilentEndpoint(str):
+    """The URL of a server that accepts TCP connections and never sends a byte (a black hole); it counts
+    the connections (a client opens one per try: it drops a connection that timed out) and notes when the
+    first came."""
+
+    def __new__(cls, url: str) -> SilentEndpoint:
+        endpoint = super().__new__(cls, url)
+        endpoint.connections = []  # accepted sockets, held open
+        endpoint.first_connection_at = None  # time.monotonic()
+        return endpoint
+
+
 @pytest.fixture
-def silent_endpoint() -> Iterator[str]:
-    """Accepts TCP connections and never sends a byte."""
+def silent_endpoint() -> Iterator[SilentEndpoint]:
     listener = socket.create_server(("127.0.0.1", 0))
     listener.listen(64)
-    held: list[socket.socket] = []
+    endpoint = SilentEndpoint(f"http://127.0.0.1:{listener.getsockname()[1]}")
 
     def accept() -> None:
         while True:
             try:
-                held.append(listener.accept()[0])
+                connection = listener.accept()[0]
             except OSError:
                 return
+            endpoint.first_connection_at = endpoint.first_connection_at or time.monotonic()
+            endpoint.connections.append(connection)
 
     threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    yield endpoint
     listener.close()
-    for s in held:
+    for s in endpoint.connections:
         s.close()
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children(pid: int) -> set[int]:
+    return {
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and parent_pid(int(entry.name)) == pid
+    }
+
+
+def descendants(pid: int) -> set[int]:
+    """Children, their children, and so on (a snapshot)."""
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = set().union(*(children(p) for p in frontier)) - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped: a zombie (state Z, dead but not yet reaped by its new parent) is not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -13,7 +13,7 @@ import pytest
 
 from svd.curate.ledger import log_uri
 
-from .conftest import curate_argv, curate_env, video
+from .conftest import alive, children, curate_argv, curate_env, video
 
 
 def raw_folder(path: Path, count: int) -> Path:
@@ -38,26 +38,6 @@ def start_and_wait(argv: list[str], output: Path, records: int) -> subprocess.Po
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.05)
     return process
-
-
-def alive(pid: int) -> bool:
-    """Running: a zombie (state Z, dead but not yet reaped by its new parent) is not."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.add(int(entry.name))
-            except (OSError, IndexError):
-                pass
-    return found
 
 
 @pytest.mark.slow

@@ -1,23 +1,44 @@
-"""Object storage that fails: a server that stops mid-run and comes back, an endpoint that never answers."""
+"""Object storage that fails: a server that stops mid-run and comes back, an endpoint that never answers
+(or stops answering mid-run): every client gives up within the deadlines of svd/data/storage.py, and a run
+fails within a minute, in one line that names the URI and the settings to raise."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import lance
 import pytest
+import torch
 
 from svd.curate.ledger import already_processed, log_uri
 from svd.curate.pipeline import InputError, list_inputs
 from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig
+from svd.data.local_s3 import free_port
 from svd.data.storage import Storage
-from svd.data.table import TableUnreadableError
+from svd.data.synthetic import synthetic_corpus
+from svd.data.table import TableUnreadableError, write_clip_table
+from svd.train.checkpoint import Checkpointer, CheckpointError
 
-from .conftest import DEADLINES, curate_argv, curate_env, video
+from .conftest import (
+    DEADLINES,
+    RETRYING_DEADLINES,
+    ROOT,
+    SilentEndpoint,
+    curate_argv,
+    curate_env,
+    give_up_within_s,
+    tries,
+    video,
+)
+
+KEYS = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
 
 
 def finishes_within(seconds: float, call: Callable[[], Any]) -> BaseException | None:
@@ -39,9 +60,22 @@ def finishes_within(seconds: float, call: Callable[[], Any]) -> BaseException | 
     return outcome[0]
 
 
-def silent_storage(endpoint: str) -> Storage:
-    env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
-    return Storage.from_env(env | DEADLINES)
+def silent_storage(endpoint: str, deadlines: dict[str, str] = DEADLINES) -> Storage:
+    return Storage.from_env({"AWS_ENDPOINT_URL_S3": endpoint} | KEYS | deadlines)
+
+
+def gives_up(
+    endpoint: SilentEndpoint, storage: Storage, client: str, call: Callable[[], Any]
+) -> BaseException:
+    """What `call` raised, checking that it gave up after each of the tries its client composes from the
+    deadlines, one connection each, and no sooner (failing the test if it still runs after a minute)."""
+    before, started = len(endpoint.connections), time.monotonic()
+    raised = finishes_within(60, call)
+    assert raised is not None
+    assert len(endpoint.connections) - before == tries(storage, client)
+    assert time.monotonic() - started >= tries(storage, client) * storage.read_timeout
+    assert storage.timeout_hint(raised).startswith(" (no answer in time: SVD_STORAGE_READ_TIMEOUT=")
+    return raised
 
 
 @pytest.mark.slow
@@ -90,23 +124,67 @@ def test_an_input_on_a_silent_endpoint_is_an_error_not_an_empty_input(silent_end
     assert str(raised).startswith("input=s3://bucket/raw/: cannot be listed: ")
 
 
-def test_s3fs_and_pyarrow_give_up_on_a_silent_endpoint_within_seconds(silent_endpoint):
-    storage = silent_storage(silent_endpoint)
-    fs, path = storage.fsspec("s3://bucket/raw/a.mp4")
-    assert isinstance(finishes_within(30, lambda: fs.info(path)), OSError)
-    pa_fs, pa_path = storage.pyarrow("s3://bucket/raw/a.mp4")
-    raised = finishes_within(30, lambda: pa_fs.get_file_info(pa_path))
-    assert isinstance(raised, OSError)
-    assert "Timeout was reached" in str(raised)
+def test_the_default_deadlines_give_up_on_a_silent_endpoint_within_a_minute():
+    """Per client, from how it composes the deadlines, which the tests below count."""
+    bounds = {client: give_up_within_s(Storage(), client) for client in ("s3fs", "lance", "pyarrow")}
+    assert max(bounds.values()) < 60, bounds
+
+
+S3FS_CALLS: dict[str, Callable[[Any, str], Any]] = {
+    "exists": lambda fs, path: fs.exists(path),
+    "cat_file": lambda fs, path: fs.cat_file(path),
+    "pipe_file": lambda fs, path: fs.pipe_file(path, b"step: 3\n"),  # botocore asks Expect: 100-continue
+    "pipe_file of 32 MiB": lambda fs, path: fs.pipe_file(path, bytes(32 << 20)),  # more than TCP buffers hold
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("call", S3FS_CALLS)
+def test_every_s3fs_call_gives_up_on_a_silent_endpoint_after_its_tries(silent_endpoint, call):
+    storage = silent_storage(silent_endpoint, RETRYING_DEADLINES)
+    fs, path = storage.fsspec("s3://bucket/runs/r/config.yaml")
+    gives_up(silent_endpoint, storage, "s3fs", lambda: S3FS_CALLS[call](fs, path))
+
+
+@pytest.mark.slow
+def test_pyarrow_gives_up_on_a_silent_endpoint_after_its_tries(silent_endpoint):
+    storage = silent_storage(silent_endpoint, RETRYING_DEADLINES)
+    pa_fs, path = storage.pyarrow("s3://bucket/raw/a.parquet")
+
+    def write() -> None:
+        with pa_fs.open_output_stream(path) as f:
+            f.write(bytes(1 << 20))
+
+    for call in (lambda: pa_fs.get_file_info(path), write):
+        assert "Timeout was reached" in str(gives_up(silent_endpoint, storage, "pyarrow", call))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_save_to_a_store_that_stops_answering_fails_within_its_deadlines(gate, moto_s3):
+    storage = Storage.from_env(moto_s3.env | {"AWS_ENDPOINT_URL_S3": gate.endpoint} | RETRYING_DEADLINES)
+    run = f"s3://{moto_s3.new_bucket()}/runs/r"
+    parts = {"ema": {"w": torch.ones(8 << 20)}, "train": {"step": 1}}  # 32 MiB: more than TCP buffers hold
+    gate.on_request = (b"/step-00000001/__0_", gate.silence)  # the store hangs as rank 0 sends its data
+    with Checkpointer(run, storage, async_save=True) as checkpointer:
+        checkpointer.save(1, parts)
+        raised = finishes_within(60, checkpointer.wait)  # the upload, then s3fs deletes what it left
+    assert isinstance(raised, CheckpointError), raised
+    message = str(raised)
+    assert message.startswith(f"saving {run}/checkpoints/step-00000001 failed: rank 0: ")
+    assert message.endswith("SVD_STORAGE_MAX_ATTEMPTS=2; raise them for a slow store)")
+    assert "\n" not in message
 
 
 @pytest.mark.slow
 def test_a_table_on_a_silent_endpoint_is_unreadable_never_absent(silent_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", silent_endpoint)  # Lance prefers it to storage_options
-    storage = silent_storage(silent_endpoint)
-    raised = finishes_within(60, lambda: already_processed("s3://bucket/clips.lance", storage))
+    storage = silent_storage(silent_endpoint, RETRYING_DEADLINES)
+    raised = gives_up(
+        silent_endpoint, storage, "lance", lambda: already_processed("s3://bucket/clips.lance", storage)
+    )
     assert isinstance(raised, TableUnreadableError)
     assert str(raised).startswith("cannot read table s3://bucket/clips.lance: ")
+    assert str(raised).endswith("SVD_STORAGE_MAX_ATTEMPTS=2; raise them for a slow store)")
 
 
 @pytest.mark.slow
@@ -118,4 +196,86 @@ def test_the_loader_gives_up_on_a_silent_endpoint_within_seconds(silent_endpoint
     storage = silent_storage(silent_endpoint)
     raised = finishes_within(60, lambda: ClipLoader(config, storage=storage, rank=0, world_size=1))
     assert isinstance(raised, OSError)  # through open_table, like any table it cannot read
-    assert uri in str(raised)
+    assert str(raised).startswith(f"cannot open clip table {uri} ")
+    assert str(raised).endswith("SVD_STORAGE_MAX_ATTEMPTS=1; raise them for a slow store)")
+
+
+@pytest.fixture(scope="module")
+def local_table(tmp_path_factory) -> str:
+    """A clip table on local disk (2 videos, 4 clips, one in the val split), for runs whose run directory
+    is on the silent endpoint."""
+    folder = tmp_path_factory.mktemp("local_table")
+    (folder / "raw").mkdir()
+    rows = synthetic_corpus(str(folder / "raw"), Storage(), videos=2, seconds=3.0, clip_seconds=1.5)
+    rows[0]["split"] = "val"
+    write_clip_table(str(folder / "clips.lance"), rows, Storage())
+    return str(folder / "clips.lance")
+
+
+def launch(table: str, run_dir: str, endpoint: SilentEndpoint, env: dict[str, str]) -> tuple[Any, float]:
+    """One rank in the production configuration (loader workers, metrics, validation, previews, async
+    checkpoints), through jobs/launch.py as a user starts it, and the seconds from its first connection to
+    `endpoint` to its end (its start-up, imports and model, is no storage wait); fails the test if the run
+    lasts 300 s."""
+    argv = [
+        sys.executable,
+        str(ROOT / "jobs" / "launch.py"),
+        "stage=video_pretrain",
+        "model=tiny",
+        f"data.table={table}",
+        f"checkpoint.run_dir={run_dir}",
+        "data.frames=4",
+        "data.fps=4",
+        "data.num_workers=2",
+        f"metrics.port={free_port()}",
+        "train.val_every=2",
+        "train.preview_every=2",
+        "checkpoint.async_save=true",
+        "train.steps=4",
+    ]
+    try:
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run still hangs after 300 s")
+    assert endpoint.first_connection_at is not None, done.stderr[-3000:]
+    return done, time.monotonic() - endpoint.first_connection_at
+
+
+def deadline_free_env(endpoint: str) -> dict[str, str]:
+    """This environment with the endpoint, keys and this checkout, and the default storage deadlines."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SVD_STORAGE_", "AWS_"))}
+    return env | {"AWS_ENDPOINT_URL_S3": endpoint, "PYTHONPATH": str(ROOT)} | KEYS
+
+
+@pytest.mark.slow
+def test_a_run_directory_on_a_silent_endpoint_fails_the_run_within_a_minute_in_one_line(
+    silent_endpoint, local_table
+):
+    """The default deadlines, end to end: the checkpoint storage probe is the run's first write there."""
+    done, took = launch(
+        local_table, "s3://bucket/runs/r", silent_endpoint, deadline_free_env(silent_endpoint)
+    )
+    assert took < 60, took
+    assert len(silent_endpoint.connections) == tries(Storage(), "s3fs")  # the probe, its first write
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr[-3000:]
+    failed = "launch: training failed: CheckpointError: "
+    assert done.stderr.startswith(f"{failed}cannot write checkpoints to s3://bucket/runs/r/checkpoints: ")
+    assert done.stderr.strip().endswith(
+        "(no answer in time: SVD_STORAGE_READ_TIMEOUT=5 s, SVD_STORAGE_CONNECT_TIMEOUT=3 s, "
+        "SVD_STORAGE_MAX_ATTEMPTS=2; raise them for a slow store)"
+    )
+    assert "s3cr3t" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_a_table_on_a_silent_endpoint_fails_the_run_within_seconds_in_one_line(silent_endpoint, tmp_path):
+    env = deadline_free_env(silent_endpoint) | RETRYING_DEADLINES
+    done, took = launch("s3://bucket/clips.lance", str(tmp_path / "run"), silent_endpoint, env)
+    assert took < 60, took
+    assert len(silent_endpoint.connections) == tries(Storage.from_env(env), "s3fs")  # one `exists` call
+    assert (done.returncode, done.stdout) == (2, "")  # refused before anything started
+    assert done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert done.stderr.startswith("launch: data.table=s3://bucket/clips.lance: cannot be read (")
+    assert done.stderr.strip().endswith("SVD_STORAGE_MAX_ATTEMPTS=2; raise them for a slow store)")
+    assert not (tmp_path / "run").exists()

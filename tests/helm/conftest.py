@@ -17,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "svd"
+MONITORING_CHART = ROOT / "helm" / "svd-monitoring"
 EXAMPLES = ROOT / "helm" / "examples"
 KUBERNETES = "1.30.0"
 TABLE = {"train": {"config": {"data": {"table": "s3://lvd/clips.lance"}}}}
@@ -78,22 +79,34 @@ def validate(manifest: dict, crd_schemas: dict[tuple[str, str], dict]) -> None:
 
 @pytest.fixture(scope="session")
 def chart() -> Iterator[helm.Chart]:
-    helm.disable_logging()  # the symlinked rules and dashboard are logged at INFO on every load
     with helm.Chart.load(CHART) as loaded:
         yield loaded
 
 
-def render(chart: helm.Chart, values: dict, name: str = "vpt") -> dict[str, list[dict]]:
+@pytest.fixture(scope="session")
+def monitoring_chart() -> Iterator[helm.Chart]:
+    helm.disable_logging()  # the symlinked rules and dashboard are logged at INFO on every load
+    with helm.Chart.load(MONITORING_CHART) as loaded:
+        yield loaded
+
+
+def render(
+    chart: helm.Chart, values: dict, name: str = "vpt", namespace: str = "ml"
+) -> dict[str, list[dict]]:
     """template → its manifests (a template switched off renders nothing and is left out); NOTES.txt: text."""
     out = {}
-    for template, text in chart.render(values, name=name, namespace="ml").items():
+    for template, text in chart.render(values, name=name, namespace=namespace).items():
         if template.endswith("NOTES.txt"):
-            out[template] = text
+            out["NOTES.txt"] = text
             continue
         docs = [doc for doc in yaml.safe_load_all(text) if doc]
         if docs:
-            out[template.removeprefix("svd/templates/")] = docs
+            out[template.split("/templates/", 1)[1]] = docs
     return out
+
+
+def manifests(rendered: dict) -> list[dict]:
+    return [doc for key, docs in rendered.items() if key != "NOTES.txt" for doc in docs]
 
 
 def example(name: str) -> dict:

@@ -18,21 +18,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .conftest import CHART, ROOT, TABLE, example, render, validate
+from svd.config import METRICS_PORT
+
+from .conftest import CHART, MONITORING_CHART, ROOT, TABLE, example, manifests, render, validate
 
 RAY_LAUNCHER = ROOT / "svd" / "launch" / "ray.py"
 VALUE_SETS = {
     "defaults": TABLE,
-    "32 nodes": example("video-pretrain-32-nodes.yaml"),
+    "32 nodes, Kueue": example("video-pretrain-32-nodes.yaml"),
+    "4 nodes, Volcano": example("video-pretrain-volcano.yaml"),
     "curation on CPU": example("curate-cpu.yaml"),
-    "no monitoring, no secret": TABLE
-    | {
-        "metrics": {
-            "podMonitor": {"enabled": False},
-            "prometheusRule": {"enabled": False},
-            "grafanaDashboard": {"enabled": False},
-        }
-    },
+    "no monitoring, no secret": TABLE | {"metrics": {"podMonitor": {"enabled": False}}},
 }
 
 
@@ -46,16 +42,19 @@ def pods(rayjob: dict) -> dict[str, dict]:
     }
 
 
+def the(rendered: dict, kind: str) -> dict:
+    (manifest,) = [m for m in manifests(rendered) if m["kind"] == kind]
+    return manifest
+
+
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_every_manifest_is_valid_for_kubernetes_or_its_crd_and_every_pod_runs_unprivileged(
     chart, crd_schemas, values
 ) -> None:
     rendered = render(chart, values)
-    manifests = [doc for key, docs in rendered.items() if key != "svd/templates/NOTES.txt" for doc in docs]
-    for manifest in manifests:
+    for manifest in manifests(rendered):
         validate(manifest, crd_schemas)
-    (rayjob,) = [m for m in manifests if m["kind"] == "RayJob"]
-    for role, template in pods(rayjob).items():
+    for role, template in pods(the(rendered, "RayJob")).items():
         # a pod template checked as Kubernetes checks a built-in PodTemplate (stricter than the CRD)
         kubernetes_validate.validate(
             {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role}, "template": template},
@@ -65,99 +64,253 @@ def test_every_manifest_is_valid_for_kubernetes_or_its_crd_and_every_pod_runs_un
         spec = template["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
         for container in spec["containers"]:
-            assert container["securityContext"]["allowPrivilegeEscalation"] is False
-            assert container["securityContext"]["readOnlyRootFilesystem"] is True
-            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert context["capabilities"].get("add", []) in ([], ["IPC_LOCK"])  # workers.ipcLock, RDMA
             secrets = [
                 e for e in container.get("env", []) if e["name"].startswith("AWS_") and "KEY" in e["name"]
             ]
             assert all("value" not in e and "secretKeyRef" in e["valueFrom"] for e in secrets)
 
 
-def test_a_32_node_training_run_has_32_gpu_workers_with_shared_memory_cache_and_metrics(chart) -> None:
-    rendered = render(chart, example("video-pretrain-32-nodes.yaml"))
-    assert {k: [d["kind"] for d in v] for k, v in rendered.items() if not k.endswith("NOTES.txt")} == {
+def test_the_32_node_example_lands_its_queue_priority_rdma_nccl_and_volumes_where_they_are_read(
+    chart,
+) -> None:
+    """Kueue reads the queue from the RayJob's labels; the scheduler the pods' priorityClassName; the kubelet
+    the worker's resources, environment, capabilities and volumes. The head gets none of the workers' volumes
+    (a 1 TiB local-NVMe claim on the CPU head pod kept it Pending)."""
+    values = example("video-pretrain-32-nodes.yaml")
+    rendered = render(chart, values)
+    assert {k: [d["kind"] for d in v] for k, v in rendered.items() if k != "NOTES.txt"} == {
         "configmap.yaml": ["ConfigMap"],
-        "dashboard.yaml": ["ConfigMap"],
         "podmonitor.yaml": ["PodMonitor"],
-        "prometheusrule.yaml": ["PrometheusRule"],
         "rayjob.yaml": ["RayJob"],
     }
-    rayjob = rendered["rayjob.yaml"][0]
+    rayjob = the(rendered, "RayJob")
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "training"
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "training-high"
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True  # Kueue admits no RayJob that keeps its cluster
+    for manifest in manifests(rendered):  # labels on every object the chart makes
+        assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "training", manifest["kind"]
     assert rayjob["spec"]["entrypoint"] == (
         "python jobs/launch.py launcher=ray stage=video_pretrain model=svd cluster=release "
         "nodes=32 gpus_per_node=8"
     )
-    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
-    assert (rayjob["spec"]["ttlSecondsAfterFinished"], rayjob["spec"]["backoffLimit"]) == (3600, 1)
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (32, 32, 32)
+    templates = pods(rayjob)
+    for role, template in templates.items():
+        assert template["metadata"]["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}, role
+        assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"], (
+            role
+        )  # pods: no queue of their own
+        assert template["spec"]["priorityClassName"] == "training-high", role
     worker = group["template"]["spec"]
     (container,) = worker["containers"]
     assert container["image"] == "registry.example.com/ml/svd:0.1.0"
-    assert container["resources"]["limits"] == {"cpu": "96", "memory": "1000Gi", "nvidia.com/gpu": 8}
-    assert container["ports"] == [{"name": "metrics", "containerPort": 9400}]
-    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    volumes = {v["name"]: v for v in worker["volumes"]}
-    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
-    assert "ephemeral" in volumes["cache"]
-    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    head_volumes = {v["name"]: v for v in head["volumes"]}
-    assert head_volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4Gi"}
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert (mounts["dshm"], mounts["cache"], mounts["tmp"]) == ("/dev/shm", "/cache", "/tmp")
+    resources = {"cpu": "96", "memory": "1000Gi", "nvidia.com/gpu": 8, "rdma/ib": 1}
+    assert container["resources"] == {"requests": resources, "limits": resources}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
     env = {e["name"]: e for e in container["env"]}
+    assert {name: env[name]["value"] for name in env if name.startswith("NCCL_")} == {
+        "NCCL_IB_HCA": "mlx5",
+        "NCCL_SOCKET_IFNAME": "eth0",
+        "NCCL_DEBUG": "WARN",
+    }
+    assert env["HF_HOME"]["value"] == "/cache/huggingface"
     assert env["AWS_ENDPOINT_URL"]["value"] == "https://s3.example.com"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "svd-s3-credentials",
         "key": "AWS_SECRET_ACCESS_KEY",
     }
-    monitor = rendered["podmonitor.yaml"][0]
-    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert (
-        monitor["spec"]["selector"]["matchLabels"].items() <= group["template"]["metadata"]["labels"].items()
-    )
-    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
-    # the same `exporter` label as the Slurm scrape config: the SVDMetricsEndpointDown alert selects on it
-    (slurm,) = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())["scrape_configs"]
-    assert slurm["honor_labels"] is True
-    assert monitor["spec"]["podMetricsEndpoints"][0]["relabelings"] == [
-        {
-            "action": "replace",
-            "targetLabel": "exporter",
-            "replacement": slurm["relabel_configs"][0]["replacement"],
-        }
-    ]
-    notes = rendered["svd/templates/NOTES.txt"]
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    assert set(volumes) == {"tmp", "dshm", "run-config", "cache", "weights"}
+    assert "ephemeral" in volumes["cache"]
+    assert volumes["weights"]["persistentVolumeClaim"] == {"claimName": "svd-weights", "readOnly": True}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {
+        "tmp": "/tmp",
+        "dshm": "/dev/shm",
+        "run-config": "/app/jobs/conf/cluster/release.yaml",
+        "cache": "/cache",
+        "weights": "/weights",
+    }
+    head = templates["head"]["spec"]
+    assert {v["name"] for v in head["volumes"]} == {"tmp", "dshm", "run-config"}
+    assert {m["name"] for m in head["containers"][0]["volumeMounts"]} == {"tmp", "dshm", "run-config"}
+    assert "HF_HOME" not in {e["name"] for e in head["containers"][0]["env"]}
+    assert "NCCL_IB_HCA" in {e["name"] for e in head["containers"][0]["env"]}  # extraEnv: every Ray container
+    notes = rendered["NOTES.txt"]
     assert "kubectl -n ml logs -f job/vpt" in notes
     assert "32 nodes × 8 GPUs" in notes
 
 
-def test_the_rules_and_the_dashboard_are_the_files_of_infra(chart) -> None:
+def test_the_volcano_example_names_its_queue_on_the_rayjob_and_its_network_on_the_pods(chart) -> None:
+    rendered = render(chart, example("video-pretrain-volcano.yaml"), name="vpt-rocev2")
+    rayjob = the(rendered, "RayJob")
+    labels = rayjob["metadata"]["labels"]
+    # KubeRay's Volcano plugin copies these from the RayJob to its PodGroup (queue) and pods (priority class)
+    assert (labels["volcano.sh/queue-name"], labels["ray.io/priority-class-name"]) == (
+        "training",
+        "training-high",
+    )
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    worker = group["template"]
+    assert worker["metadata"]["annotations"] == {"k8s.v1.cni.cncf.io/networks": "roce-net"}
+    (constraint,) = worker["spec"]["topologySpreadConstraints"]
+    assert constraint["labelSelector"]["matchLabels"].items() <= worker["metadata"]["labels"].items()
+    assert worker["spec"]["containers"][0]["resources"]["limits"]["rdma/roce_a"] == 1
+
+
+def test_the_ray_cluster_lives_a_short_grace_after_the_job_and_a_job_that_never_runs_fails(chart) -> None:
+    """ttlSecondsAfterFinished is how long KubeRay keeps the Ray cluster (every GPU) after the job ends."""
+    spec = the(render(chart, TABLE), "RayJob")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] <= 300
+    assert spec["preRunningDeadlineSeconds"] == 1800
+    assert "activeDeadlineSeconds" not in spec
+    kept = the(render(chart, TABLE | {"rayJob": {"shutdownAfterJobFinishes": False}}), "RayJob")["spec"]
+    assert "ttlSecondsAfterFinished" not in kept  # KubeRay refuses a TTL without the shutdown
+    forever = the(render(chart, TABLE | {"rayJob": {"preRunningDeadlineSeconds": None}}), "RayJob")["spec"]
+    assert "preRunningDeadlineSeconds" not in forever
+
+
+def test_the_object_store_is_set_and_shared_memory_holds_it_plus_the_rest(chart) -> None:
+    values = example("video-pretrain-32-nodes.yaml")
+    cluster = the(render(chart, values), "RayJob")["spec"]["rayClusterSpec"]
+    groups = {
+        "head": (cluster["headGroupSpec"], {"objectStoreGiB": 1, "shmExtraGiB": 1}),
+        "workers": (cluster["workerGroupSpecs"][0], values["workers"]),
+    }
+    for name, (group, sizes) in groups.items():
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert store == sizes["objectStoreGiB"] << 30, name
+        (shm,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+        assert shm["emptyDir"] == {
+            "medium": "Memory",
+            "sizeLimit": f"{sizes['objectStoreGiB'] + sizes['shmExtraGiB']}Gi",
+        }, name
+
+
+def test_ray_keeps_its_reserved_metrics_port_and_svd_serves_on_its_own(chart) -> None:
+    """KubeRay reserves the container port name `metrics` for Ray's metrics (8080) and adds it only where no
+    port has that name: svd's port under that name hid Ray's metrics and had Ray's scrape read svd's port."""
     rendered = render(chart, TABLE)
-    rule = rendered["prometheusrule.yaml"][0]
+    cluster = the(rendered, "RayJob")["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    (workers,) = cluster["workerGroupSpecs"]
+    for group in (head, workers):
+        (container,) = group["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"]) == 8080
+    worker_ports = {
+        p["name"]: p["containerPort"] for p in workers["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert worker_ports["svd-metrics"] == METRICS_PORT
+    monitor = the(rendered, "PodMonitor")
+    endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert set(endpoints) == {"svd-metrics", "metrics"}
+    for endpoint in endpoints.values():
+        (relabel,) = endpoint["relabelings"]
+        assert relabel["targetLabel"] == "exporter"
+    # the same `exporter` label as the Slurm scrape config: the SVDMetricsEndpointDown alert selects on it
+    (slurm,) = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    assert (
+        endpoints["svd-metrics"]["relabelings"][0]["replacement"]
+        == slurm["relabel_configs"][0]["replacement"]
+    )
+    assert endpoints["metrics"]["relabelings"][0]["replacement"] == "ray"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= head["template"]["metadata"]["labels"].items()
+    )
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items()
+        <= workers["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_the_scraped_job_label_is_the_runs_job_name_with_or_without_honor_labels(chart) -> None:
+    """Prometheus sets `job` from the pod label PodMonitor.jobLabel names; the trainer's own `job` label is
+    the run's job_name. Both are the release name, so `job` reads the same under overrideHonorLabels."""
+    rendered = render(chart, example("video-pretrain-32-nodes.yaml"), name="vpt-0412")
+    monitor, rayjob = the(rendered, "PodMonitor"), the(rendered, "RayJob")
+    run = yaml.safe_load(the(rendered, "ConfigMap")["data"]["release.yaml"])
+    (workers,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (
+        workers["template"]["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+        == run["job_name"]
+        == "vpt-0412"
+    )
+
+
+def test_two_releases_side_by_side_create_no_cluster_wide_object_twice(chart, monitoring_chart) -> None:
+    """Per run: the RayJob, its ConfigMap and PodMonitor. Once per cluster (helm/svd-monitoring): the rules,
+    which every Prometheus evaluates for all runs, and the dashboard, which the Grafana sidecar keys by file
+    name (two copies: uninstalling one run deleted the dashboard the other used)."""
+    runs = [render(chart, TABLE, name=name, namespace="ml") for name in ("vpt-a", "vpt-b")]
+    cluster = render(monitoring_chart, {}, name="svd-monitoring", namespace="monitoring")
+
+    def identities(rendered: dict) -> set[tuple[str, ...]]:
+        out = set()
+        for m in manifests(rendered):
+            out.add((m["kind"], m["metadata"].get("namespace", ""), m["metadata"]["name"]))
+            if m["kind"] == "ConfigMap" and "grafana_dashboard" in m["metadata"].get("labels", {}):
+                out |= {("dashboard file", key) for key in m["data"]}
+            if m["kind"] == "PrometheusRule":
+                out |= {("rule group", group["name"]) for group in m["spec"]["groups"]}
+        return out
+
+    first, second, shared = (identities(r) for r in (*runs, cluster))
+    assert first & second == set()
+    assert {kind for kind, *_ in first} == {"RayJob", "ConfigMap", "PodMonitor"}
+    assert {("dashboard file", "svd-training.json"), ("rule group", "svd-training")} <= shared
+    assert shared & (first | second) == set()
+
+
+def test_the_monitoring_chart_ships_the_rules_and_dashboard_of_infra(monitoring_chart, crd_schemas) -> None:
+    rendered = render(monitoring_chart, {"prometheusRule": {"labels": {"release": "kube-prometheus-stack"}}})
+    for manifest in manifests(rendered):
+        validate(manifest, crd_schemas)
+    rule = the(rendered, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert rule["spec"] == yaml.safe_load((ROOT / "infra/prometheus/rules/svd.rules.yml").read_text())
-    dashboard = rendered["dashboard.yaml"][0]
+    dashboard = the(rendered, "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     text = (ROOT / "infra/grafana/svd-training.json").read_text()
     assert json.loads(dashboard["data"]["svd-training.json"]) == json.loads(text)
+    assert render(
+        monitoring_chart, {"prometheusRule": {"enabled": False}, "grafanaDashboard": {"enabled": False}}
+    )
+    report = helm.lint(MONITORING_CHART, {}, strict=True, kube_version="v1.30.0")
+    assert report["errors"] == []
 
 
 def test_switched_off_monitoring_and_curation_render_only_what_they_need(chart) -> None:
     assert set(render(chart, VALUE_SETS["no monitoring, no secret"])) == {
         "configmap.yaml",
         "rayjob.yaml",
-        "svd/templates/NOTES.txt",
+        "NOTES.txt",
     }
     curate = render(chart, example("curate-cpu.yaml"))
-    assert set(curate) == {"rayjob.yaml", "svd/templates/NOTES.txt"}
+    assert set(curate) == {"rayjob.yaml", "NOTES.txt"}
     (group,) = curate["rayjob.yaml"][0]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert (group["groupName"], group["replicas"]) == ("cpu-workers", 16)
     (container,) = group["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
-    assert "ports" not in container
+    assert [p["name"] for p in container["ports"]] == ["metrics"]  # Ray's only: no svd endpoint in curation
+
+
+def test_the_minimum_kuberay_version_is_stated_where_users_look(chart) -> None:
+    minimum = yaml.safe_load((CHART / "Chart.yaml").read_text())["annotations"][
+        "svd-project.github.io/min-kuberay-version"
+    ]
+    assert minimum == "1.6.0"  # RayJob.spec.preRunningDeadlineSeconds
+    assert f"KubeRay operator {minimum} or newer" in render(chart, TABLE)["NOTES.txt"]
+    assert f"KubeRay {minimum}" in (ROOT / "helm/README.md").read_text()
 
 
 def app_layout(rendered: dict, tmp_path: Path) -> tuple[Path, list[str]]:
@@ -196,7 +349,7 @@ def test_the_training_entrypoint_composes_the_run_from_values_and_configmap(char
     )
     assert cfg["data"]["table"] == "s3://lvd/lvd_f/clips.lance"
     assert cfg["data"]["num_workers"] == 8
-    assert cfg["metrics"] == cfg["metrics"] | {"port": 9400, "gpu": "H100"}
+    assert cfg["metrics"] == cfg["metrics"] | {"port": METRICS_PORT, "gpu": "H100"}
     assert cfg["checkpoint"]["run_dir"] == "s3://lvd/runs/vpt"
     assert (cfg["cluster"]["name"], cfg["cluster"]["gpus"]) == ("release", True)
 
@@ -244,8 +397,40 @@ def test_the_curation_entrypoint_parses_with_curate_py(chart) -> None:
             "at '/curate/input': 's3://raw/a b' does not match pattern",
         ),
         (TABLE | {"train": TABLE["train"] | {"config": {"nodes": 4}}}, "at '/train/config/nodes'"),
+        (
+            TABLE
+            | {"labels": {"kueue.x-k8s.io/queue-name": "q"}, "rayJob": {"shutdownAfterJobFinishes": False}},
+            "at '/rayJob/shutdownAfterJobFinishes': value must be true",
+        ),
+        (
+            TABLE | {"workers": {"extraVolumes": [{"name": "dshm", "emptyDir": {}}]}},
+            "at '/workers/extraVolumes/0/name'",
+        ),
+        (
+            TABLE | {"rayJob": {"preRunningDeadlineSeconds": 0}},
+            "at '/rayJob/preRunningDeadlineSeconds': minimum",
+        ),
+        (
+            TABLE
+            | {"metrics": {"prometheusRule": {"enabled": True}}},  # now helm/svd-monitoring, once per cluster
+            "at '/metrics': additional properties 'prometheusRule' not allowed",
+        ),
     ],
-    ids=["job", "table", "nodes", "gpus", "typo", "root", "literal key", "shell", "nodes in config"],
+    ids=[
+        "job",
+        "table",
+        "nodes",
+        "gpus",
+        "typo",
+        "root",
+        "literal key",
+        "shell",
+        "nodes in config",
+        "kueue keeps cluster",
+        "chart's volume",
+        "zero deadline",
+        "rules per run",
+    ],
 )
 def test_wrong_values_fail_at_render_with_the_value_named(chart, values, message) -> None:
     with pytest.raises(helm.HelmValuesError) as raised:
@@ -280,3 +465,16 @@ def test_the_image_is_pinned_non_root_and_runs_the_ray_the_chart_declares() -> N
     ray_version = yaml.safe_load((CHART / "values.yaml").read_text())["rayVersion"]
     assert f"ray=={ray_version}" in constraints
     assert "torch==2.13.0" in constraints
+
+
+def test_the_image_installs_dependencies_before_the_code_and_carries_rdma_and_wget() -> None:
+    """The source copied before `pip install` made every code change reinstall everything (gigabytes)."""
+    lines = [line.strip() for line in (ROOT / "infra/docker/Dockerfile").read_text().splitlines()]
+    copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
+    installs = [i for i, line in enumerate(lines) if "pip install" in line]
+    code = lines.index("COPY . /app")
+    assert code == copies[-1]
+    assert max(installs) < code
+    assert [lines[i].split()[1] for i in copies[:-1]] == ["pyproject.toml", "infra/docker/constraints.txt"]
+    packages = " ".join(line for line in lines if "apt-get install" in line).split()
+    assert {"libibverbs1", "ibverbs-providers", "wget"} <= set(packages)  # NCCL's IB/RoCE; KubeRay's probes

@@ -47,6 +47,7 @@ def ray_head(moto_s3) -> Iterator[str]:
         import ray
 
         ray.init(
+            address="local",  # not a Ray that another test or job left running on this host
             num_cpus=3,
             include_dashboard=False,
             object_store_memory=ray_launcher.LOCAL_OBJECT_STORE_BYTES,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,9 +21,9 @@ from svd.curate.config import CurateConfig
 from svd.data.local_s3 import free_port
 from svd.launch.local import launch_local
 from svd.launch.slurm import curate_shards, node_metrics, rendezvous_env
-from svd.launch.targets import TARGETS_DIR_ENV
 from svd.train.checkpoint import Checkpointer
-from svd.train.metrics import ENV_DIR
+from svd.train.file_sd import TARGETS_DIR_ENV
+from svd.train.metrics import ENV_DIR, serve_node_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -356,7 +357,9 @@ def test_the_rendezvous_is_the_first_task_of_the_first_node_on_a_port_of_the_job
     assert rendezvous_env(slurm, master_port=29500)["MASTER_PORT"] == "29500"
 
 
-def test_each_node_announces_its_metrics_endpoint_to_prometheus_while_the_run_lasts(tmp_path, monkeypatch):
+def test_each_node_announces_the_port_its_endpoint_serves_to_prometheus_while_the_run_lasts(
+    tmp_path, monkeypatch
+):
     for key, value in {
         "SLURM_JOB_ID": "42",
         "SLURM_RESTART_COUNT": "1",
@@ -367,13 +370,22 @@ def test_each_node_announces_its_metrics_endpoint_to_prometheus_while_the_run_la
         monkeypatch.setenv(key, value)
     monkeypatch.delenv(ENV_DIR, raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the multiprocess folders go
-    cfg = compose(["model=tiny", "data.table=s3://b/t.lance", "metrics.port=9400", "job_name=pretrain"])
+    port = free_port()
+    cfg = compose(["model=tiny", "data.table=s3://b/t.lance", f"metrics.port={port}", "job_name=pretrain"])
     target = tmp_path / "targets" / "pretrain-42-n2.json"
 
-    with node_metrics(cfg):
-        assert json.loads(target.read_text()) == [
-            {"targets": ["n2:9400"], "labels": {"job": "pretrain", "slurm_job_id": "42", "node": "n2"}}
-        ]
+    with node_metrics(cfg), socket.create_server(("127.0.0.1", port)):  # another program holds the port
+        assert not target.exists()  # nothing serves yet: Prometheus is told nothing
         # a folder of this run of the job: the requeued run (restart 1) does not serve the files of run 0
         assert Path(os.environ[ENV_DIR]) == tmp_path / "svd-metrics" / "pretrain-42-1"
+        lines: list[str] = []
+        with serve_node_metrics(port, os.environ[ENV_DIR], addr="127.0.0.1", warn=lines.append) as server:
+            assert json.loads(target.read_text()) == [
+                {
+                    "targets": [f"n2:{server.port}"],
+                    "labels": {"job": "pretrain", "slurm_job_id": "42", "node": "n2"},
+                }
+            ]
+        assert server.port != port
+        assert lines == [f"metrics: port {port} is taken; serving on {server.port}"]
     assert not target.exists()

@@ -158,6 +158,7 @@ def test_adapters_of_a_meta_built_model_are_initialised_by_init_weights():
     for name, p in model.named_parameters():
         assert torch.equal(p, expected.get_parameter(name)), name
     adapters = lora_state_dict(model)
+    assert sum("lora_a" in k for k in adapters) == sum("lora_b" in k for k in adapters) > 0
     assert all(not v.any() for k, v in adapters.items() if "lora_b" in k)
     assert all(v.abs().max() > 0 for k, v in adapters.items() if "lora_a" in k)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == list(adapters)

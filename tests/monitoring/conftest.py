@@ -24,7 +24,15 @@ from svd.data.local_s3 import free_port
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "infra" / "prometheus"
 RULES = PROMETHEUS_DIR / "rules" / "svd.rules.yml"
+RULE_TESTS = RULES.with_name("svd.rules.test.yml")
 DASHBOARD = ROOT / "infra" / "grafana" / "svd-training.json"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+# The label names of a trainer's series as Prometheus stores them: the trainer's own, and what the scrape adds
+# (the PodMonitor on Kubernetes, file_sd on Slurm). test_scrape.py checks the Kubernetes set on a real scrape
+# (file_sd with the PodMonitor's target labels); the promtool tests use exactly these sets.
+TRAINER_LABELS = {"job", "stage", "rank", "node"}
+KUBERNETES_LABELS = TRAINER_LABELS | {"exporter", "instance", "namespace", "pod", "container", "endpoint"}
+SLURM_LABELS = TRAINER_LABELS | {"exporter", "instance", "slurm_job_id"}
 
 
 def require(tool: str) -> str:
@@ -45,7 +53,11 @@ class QueryError(RuntimeError):
 @dataclass(frozen=True)
 class Prometheus:
     url: str
-    targets_dir: Path
+    targets_dir: Path  # svd's endpoints, scraped as infra/prometheus/prometheus.yml says
+    # Targets scraped as on Kubernetes, without honoured labels: Ray's port by the PodMonitor's second
+    # endpoint, dcgm-exporter by its chart's ServiceMonitor (its `pod` becomes `exported_pod`).
+    ray_targets_dir: Path
+    dcgm_targets_dir: Path
 
     def query(self, expr: str) -> list[dict]:
         """The instant vector of `expr` now; a PromQL error raises QueryError with Prometheus' message."""
@@ -65,17 +77,27 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """infra/prometheus/prometheus.yml at test pace (1 s scrapes and rule evaluations), reading target files
-    from a fresh folder instead of outputs/; stopped after the module."""
+    from a fresh folder instead of outputs/, plus two scrape jobs as the Prometheus operator configures them
+    (no honoured labels) for Ray's and dcgm-exporter's endpoints; stopped after the module."""
     binary = require("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     targets = folder / "targets"
-    targets.mkdir()
+    for sub in (targets, targets / "ray", targets / "dcgm"):
+        sub.mkdir()
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"}
     config["rule_files"] = [str(RULES)]
     for job in config["scrape_configs"]:
         for sd in job["file_sd_configs"]:
             sd["files"] = [str(targets / "*.json")]
+    config["scrape_configs"] += [
+        {
+            "job_name": name,
+            "honor_labels": False,
+            "file_sd_configs": [{"files": [str(targets / name / "*.json")]}],
+        }
+        for name in ("ray", "dcgm")
+    ]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = (folder / "prometheus.log").open("w")
@@ -92,7 +114,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _ready(url), 30, f"Prometheus on {url} (log: {folder / 'prometheus.log'})")
-        yield Prometheus(url, targets)
+        yield Prometheus(url, targets, targets / "ray", targets / "dcgm")
     finally:
         process.terminate()
         try:
@@ -120,14 +142,21 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def graph_panels(dashboard: dict) -> list[dict]:
+    """The panels that query (rows only group them)."""
+    return [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+
+
 def dashboard_queries(dashboard: dict, job: str, stage: str) -> dict[str, str]:
-    """Each panel target's PromQL as Prometheus would receive it from Grafana: the variables replaced by
-    one run, `$__rate_interval` by a window that spans several scrapes. Keyed by `panel title / refId`."""
-    values = {"$__rate_interval": "1m", "$job": job, "$stage": stage}
+    """Each panel target's PromQL as Prometheus would receive it from Grafana: the run and stage chosen, the
+    other variables on "All" (their allValue `.*`), `$__rate_interval` a window that spans several scrapes.
+    Keyed by `panel title / refId`."""
+    values = {f"${v['name']}": v["allValue"] for v in dashboard["templating"]["list"] if "allValue" in v}
+    values |= {"$__rate_interval": "1m", "$job": job, "$stage": stage}
     pattern = re.compile("|".join(re.escape(k) for k in sorted(values, key=len, reverse=True)))
     return {
         f"{panel['title']} / {target['refId']}": pattern.sub(lambda m: values[m[0]], target["expr"])
-        for panel in dashboard["panels"]
+        for panel in graph_panels(dashboard)
         for target in panel["targets"]
     }
 

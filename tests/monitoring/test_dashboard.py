@@ -14,7 +14,7 @@ import pytest
 
 from svd.train.metrics import MetricsConfig, TrainMetrics
 
-from .conftest import DASHBOARD, RULES
+from .conftest import DASHBOARD, RULES, alert_rules, graph_panels
 
 SCHEMA = Path(__file__).with_name("grafana-dashboard.schema.json")
 GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range"}
@@ -29,6 +29,15 @@ PANELS = (  # what the dashboard must show
     "Peak memory per rank",
     "Rank liveness",
 )
+GPU_PANELS = {  # the GPU health row: dcgm-exporter's series of the run's pods (recorded in svd.rules.yml)
+    "GPU utilisation and SM activity": {"svd:gpu_utilization:ratio", "svd:gpu_sm_active:ratio"},
+    "GPU memory used": {"svd:gpu_memory_used:bytes", "svd:gpu_memory_free:bytes"},
+    "GPU power": {"svd:gpu_power:watts"},
+    "GPU temperature": {"svd:gpu_temperature:celsius"},
+    "GPU throttle reasons": {"svd:gpu_clock_event_reasons:bitmask"},
+    "GPU XID errors": {"svd:gpu_last_xid:code"},
+}
+VARIABLES = ["datasource", "namespace", "job", "stage", "rank", "node"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +53,8 @@ def exported_names() -> set[str]:
     metrics.observe_start(world_size=1, checkpoint_every=10, checkpoint_step=None)
     metrics.observe_step(1, 0.5, 1.0, 1e-4, 1.0, 0.1, 2)
     metrics.observe_skipped({"corrupt": 1})
-    metrics.observe_checkpoint(1.0, step=1)
+    metrics.observe_checkpoint(1.0)
+    metrics.observe_checkpoint_committed(1)
     return {sample.name for family in metrics.registry.collect() for sample in family.samples}
 
 
@@ -66,7 +76,7 @@ def test_the_schema_rejects_a_panel_without_a_query_and_a_foreign_datasource(das
 
 def test_it_shows_every_required_panel_on_a_grid_without_overlaps(dashboard: dict) -> None:
     panels = dashboard["panels"]
-    assert set(PANELS) <= {p["title"] for p in panels}
+    assert set(PANELS) | set(GPU_PANELS) <= {p["title"] for p in panels}
     assert len({p["id"] for p in panels}) == len(panels)
     cells = {}
     for panel in panels:
@@ -75,22 +85,36 @@ def test_it_shows_every_required_panel_on_a_grid_without_overlaps(dashboard: dic
         for cell in itertools.product(range(g["x"], g["x"] + g["w"]), range(g["y"], g["y"] + g["h"])):
             assert cell not in cells, f"{panel['title']} overlaps {cells[cell]}"
             cells[cell] = panel["title"]
-    for panel in panels:
+    for panel in graph_panels(dashboard):
         refs = [t["refId"] for t in panel["targets"]]
         assert len(set(refs)) == len(refs), panel["title"]
 
 
+def test_the_gpu_row_follows_the_training_panels_and_reads_the_recorded_join(dashboard: dict) -> None:
+    (row,) = [p for p in dashboard["panels"] if p["type"] == "row"]
+    below = [p for p in dashboard["panels"] if p["gridPos"]["y"] > row["gridPos"]["y"]]
+    assert {p["title"] for p in below} == set(GPU_PANELS)
+    recorded = {r["record"] for r in alert_rules() if "record" in r}
+    for panel in below:
+        used = {name for t in panel["targets"] for name in re.findall(r"svd:gpu_\w+:\w+", t["expr"])}
+        assert used == GPU_PANELS[panel["title"]], panel["title"]
+        assert used <= recorded
+
+
 def test_every_query_filters_by_the_run_and_uses_only_defined_variables(dashboard: dict) -> None:
-    defined = {v["name"] for v in dashboard["templating"]["list"]} | GRAFANA_VARIABLES
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    used = {name for expr in exprs for name in re.findall(r"\$\{?(\w+)", expr)}
+    assert [v["name"] for v in dashboard["templating"]["list"]] == VARIABLES
+    defined = set(VARIABLES) | GRAFANA_VARIABLES
+    exprs = [t["expr"] for p in graph_panels(dashboard) for t in p["targets"]]
+    variables = [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for expr in exprs + variables for name in re.findall(r"\$\{?(\w+)", expr)}
     assert used <= defined
-    assert all('job=~"$job"' in expr for expr in exprs)
+    assert all('namespace=~"$namespace", job=~"$job"' in expr for expr in exprs)
 
 
 def test_every_svd_metric_in_the_dashboard_and_the_rules_is_one_the_trainer_exports(dashboard: dict) -> None:
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [RULES.read_text()]
+    exprs = [t["expr"] for p in graph_panels(dashboard) for t in p["targets"]] + [RULES.read_text()]
     referenced = {name for expr in exprs for name in re.findall(r"\bsvd_[a-z_]+", expr)}
     exported = exported_names()
     assert referenced - exported == set()
     assert {"svd_step_timestamp_seconds", "svd_world_size", "svd_checkpoint_failures_total"} <= referenced
+    assert "svd_mfu_ratio" in exported  # a ratio ends in _ratio (Prometheus naming)

@@ -1,6 +1,9 @@
 """A real training run (2 ranks, the tiny model, a clip table with one damaged video on the S3 server),
-scraped by a real Prometheus through file-based discovery, as on Slurm: its series carry the run's labels,
-and every dashboard query and alert expression evaluates against them."""
+scraped by a real Prometheus through file-based discovery with the target labels the chart's PodMonitor gives
+a worker pod (namespace, pod, container, endpoint): its series carry the labels they carry on Kubernetes, and
+every dashboard query and alert expression evaluates against them. Beside it, as on Kubernetes, Ray's own
+metrics port and dcgm-exporter: recorded samples (tests/monitoring/data/) served by a small file server, since
+CI has neither ray[default] (Ray's metrics agent) nor a GPU."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +24,11 @@ import pytest
 from svd.data.local_s3 import free_port
 from svd.data.synthetic import synthetic_corpus
 from svd.data.table import write_clip_table
-from svd.launch.targets import write_target
+from svd.train.file_sd import write_target
 
 from .conftest import (
     DASHBOARD,
+    KUBERNETES_LABELS,
     ROOT,
     Prometheus,
     QueryError,
@@ -34,6 +41,9 @@ from .conftest import (
 pytestmark = pytest.mark.slow  # the run trains ~30 s before Prometheus holds what the tests query
 
 JOB, STAGE = "monitored-run", "video_pretrain"
+NAMESPACE, POD = "ml", "monitored-run-gpu-workers-w1"  # the pod the recorded dcgm-exporter sample names
+POD_TARGET = {"namespace": NAMESPACE, "pod": POD, "container": "ray-worker"}  # what the PodMonitor adds
+DATA = Path(__file__).with_name("data")
 CHECKPOINT_EVERY = 3
 # Alerts a healthy run must not trigger. (SVDLowMFU and SVDDataLoaderStarved may well hold on 2 shared CPU
 # cores measured against a made-up peak; SVDLossExploding needs a history this run does not have.)
@@ -41,9 +51,11 @@ FAILURE_ALERTS = (
     "SVDTrainingStalled",
     "SVDRankMissing",
     "SVDMetricsEndpointDown",
-    "SVDLossNaN",
+    "SVDNonFiniteSteps",
     "SVDCheckpointFailing",
     "SVDCheckpointLate",
+    "SVDGPUXidError",
+    "SVDGPUThermalThrottling",
 )
 
 
@@ -61,9 +73,66 @@ def damaged_table(moto_s3) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(prometheus: Prometheus, moto_s3, damaged_table: str, tmp_path_factory) -> Iterator[dict]:
-    """`jobs/launch.py` training until stopped, its node endpoint in Prometheus' target folder (as the Slurm
-    launcher writes it); yields once Prometheus holds several scrapes with checkpoints and a skipped clip."""
+def recorded_endpoints(prometheus: Prometheus) -> Iterator[None]:
+    """Ray's metrics port of the run's pod and dcgm-exporter's endpoint of its node, each a recorded sample
+    served over HTTP, in Prometheus' target folders with the target labels their Kubernetes scrapes attach."""
+    servers = {name: serve_file(DATA / f"{name}.prom") for name in ("ray-metrics", "dcgm-exporter")}
+    write_target(
+        JOB,
+        "127.0.0.1",
+        servers["ray-metrics"].server_port,
+        {"job": JOB, **POD_TARGET, "endpoint": "metrics", "exporter": "ray"},
+        prometheus.ray_targets_dir,
+    )
+    write_target(  # dcgm-exporter's ServiceMonitor: the exporter pod's own namespace, pod and container
+        "dcgm",
+        "127.0.0.1",
+        servers["dcgm-exporter"].server_port,
+        {
+            "job": "nvidia-dcgm-exporter",
+            "namespace": "gpu-operator",
+            "pod": "nvidia-dcgm-exporter-x7k2p",
+            "container": "nvidia-dcgm-exporter",
+            "endpoint": "gpu-metrics",
+            "service": "nvidia-dcgm-exporter",
+        },
+        prometheus.dcgm_targets_dir,
+    )
+    try:
+        yield
+    finally:
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
+
+
+def serve_file(path: Path) -> ThreadingHTTPServer:
+    """`path` as a Prometheus text endpoint on 127.0.0.1 (any URL path), in a thread."""
+    body = path.read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def run(
+    prometheus: Prometheus, recorded_endpoints, moto_s3, damaged_table: str, tmp_path_factory
+) -> Iterator[dict]:
+    """`jobs/launch.py` training until stopped, its node endpoint in Prometheus' target folder with a worker
+    pod's target labels; yields once Prometheus holds several scrapes with checkpoints and a skipped clip, and
+    the GPU join has the run's GPUs."""
     folder = tmp_path_factory.mktemp("run")
     port = free_port()
     args = [
@@ -91,7 +160,8 @@ def run(prometheus: Prometheus, moto_s3, damaged_table: str, tmp_path_factory) -
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: the elastic agent and both ranks stop together
     )
-    target = write_target(JOB, "127.0.0.1", port, {"job": JOB}, prometheus.targets_dir)
+    labels = {"job": JOB, **POD_TARGET, "endpoint": "svd-metrics"}
+    target = write_target(JOB, "127.0.0.1", port, labels, prometheus.targets_dir)
 
     def ready() -> bool:
         if process.poll() is not None:
@@ -101,10 +171,11 @@ def run(prometheus: Prometheus, moto_s3, damaged_table: str, tmp_path_factory) -
         saves = prometheus.query(f'min(svd_checkpoint_save_seconds_count{{job="{JOB}"}}) >= 2')
         skipped = prometheus.query(f'svd_data_skipped_total{{job="{JOB}"}}')
         scrapes = prometheus.query(f'min(count_over_time(svd_step{{job="{JOB}"}}[1m])) >= 5')
-        return bool(saves and skipped and scrapes)
+        gpus = prometheus.query(f'svd:gpu_utilization:ratio{{job="{JOB}"}}')
+        return bool(saves and skipped and scrapes and gpus)
 
     try:
-        wait_until(ready, 150, f"two checkpoints, a skipped clip and 5 scrapes of {JOB}")
+        wait_until(ready, 150, f"two checkpoints, a skipped clip, 5 scrapes and the GPUs of {JOB}")
         yield {"port": port, "node": socket.gethostname()}
     finally:
         target.unlink(missing_ok=True)
@@ -137,24 +208,57 @@ def test_every_rank_is_scraped_with_the_runs_labels_and_values(prometheus: Prome
         labels = series["metric"]
         assert labels | {"rank": "0"} == {
             "__name__": "svd_step",
-            "job": JOB,  # the run's own label, kept over the scrape job's (honor_labels)
+            "job": JOB,  # the run's own label, and the target's
             "stage": STAGE,
             "rank": "0",
             "node": run["node"],
             "exporter": "svd",
             "instance": f"127.0.0.1:{run['port']}",
+            "namespace": NAMESPACE,
+            "pod": POD,
+            "container": "ray-worker",
+            "endpoint": "svd-metrics",
         }
+        assert set(labels) - {"__name__"} == KUBERNETES_LABELS  # the label names the promtool tests use
         assert float(series["value"][1]) >= 6  # two checkpoints every 3 steps
     assert values_by_rank(prometheus, f'svd_world_size{{job="{JOB}"}}') == {"0": 2.0, "1": 2.0}
     assert values_by_rank(prometheus, f'svd_checkpoint_interval_steps{{job="{JOB}"}}') == {"0": 3.0, "1": 3.0}
     saved = values_by_rank(prometheus, f'svd_checkpoint_step{{job="{JOB}"}}')
+    assert sorted(saved) == ["0", "1"]  # else the checks below hold for no rank at all
     assert all(step >= 6 and step % CHECKPOINT_EVERY == 0 for step in saved.values())
-    assert all(0 < mfu < 1 for mfu in values_by_rank(prometheus, f'svd_mfu{{job="{JOB}"}}').values())
+    mfu = values_by_rank(prometheus, f'svd_mfu_ratio{{job="{JOB}"}}')
+    assert sorted(mfu) == ["0", "1"]
+    assert all(0 < value < 1 for value in mfu.values())
     skipped = prometheus.query(f'sum by (reason) (svd_data_skipped_total{{job="{JOB}"}})')
     assert [s["metric"]["reason"] for s in skipped] == ["corrupt"]
     assert float(skipped[0]["value"][1]) >= 1
     up = prometheus.query(f'up{{job="{JOB}", exporter="svd"}}')
     assert [float(s["value"][1]) for s in up] == [1.0]
+
+
+def test_rays_own_metrics_are_scraped_beside_the_runs_with_its_pod_and_job(
+    prometheus: Prometheus, run: dict
+) -> None:
+    up = prometheus.query(f'up{{job="{JOB}", exporter="ray"}}')
+    assert [(s["metric"]["endpoint"], float(s["value"][1])) for s in up] == [("metrics", 1.0)]
+    memory = prometheus.query(f'ray_node_mem_used{{job="{JOB}", namespace="{NAMESPACE}", pod="{POD}"}}')
+    assert len(memory) == 1
+    assert float(memory[0]["value"][1]) > 0
+
+
+def test_the_gpus_of_the_runs_pod_are_joined_to_the_run_and_no_other(
+    prometheus: Prometheus, run: dict
+) -> None:
+    """dcgm-exporter scraped without honoured labels: the pod using a GPU is in exported_pod."""
+    joined = prometheus.query(f'svd:gpu_memory_used:bytes{{job="{JOB}"}}')
+    assert sorted(s["metric"]["gpu"] for s in joined) == ["0", "1"]  # GPU 2 is idle: no pod
+    for series in joined:
+        assert (series["metric"]["namespace"], series["metric"]["pod"]) == (NAMESPACE, POD)
+        assert (series["metric"]["stage"], series["metric"]["node"]) == (STAGE, run["node"])
+    assert {s["metric"]["gpu"]: float(s["value"][1]) for s in joined} == {
+        "0": 71790 * 2**20,
+        "1": 71526 * 2**20,
+    }
 
 
 def test_every_dashboard_query_returns_data_for_the_run(prometheus: Prometheus, run: dict) -> None:
@@ -167,20 +271,28 @@ def test_every_dashboard_query_returns_data_for_the_run(prometheus: Prometheus, 
 
 def test_the_dashboard_variables_list_the_run_and_its_stage(prometheus: Prometheus, run: dict) -> None:
     variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
-    # label_values(metric, label) is Grafana's: the values of `label` among the series of `metric`
-    jobs = prometheus.query("count by (job) (svd_step)")
-    stages = prometheus.query(f'count by (stage) (svd_step{{job=~"{JOB}"}})')
-    assert variables["job"]["definition"] == "label_values(svd_step, job)"
-    assert variables["stage"]["definition"] == 'label_values(svd_step{job=~"$job"}, stage)'
-    assert JOB in {s["metric"]["job"] for s in jobs}
-    assert [s["metric"]["stage"] for s in stages] == [STAGE]
+    # label_values(metric{selector}, label) is Grafana's: the values of `label` among the series it selects,
+    # here with the namespace and the run chosen and the other variables on All
+    chosen = {"$namespace": NAMESPACE, "$job": JOB, "$stage": ".*"}
+    found = {}
+    for name in ("namespace", "job", "stage", "rank", "node"):
+        definition = variables[name]["definition"]
+        selector, label = definition.removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
+        for variable, value in chosen.items():
+            selector = selector.replace(variable, value)
+        found[name] = sorted(
+            {s["metric"][label] for s in prometheus.query(f"count by ({label}) ({selector})")}
+        )
+    assert NAMESPACE in found["namespace"]
+    assert JOB in found["job"]
+    assert (found["stage"], found["rank"], found["node"]) == ([STAGE], ["0", "1"], [run["node"]])
 
 
 def test_every_alert_expression_evaluates_and_finds_the_runs_series(
     prometheus: Prometheus, run: dict
 ) -> None:
     rules = alert_rules()
-    assert len([r for r in rules if "alert" in r]) == 9
+    assert len([r for r in rules if "alert" in r]) == 11
     for rule in rules:
         prometheus.query(rule["expr"])  # raises on any PromQL error
     # with comparisons made `bool`, each alert returns its outcome for every series it watches

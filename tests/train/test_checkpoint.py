@@ -8,12 +8,15 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, read_full_state
@@ -102,8 +105,7 @@ def test_a_saved_run_resumes_into_fresh_objects_exactly(spelling, tmp_path, moto
     for step in (1, 2):
         run.train(step)
     with Checkpointer(uri, moto_s3.storage, async_save=False) as checkpointer:
-        blocked = checkpointer.save(2, run.parts)
-    assert blocked > 0
+        checkpointer.save(2, run.parts)
     expected = run.snapshot()
 
     fresh = Run(seed=1)
@@ -250,6 +252,69 @@ def test_async_save_writes_the_same_checkpoint_as_sync_and_snapshots_before_retu
         saved = read_full_state(str(tmp_path / "async"), prefix)
         assert_same(saved, read_full_state(str(tmp_path / "sync"), prefix))
         assert_same(saved, expected["model" if prefix == "train.model" else "ema"])
+
+
+class HeldDisk(LocalFileSystem):
+    """A local disk whose checkpoint data writes wait for `release`, then take `delay` seconds more: a store
+    slower than anything else a save does, by construction rather than by luck."""
+
+    cachable = False  # fsspec would hand every test the same instance
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.delay = 0.0
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any):
+        if "w" in mode and path.endswith(".distcp"):
+            self.release.wait(timeout=20)  # a save that waits here before returning fails the test, not hangs
+            time.sleep(self.delay)
+        return super()._open(path, mode, **kwargs)
+
+
+class OnDisk:
+    """The one method of `Storage` that the checkpointer uses, answering with `disk` for every URI."""
+
+    def __init__(self, disk: LocalFileSystem):
+        self.disk = disk
+
+    def fsspec(self, uri: str) -> tuple[LocalFileSystem, str]:
+        return self.disk, uri
+
+
+def test_an_async_save_blocks_training_less_than_a_sync_save_because_it_does_not_wait_for_the_store(tmp_path):
+    disk, run = HeldDisk(), Run(seed=0)
+    run.train(1)
+    with Checkpointer(str(tmp_path / "async"), OnDisk(disk), async_save=True) as checkpointer:
+        async_blocked = checkpointer.save(1, run.parts)  # returns while the data write is held
+        assert not (tmp_path / "async/checkpoints/step-00000001/.metadata").exists()
+        assert checkpointer.latest_step() is None
+        disk.release.set()
+    assert marker(tmp_path / "async")["step"] == 1  # closing waited for the write and committed it
+
+    disk.delay = async_blocked + 0.1  # each data write now takes longer than the async save blocked
+    with Checkpointer(str(tmp_path / "sync"), OnDisk(disk), async_save=False) as checkpointer:
+        sync_blocked = checkpointer.save(1, run.parts)
+        assert marker(tmp_path / "sync")["step"] == 1  # returned only once written and committed
+    assert sync_blocked > disk.delay > async_blocked
+
+
+def test_on_commit_hears_of_a_save_once_it_is_complete_and_never_of_one_that_failed(tmp_path):
+    disk, run, committed = HeldDisk(), Run(seed=0), []
+    checkpointer = Checkpointer(str(tmp_path), OnDisk(disk), async_save=True)
+    checkpointer.save(1, run.parts, on_commit=committed.append)
+    assert committed == []  # the data is still being written
+    disk.release.set()
+    checkpointer.wait()
+    assert committed == [1]
+    (tmp_path / "checkpoints/step-00000002").write_text("a file where the folder goes")
+    checkpointer.save(2, run.parts, on_commit=committed.append)
+    with pytest.raises(CheckpointError, match="step-00000002 failed"):
+        checkpointer.close()
+    assert committed == [1]
+    with Checkpointer(str(tmp_path / "sync"), async_save=False) as checkpointer:
+        checkpointer.save(3, run.parts, on_commit=committed.append)
+        assert committed == [1, 3]  # a synchronous save is complete when it returns
 
 
 def test_read_full_state_takes_a_run_or_one_step_folder_and_names_a_missing_prefix(

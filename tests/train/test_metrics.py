@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,15 +12,20 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from svd.config import METRICS_PORT
+from svd.config import MetricsConfig as RunMetricsConfig
 from svd.train.metrics import (
     ENV_DIR,
     PEAK_FLOPS,
+    PORT_TRIES,
     MetricsConfig,
     ProgressLine,
     TrainMetrics,
@@ -43,7 +50,8 @@ RANK = textwrap.dedent(
     m.observe_step(step=7, loss=loss, grad_norm=0.25, lr=1e-4, step_seconds=2.0, data_wait_seconds=0.5,
                    samples=4)
     m.observe_skipped({"decode": skipped})
-    m.observe_checkpoint(12.0, step=5)
+    m.observe_checkpoint(12.0)
+    m.observe_checkpoint_committed(5)
     """
 )
 
@@ -99,7 +107,10 @@ def test_node_endpoint_serves_every_rank_with_its_labels_and_a_restarted_rank_re
     assert by_rank(first["svd_grad_norm"], "svd_grad_norm") == {"0": 0.25, "1": 0.25}
     assert by_rank(first["svd_learning_rate"], "svd_learning_rate") == {"0": 1e-4, "1": 1e-4}
     assert by_rank(first["svd_samples_per_second"], "svd_samples_per_second") == {"0": 2.0, "1": 2.0}
-    assert by_rank(first["svd_mfu"], "svd_mfu") == {"0": 2e12 * 2.0 / 989e12, "1": 2e12 * 2.0 / 989e12}
+    assert by_rank(first["svd_mfu_ratio"], "svd_mfu_ratio") == {
+        "0": 2e12 * 2.0 / 989e12,
+        "1": 2e12 * 2.0 / 989e12,
+    }
     assert by_rank(first["svd_data_skipped"], "svd_data_skipped_total") == {"0": 1.0, "1": 2.0}
     assert by_rank(first["svd_step_seconds"], "svd_step_seconds_sum") == {"0": 2.0, "1": 2.0}
     assert by_rank(first["svd_data_wait_seconds"], "svd_data_wait_seconds_sum") == {"0": 0.5, "1": 0.5}
@@ -152,13 +163,166 @@ def test_a_rank_refuses_to_start_when_prometheus_client_was_imported_in_single_p
     assert f"prometheus_client was imported before {ENV_DIR} was set" in done.stderr.splitlines()[-1]
 
 
-def test_serving_on_a_port_already_in_use_names_the_port(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=f"metrics.port={port}"):
-            serve_node_metrics(port, tmp_path, addr="127.0.0.1")
+def held_ports(count: int) -> list[socket.socket]:
+    """`count` consecutive ports on 127.0.0.1, each bound and listening (taken) until its socket is closed."""
+    for _ in range(50):
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        held = [first]
+        try:
+            for port in range(first.getsockname()[1] + 1, first.getsockname()[1] + count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", port))
+        except OSError:  # a neighbour is in use: try another start
+            for s in held:
+                s.close()
+            continue
+        for s in held:
+            s.listen()
+        return held
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+def test_a_taken_port_moves_the_endpoint_to_the_next_free_port_and_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    taken, following = held_ports(2)
+    port = taken.getsockname()[1]
+    following.close()  # port + 1 is free
+    lines: list[str] = []
+    with taken, serve_node_metrics(port, tmp_path, addr="127.0.0.1", warn=lines.append) as server:
+        assert server.port == port + 1
+        assert scrape(server.port) == {}  # serving (no rank has written yet)
+    assert lines == [f"metrics: port {port} is taken; serving on {port + 1}"]
+
+
+def test_with_every_port_of_the_range_taken_training_goes_on_without_an_endpoint(tmp_path: Path) -> None:
+    held = held_ports(PORT_TRIES)
+    port = held[0].getsockname()[1]
+    lines: list[str] = []
+    try:
+        assert serve_node_metrics(port, tmp_path, addr="127.0.0.1", warn=lines.append) is None
+    finally:
+        for s in held:
+            s.close()
+    assert lines == [
+        f"metrics: ports {port}-{port + PORT_TRIES - 1} are all taken; training goes on without a metrics "
+        "endpoint on this node (set metrics.port to a free range)"
+    ]
+
+
+def test_a_missing_multiprocess_folder_costs_the_endpoint_not_the_run(tmp_path: Path) -> None:
+    lines: list[str] = []
+    assert serve_node_metrics(free_port(), tmp_path / "gone", addr="127.0.0.1", warn=lines.append) is None
+    assert len(lines) == 1
+    assert "gone does not exist; training goes on without a metrics endpoint" in lines[0]
+
+
+def test_the_default_port_is_defined_once_and_is_not_dcgm_exporters() -> None:
+    assert MetricsConfig().port == RunMetricsConfig().port == METRICS_PORT
+    # outside Prometheus' exporter allocations (9100-9999), dcgm-exporter's 9400 among them
+    assert not 9100 <= METRICS_PORT <= 9999
+    helm = yaml.safe_load((ROOT / "helm/svd/values.yaml").read_text())
+    assert helm["metrics"]["port"] == METRICS_PORT
+    for doc in ("README.md", "helm/README.md", "docs/runbooks.md"):
+        text = (ROOT / doc).read_text()
+        assert f"{METRICS_PORT}" in text, doc
+        assert "9400" not in text.replace("dcgm-exporter's 9400", ""), doc
+
+
+HOLDERS = {  # another program on the port: one that only listens, and a plain HTTP server
+    "listening program": "import socket, sys, time\n"
+    "s = socket.socket()\ns.bind(('127.0.0.1', int(sys.argv[1])))\ns.listen()\nprint('ready', flush=True)\n"
+    "time.sleep(3600)",
+    "plain http server": "import sys\n"
+    "from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer\n"
+    "s = ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), SimpleHTTPRequestHandler)\n"
+    "print('ready', flush=True)\ns.serve_forever()",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("holder", HOLDERS.values(), ids=HOLDERS.keys())
+def test_a_two_rank_run_trains_to_the_end_when_its_metrics_port_is_taken(
+    holder: str, train_table: dict, s3_env: dict, tmp_path: Path
+) -> None:
+    """Production settings (loader workers, validation, previews, async checkpoints, the endpoint on): the run
+    finishes, says once where it serves, and serves every rank there. Before the fix local rank 0 raised in
+    its first seconds and the run ended (exit 1, a 65-line traceback)."""
+    taken, following = held_ports(2)
+    port = taken.getsockname()[1]
+    taken.close()
+    following.close()  # port + 1 is free for the run
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    program = subprocess.Popen(
+        [sys.executable, "-c", holder, str(port)], stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+    )
+    log = tmp_path / "train.log"
+    scraped: dict[str, list] = {}
+    try:
+        assert program.stdout.readline().strip() == "ready"
+        args = [
+            "stage=video_pretrain",
+            "model=tiny",
+            f"data.table={train_table['table']}",
+            f"checkpoint.run_dir={train_table['bucket']}/runs/taken-port-{program.pid}",
+            "data.frames=4",
+            "data.fps=4",
+            "data.num_workers=2",
+            "train.steps=4",
+            "train.val_every=2",
+            "train.preview_every=3",
+            "checkpoint.every=2",
+            "gpus_per_node=2",
+            f"metrics.port={port}",
+            f"job_name=taken-port-{program.pid}",
+        ]
+        with log.open("w") as out:  # a file, not a pipe: the test waits for the run, not for its output
+            run = subprocess.Popen(
+                [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                while run.poll() is None and not scraped:
+                    scraped = scrape_until_both_ranks(port + 1)
+                run.wait(timeout=600)
+            finally:
+                stop_group(run)
+    finally:
+        program.kill()
+        program.wait()
+    output = log.read_text()
+    assert run.returncode == 0, output
+    assert "done: 4 steps" in output
+    assert [line for line in output.splitlines() if "metrics:" in line] == [
+        f"metrics: port {port} is taken; serving on {port + 1}"
+    ]
+    assert scraped, f"port {port + 1} never served both ranks while the run lasted"
+    assert by_rank(scraped["svd_world_size"], "svd_world_size") == {"0": 2.0, "1": 2.0}
+
+
+def scrape_until_both_ranks(port: int) -> dict[str, list]:
+    """One scrape of `port` once it shows both ranks' world size, else {} (not serving yet, or one rank)."""
+    try:
+        families = scrape(port)
+    except OSError:
+        time.sleep(0.2)
+        return {}
+    if len(by_rank(families.get("svd_world_size", []), "svd_world_size")) < 2:
+        time.sleep(0.2)
+        return {}
+    return families
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """The launcher's process group, and whatever it left behind, gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def test_port_zero_means_no_endpoint_and_no_multiprocess_files(tmp_path: Path) -> None:
@@ -171,15 +335,67 @@ def test_port_zero_means_no_endpoint_and_no_multiprocess_files(tmp_path: Path) -
     assert metrics.registry.get_sample_value("svd_loss", LABELS) == 0.5
 
 
-def test_a_failed_save_counts_and_leaves_the_checkpoint_step_at_the_last_good_save() -> None:
-    metrics = TrainMetrics(MetricsConfig(port=0), job="j1", stage="video", rank=0, node="n0")
-    metrics.observe_start(world_size=4, checkpoint_every=10, checkpoint_step=30)
-    assert metrics.registry.get_sample_value("svd_checkpoint_step", LABELS) == 30
-    metrics.observe_checkpoint(1.5, step=40)
-    metrics.observe_checkpoint_failure()
-    assert metrics.registry.get_sample_value("svd_checkpoint_step", LABELS) == 40
-    assert metrics.registry.get_sample_value("svd_checkpoint_failures_total", LABELS) == 1
-    assert metrics.registry.get_sample_value("svd_world_size", LABELS) == 4
+# A run on a disk that refuses the data of step 4's checkpoint (as a full or revoked store would): the trainer
+# itself, one rank in its own process (prometheus_client's multiprocess mode is fixed per process).
+FAILING_SAVE = textwrap.dedent(
+    """
+    import sys
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    from svd.config import compose
+    from svd.launch.local import launch_local
+
+    class RefusesStep4(LocalFileSystem):
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and "step-00000004/" in path:
+                raise OSError(28, "No space left on device", path)
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("file", RefusesStep4, clobber=True)
+    launch_local(compose(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_failed_async_save_counts_and_leaves_the_checkpoint_step_at_the_last_good_save(
+    train_table: dict, moto_s3, tmp_path: Path
+) -> None:
+    job = f"failed-save-{uuid.uuid4().hex[:8]}"  # its metrics folder is shared by every test session
+    args = [
+        "stage=video_pretrain",
+        "model=tiny",
+        f"job_name={job}",
+        f"data.table={train_table['table']}",
+        "data.frames=4",
+        "data.fps=4",
+        "data.num_workers=2",
+        "train.global_batch=2",
+        "train.steps=6",
+        "train.val_every=3",
+        "train.preview_every=3",
+        f"checkpoint.run_dir={tmp_path / 'run'}",
+        "checkpoint.every=2",
+        "checkpoint.async_save=true",
+        f"metrics.port={free_port()}",
+    ]
+    env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(  # a failed run must also end: the limit turns a hang at exit into a failure
+        [sys.executable, "-c", FAILING_SAVE, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "step-00000004 failed: rank 0: OSError: [Errno 28] No space left on device" in done.stderr
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(MetricsConfig(port=1).directory(job)))
+    labels = {"job": job, "stage": "video_pretrain", "rank": "0", "node": socket.gethostname()}
+    assert registry.get_sample_value("svd_step", labels) == 6  # the failure surfaced at the next save
+    assert registry.get_sample_value("svd_checkpoint_step", labels) == 2  # not 4: that save never completed
+    assert registry.get_sample_value("svd_checkpoint_failures_total", labels) == 1
+    assert registry.get_sample_value("svd_checkpoint_save_seconds_count", labels) == 2  # steps 2 and 4
 
 
 def test_mfu_is_flops_per_sample_times_samples_per_second_over_the_configured_peak() -> None:
@@ -188,7 +404,7 @@ def test_mfu_is_flops_per_sample_times_samples_per_second_over_the_configured_pe
     )
     metrics.observe_step(5, 0.5, 1.0, 1e-4, step_seconds=0.5, data_wait_seconds=0.0, samples=8)
     assert metrics.registry.get_sample_value("svd_samples_per_second", LABELS) == 16.0
-    assert metrics.registry.get_sample_value("svd_mfu", LABELS) == 3e9 * 16.0 / 312e12
+    assert metrics.registry.get_sample_value("svd_mfu_ratio", LABELS) == 3e9 * 16.0 / 312e12
 
 
 def test_no_mfu_series_on_cpu_without_a_configured_gpu() -> None:
@@ -197,7 +413,7 @@ def test_no_mfu_series_on_cpu_without_a_configured_gpu() -> None:
     )
     metrics.observe_step(5, 0.5, 1.0, 1e-4, step_seconds=0.5, data_wait_seconds=0.0, samples=8)
     assert metrics.peak_flops is None
-    assert metrics.registry.get_sample_value("svd_mfu", LABELS) is None
+    assert metrics.registry.get_sample_value("svd_mfu_ratio", LABELS) is None
 
 
 def test_skipped_counter_adds_only_what_is_new_in_the_loaders_running_totals() -> None:

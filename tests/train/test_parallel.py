@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from svd.config import compose
+from svd.config import compose, to_yaml
 from svd.data.local_s3 import free_port
 from svd.launch.local import launch_local
 from svd.train.metrics import MetricsConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(train_table: dict, name: str, *extra: str):
@@ -83,3 +92,72 @@ def test_hybrid_sharding_over_two_processes_gives_the_losses_of_one(train_table,
     one = run(train_table, "hsdp-ref", "parallel.sharding=none")
     hybrid = run(train_table, "hsdp", "gpus_per_node=2", "parallel.sharding=hsdp")  # mesh (1 node, 2 shards)
     assert hybrid.losses == pytest.approx(one.losses, rel=1e-5)
+
+
+# One rank of an emulated multi-node run: the environment says where it is (as torchrun or srun would set it).
+RANK = """
+import json, sys
+from svd.config import from_yaml
+from svd.train import run
+result = run(from_yaml(open(sys.argv[1]).read()))
+json.dump(result.losses, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_on_a_two_by_two_mesh_gives_the_losses_of_one_process(train_table, s3_env, tmp_path):
+    """nodes=2 × gpus_per_node=2 on this host: LOCAL_WORLD_SIZE=2 makes each pair of ranks a node, so the
+    mesh is (replicate 2, shard 2): parameters sharded within a node, gradients averaged across nodes."""
+    production = ("data.num_workers=2", "train.val_every=2", "train.preview_every=2", "train.steps=2")
+    one = run(train_table, "hsdp2x2-ref", "parallel.sharding=none", "train.global_batch=4", *production)
+    cfg = compose(
+        [
+            "stage=video_pretrain",
+            "model=tiny",
+            f"data.table={train_table['table']}",
+            f"checkpoint.run_dir={tmp_path / 'run'}",
+            "data.frames=4",
+            "data.fps=4",
+            "train.global_batch=4",
+            "nodes=2",
+            "gpus_per_node=2",
+            "parallel.sharding=hsdp",
+            # off: both emulated nodes share this host, so their local rank 0s would serve one port
+            "metrics.port=0",
+            *production,
+        ]
+    )
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    env = os.environ | {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, str(tmp_path / "config.yaml"), str(tmp_path / f"losses{rank}.json")],
+            env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank % 2), "GROUP_RANK": str(rank // 2)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(4)
+    ]
+    errors = [process.communicate(timeout=600)[1] for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0, 0, 0], errors[0][-3000:]
+    losses = [json.loads((tmp_path / f"losses{rank}.json").read_text()) for rank in range(4)]
+    assert losses[0] == pytest.approx(one.losses, rel=1e-5)
+    assert losses[1:] == [losses[0]] * 3  # every rank reports the global loss
+
+    # the checkpoint shows the mesh: each parameter in 2 shards (the shard dimension), not 4 (plain FSDP
+    # over all ranks) nor 1 (replicated only); the replicas of a shard are written once
+    metadata = FileSystemReader(str(tmp_path / "run/checkpoints/step-00000002")).read_metadata()
+    chunks = [
+        len(entry.chunks)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith("model.model.") and isinstance(entry, TensorStorageMetadata) and entry.size[0] >= 2
+    ]
+    assert chunks
+    assert set(chunks) == {2}

@@ -8,12 +8,38 @@ app.kubernetes.io/name: svd
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{- define "svd.labels" -}}
+{{/* The labels the chart owns: the user's `labels` and `podLabels` never replace them. */}}
+{{- define "svd.ownLabels" -}}
 {{ include "svd.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 svd/job: {{ .Values.job }}
+{{- end -}}
+
+{{/* metadata.labels and, when any, metadata.annotations of an object the chart makes; call with
+     (dict "root" $ "labels" <the object's own extra labels, or nil>). The chart's labels win over the user's
+     `labels` (selectors depend on them). */}}
+{{- define "svd.metadata" -}}
+{{- $labels := merge (fromYaml (include "svd.ownLabels" .root)) (deepCopy .root.Values.labels) -}}
+labels:
+  {{- toYaml (merge $labels (deepCopy (.labels | default dict))) | nindent 2 }}
+{{- with .root.Values.annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A pod template's metadata; call with (dict "root" $ "component" "ray-worker"). Pods get podLabels, not
+     the objects' `labels`: a queue label on pods would make Kueue's pod integration queue each pod alone. */}}
+{{- define "svd.podMetadata" -}}
+{{- $own := merge (fromYaml (include "svd.ownLabels" .root)) (dict "app.kubernetes.io/component" .component) -}}
+labels:
+  {{- toYaml (merge $own (deepCopy .root.Values.podLabels)) | nindent 2 }}
+{{- with .root.Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{- define "svd.image" -}}
@@ -56,7 +82,17 @@ python jobs/curate.py launcher=ray shards={{ .Values.curate.shards }} input={{ .
 /app/jobs/conf/cluster/release.yaml
 {{- end -}}
 
+{{/* rayStartParams of a group; call with (dict "root" $ "group" <head or workers values>). Ray's object store
+     and metrics port are set explicitly, so that /dev/shm is sized for the one and the PodMonitor finds the
+     other. */}}
+{{- define "svd.rayStartParams" -}}
+object-store-memory: {{ mul .group.objectStoreGiB 1073741824 | quote }}
+metrics-export-port: {{ .root.Values.metrics.rayPort | quote }}
+{{- end -}}
+
+{{/* The environment of the Ray containers; call with (dict "root" $ "workers" true|false). */}}
 {{- define "svd.env" -}}
+{{- with .root -}}
 - {name: TMPDIR, value: /tmp}
 - {name: HOME, value: /tmp/home}
 - {name: PYTHONDONTWRITEBYTECODE, value: "1"}
@@ -67,44 +103,54 @@ python jobs/curate.py launcher=ray shards={{ .Values.curate.shards }} input={{ .
 {{- end }}
 {{- with .Values.s3.existingSecret }}
 - name: AWS_ACCESS_KEY_ID
-  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.Values.s3.accessKeyIdKey }}}}
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.root.Values.s3.accessKeyIdKey }}}}
 - name: AWS_SECRET_ACCESS_KEY
-  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.Values.s3.secretAccessKeyKey }}}}
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.root.Values.s3.secretAccessKeyKey }}}}
 {{- end }}
-{{- if .Values.workers.cache.enabled }}
+{{- if and $.workers .Values.workers.cache.enabled }}
 - {name: HF_HOME, value: {{ printf "%s/huggingface" .Values.workers.cache.mountPath | quote }}}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
+{{/* A group's volume mounts; call with (dict "root" $ "group" <values> "workers" true|false). */}}
 {{- define "svd.volumeMounts" -}}
 - {name: tmp, mountPath: /tmp}
 - {name: dshm, mountPath: /dev/shm}
-{{- if eq .Values.job "train" }}
+{{- if eq .root.Values.job "train" }}
 - name: run-config
-  mountPath: {{ include "svd.runConfigPath" . }}
+  mountPath: {{ include "svd.runConfigPath" .root }}
   subPath: release.yaml
   readOnly: true
 {{- end }}
-{{- if .Values.workers.cache.enabled }}
-- {name: cache, mountPath: {{ .Values.workers.cache.mountPath }}}
+{{- if and .workers .root.Values.workers.cache.enabled }}
+- {name: cache, mountPath: {{ .root.Values.workers.cache.mountPath }}}
+{{- end }}
+{{- with .group.extraVolumeMounts }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
-{{/* The pods' volumes; call with (dict "root" $ "shmSize" <quantity>). */}}
+{{/* A group's volumes, and only its own; call with (dict "root" $ "group" <values> "workers" true|false).
+     /dev/shm holds Ray's object store and the rest of the group's shared memory. */}}
 {{- define "svd.volumes" -}}
-{{- with .root -}}
 - name: tmp
   emptyDir: {}
 - name: dshm
-  emptyDir: {medium: Memory, sizeLimit: {{ $.shmSize }}}
-{{- if eq .Values.job "train" }}
+  emptyDir: {medium: Memory, sizeLimit: {{ printf "%dGi" (add .group.objectStoreGiB .group.shmExtraGiB) }}}
+{{- if eq .root.Values.job "train" }}
 - name: run-config
-  configMap: {name: {{ include "svd.fullname" . }}-run}
+  configMap: {name: {{ include "svd.fullname" .root }}-run}
 {{- end }}
-{{- if .Values.workers.cache.enabled }}
+{{- if and .workers .root.Values.workers.cache.enabled }}
 - name: cache
-  {{- toYaml (.Values.workers.cache.volume | default (dict "emptyDir" dict)) | nindent 2 }}
+  {{- toYaml (.root.Values.workers.cache.volume | default (dict "emptyDir" dict)) | nindent 2 }}
 {{- end }}
+{{- with .group.extraVolumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -121,4 +167,51 @@ imagePullSecrets:
   - name: {{ . }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* Where a group's pods may run; call with a group's values (head or workers). */}}
+{{- define "svd.placement" -}}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The workers' container securityContext: the chart's, plus IPC_LOCK when workers.ipcLock (RDMA). */}}
+{{- define "svd.workerSecurityContext" -}}
+{{- $context := deepCopy .Values.securityContext -}}
+{{- if .Values.workers.ipcLock -}}
+{{- $capabilities := get $context "capabilities" | default dict -}}
+{{- $_ := set $capabilities "add" (list "IPC_LOCK") -}}
+{{- $_ := set $context "capabilities" $capabilities -}}
+{{- end -}}
+{{- toYaml $context -}}
+{{- end -}}
+
+{{/* The workers' resources, requested and limited alike (extended resources must be). */}}
+{{- define "svd.workerResources" -}}
+{{- $resources := dict "cpu" (toString .Values.workers.cpu) "memory" .Values.workers.memory -}}
+{{- if gt (int .Values.workers.gpus) 0 -}}
+{{- $_ := set $resources "nvidia.com/gpu" .Values.workers.gpus -}}
+{{- end -}}
+{{- $resources = merge $resources (deepCopy .Values.workers.extraResources) -}}
+requests:
+  {{- toYaml $resources | nindent 2 }}
+limits:
+  {{- toYaml $resources | nindent 2 }}
 {{- end -}}

@@ -1,0 +1,79 @@
+"""Joining the job's process group: the one place that knows about devices and backends.
+
+- Device and backend: the device the launcher assigned ($SVD_DEVICE: Ray Train's), else CUDA + NCCL when a
+  GPU is visible, else CPU + gloo. Nothing else in svd asks.
+- The process group comes from the torch.distributed environment variables (RANK, WORLD_SIZE,
+  LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that every launcher sets; collectives get a timeout, so a dead
+  rank fails the job instead of hanging it. A group the launcher already created (Ray Train's, with the
+  same timeout) is joined as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from svd.data.local_s3 import free_port
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // self.local_world_size
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+
+# The rank's device, where its launcher assigned one: Ray Train knows which GPU it gave a worker
+# (`ray.train.torch.get_device()`), and its visible GPUs need not be in local-rank order
+DEVICE_ENV = "SVD_DEVICE"
+
+
+def device_and_backend(local_rank: int) -> tuple[torch.device, str]:
+    """The device of this rank ($SVD_DEVICE, else the local rank's GPU, else the CPU) and its backend."""
+    if assigned := os.environ.get(DEVICE_ENV):
+        device = torch.device(assigned)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return device, "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(timeout_s: float) -> DistEnv:
+    """Joins the process group described by the environment (a single process needs no launcher)."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device, backend = device_and_backend(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
+    else:  # the launcher made the group (Ray Train: NCCL where it placed GPUs, else gloo)
+        backend = dist.get_backend()
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)

@@ -1,0 +1,132 @@
+"""What a run reports about its model besides the training loss, both with the EMA weights:
+
+- `Validator`: the denoising loss on the held-out split (`split = data.val_split`) at fixed noise levels
+  (`train.val_sigmas`) and fixed noise, so the numbers are comparable across steps, runs and world sizes
+  (the σ-weighted loss varies far more with σ than with the model; a random σ would drown the signal).
+- `Previewer`: a short video sampled with the Euler EDM sampler from the conditioning of the run's first
+  training sample, written to `<run_dir>/previews/` as mp4 and gif, to look at what the model learned.
+
+Every rank calls both at the same step: the sharded forward is collective. Neither changes training: the
+EMA swap gives the trained weights back bit for bit (`EMA.applied`), and their random draws come from
+their own seeded generators, never from a global one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from svd.config import RunConfig
+from svd.data.loader import ClipLoader
+from svd.data.video_io import encode_gif, encode_mp4, to_uint8_frames
+from svd.diffusion.edm import weighted_denoising_error
+from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
+from svd.train.distributed import DistEnv
+from svd.train.ema import EMA
+from svd.train.run_files import RunFiles
+from svd.train.task import CONDITIONED_ON_IMAGE, SampleRandoms, Task
+
+VALIDATION_FILE = "validation.jsonl"
+
+
+class Validator:
+    """`validator(model, ema, step)` → {"sigma_<σ>": loss, …, "mean": …}; {} when nothing is held out."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        task: Task,
+        held_out: Callable[[], ClipLoader],
+        files: RunFiles,
+    ):
+        self.cfg, self.env, self.task, self.files = cfg, env, task, files
+        self.held_out = held_out  # a fresh loader over the held-out rows, at their start
+        self.unavailable: str | None = None  # why there is nothing to validate on, once found
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, ema: EMA, step: int) -> dict[str, float]:
+        if self.unavailable is not None:
+            return {}
+        try:
+            loader = self.held_out()
+        except ValueError as e:  # no held-out row (the same on every rank: they read one table version)
+            self.unavailable = str(e)
+            if self.env.is_main:
+                print(f"validation skipped from now on: {e}", flush=True)
+            return {}
+        sigmas = self.cfg.train.val_sigmas
+        sums = torch.zeros(len(sigmas) + 1, device=self.env.device)
+        per_step = self.env.world_size * self.cfg.data.micro_batch
+        batches = -(-self.cfg.train.val_samples // per_step)
+        with ema.applied(model):
+            for _, batch in zip(range(batches), loader, strict=False):
+                latents = self.task.latents(batch)
+                randoms = self.task.draw(batch, tuple(latents.shape[1:]), self.cfg.train.seed + 1)
+                randoms.dropped.zero_()
+                cond = self.task.conditioning(batch, latents, randoms)
+                for i, sigma in enumerate(sigmas):
+                    fixed = torch.full_like(randoms.sigma, sigma)
+                    sums[i] += weighted_denoising_error(model, latents, cond, fixed, randoms.eps).sum()
+                sums[-1] += latents.shape[0]
+        dist.all_reduce(sums)
+        losses = {f"sigma_{s:g}": float(v) for s, v in zip(sigmas, sums[:-1] / sums[-1], strict=True)}
+        losses["mean"] = sum(losses.values()) / len(sigmas)
+        if self.env.is_main:
+            self.files.append_line(VALIDATION_FILE, json.dumps({"step": step, **losses}))
+            print(
+                f"validation at step {step}: loss {losses['mean']:.4f} (EMA weights, {len(sigmas)} σ)",
+                flush=True,
+            )
+        return losses
+
+
+class Previewer:
+    """`previewer(model, ema, step, batch)`: a video sampled from the first sample of `batch`."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, task: Task, files: RunFiles):
+        self.cfg, self.env, self.task, self.files = cfg, env, task, files
+        lo, hi = cfg.train.preview_guidance
+        self.sampler = EulerEDMSampler(
+            SamplerConfig(num_steps=cfg.train.preview_steps, guidance_min=lo, guidance_max=hi)
+        )
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, ema: EMA, step: int, batch: dict[str, Any]) -> None:
+        one = {k: (v[:1] if isinstance(v, Tensor | list) else v) for k, v in batch.items()}
+        latents = self.task.latents(one)
+        cond, uncond = (
+            self.task.conditioning(one, latents, self._randoms(latents, one, dropped))
+            for dropped in (False, True)
+        )
+        with ema.applied(model):
+            sample = self.sampler.sample(
+                model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.env.device
+            )
+        if self.env.is_main:
+            video = to_uint8_frames(self.task.autoencoder.decode(sample)[0].cpu())
+            fps = self.cfg.data.fps
+            self.files.write(f"previews/step-{step:08d}.mp4", encode_mp4(video, fps))
+            self.files.write(f"previews/step-{step:08d}.gif", encode_gif(video, fps))
+            print(f"preview at step {step}: {self.files.uri('previews')}", flush=True)
+
+    def _randoms(self, latents: Tensor, batch: dict[str, Any], dropped: bool) -> SampleRandoms:
+        """No dropout (or all, for the unconditional branch); the conditioning frame noised as the released
+        sampling script does, at σ_aug = 0.02."""
+        device = self.env.device
+        g = torch.Generator(device).manual_seed(self.cfg.train.seed)
+        image_cond = "frames" in batch and self.cfg.stage.task in CONDITIONED_ON_IMAGE
+        return SampleRandoms(
+            dropped=torch.tensor([dropped], device=device),
+            sigma=torch.ones(1, device=device),
+            eps=torch.zeros_like(latents),
+            cond_sigma=torch.full((1,), 0.02 if image_cond else 0.0, device=device),
+            cond_noise=torch.randn(batch["frames"][:1, 0].shape, generator=g, device=device)
+            if image_cond
+            else None,
+        )
