@@ -267,7 +267,8 @@ class RayNode:
                 "start",
                 "--block",
                 "--node-ip-address=127.0.0.1",
-                f"--temp-dir={temp_dir}",
+                f"--temp-dir={temp_dir / name}",  # its own: each node's log monitor sends its workers' lines
+                # to the driver, and nodes sharing a folder sent every line once per node
                 "--object-store-memory=100000000",
                 "--disable-usage-stats",
                 f"--metrics-export-port={free_port()}",
@@ -343,7 +344,6 @@ def test_ray_ranks_save_the_step_under_way_when_a_pod_is_evicted_and_on_ray_job_
         f"--port={port}",
         "--num-cpus=0",
         "--include-dashboard=false",
-        f"--ray-client-server-port={free_port()}",
     )
     evicted = ray_nodes(
         "pod-a",
