@@ -231,6 +231,7 @@ class LaunchedRun:
     (its process group is what Ctrl-C, Slurm and `ray job stop` signal); its output lines as they come."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
         self.process = subprocess.Popen(
             [sys.executable, "-u", str(ROOT / "jobs" / "launch.py"), *args],
             cwd=ROOT,
@@ -298,6 +299,11 @@ class LaunchedRun:
                 found.append(int(stat.parent.name))
         return found
 
+    @property
+    def run_dir(self) -> str:
+        """Its `checkpoint.run_dir`."""
+        return next(a.split("=", 1)[1] for a in self.args if a.startswith("checkpoint.run_dir="))
+
     def output(self) -> str:
         return "\n".join([*self.stdout, "-- stderr --", *self.stderr])[-8000:]
 
@@ -329,7 +335,7 @@ def launched() -> Iterator[Callable[[list[str], dict[str, str]], LaunchedRun]]:
         run.kill()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rgw_env(radosgw) -> dict[str, str]:
     """A run's environment: radosgw, this checkout, one thread per rank (2 cores shared by everything)."""
     return os.environ | radosgw.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -360,3 +366,15 @@ def production() -> Callable[..., list[str]]:
         ]
 
     return settings
+
+
+@pytest.fixture(scope="session")
+def never_stopped(rgw_train_table, rgw_env, production) -> Iterator[LaunchedRun]:
+    """What the stop tests of every launcher compare with: 12 steps on one rank, never stopped, in the
+    production configuration, started beside the first test that asks. One run for all of them: each run
+    costs the suite its time."""
+    run = LaunchedRun(
+        production(rgw_train_table, "never-stopped", "gpus_per_node=1", "train.steps=12"), rgw_env
+    )
+    yield run
+    run.kill()

@@ -121,28 +121,27 @@ def test_a_one_rank_run_saves_the_step_under_way_on_ctrl_c_or_sigterm_and_a_seco
 
 @pytest.mark.slow
 def test_two_local_ranks_stopped_by_sigterm_resume_on_one_rank_as_if_never_stopped(
-    rgw_train_table, radosgw, rgw_env, launched, production
+    rgw_train_table, radosgw, rgw_env, launched, production, never_stopped
 ):
     """SIGTERM to the launcher's process group (the elastic agent, both ranks and their loader workers, as
     Slurm sends it) mid-run: the ranks save the step under way and the run exits 130; the same command on one
     rank trains the remaining steps, with the losses and final weights of a run never stopped. Before: the
     agent killed the ranks with SIGTERM, nothing was saved, and the run failed with ChildFailedError."""
-    table, bucket = rgw_train_table, rgw_train_table["bucket"]
-    reference = launched(production(table, "never-stopped", "gpus_per_node=1", "train.steps=10"), rgw_env)
-    stopped = launched(production(table, "stopped-on-two", "gpus_per_node=2", "train.steps=10"), rgw_env)
-    stopped.wait_for(r"^step 4/10 ")
+    table = rgw_train_table
+    stopped = launched(production(table, "stopped-on-two", "gpus_per_node=2", "train.steps=12"), rgw_env)
+    stopped.wait_for(r"^step 4/12 ")
     stopped.signal(signal.SIGTERM)
     assert stopped.finish() == 130, stopped.output()
     assert stopped.stderr == [stopping_line("SIGTERM")]
     _, step, run_dir = stopped.stopped()
-    assert 4 <= step < 10
+    assert 4 <= step < 12
     assert radosgw.latest_step(run_dir) == step == max(stopped.losses())
 
-    resumed = launched(production(table, "stopped-on-two", "gpus_per_node=1", "train.steps=10"), rgw_env)
+    resumed = launched(production(table, "stopped-on-two", "gpus_per_node=1", "train.steps=12"), rgw_env)
     assert resumed.finish() == 0, resumed.output()
-    assert reference.finish() == 0, reference.output()
+    assert never_stopped.finish() == 0, never_stopped.output()
     assert min(resumed.losses()) == step + 1
     losses = stopped.losses() | resumed.losses()
-    assert list(losses) == list(range(1, 11))  # every step trained once
-    assert losses == pytest.approx(reference.losses(), abs=2e-4)  # as printed, to 4 decimals
-    radosgw.assert_same_weights(run_dir, f"{bucket}/runs/never-stopped")
+    assert list(losses) == list(range(1, 13))  # every step trained once
+    assert losses == pytest.approx(never_stopped.losses(), abs=2e-4)  # as printed, to 4 decimals
+    radosgw.assert_same_weights(run_dir, never_stopped.run_dir)

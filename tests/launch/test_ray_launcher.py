@@ -325,7 +325,7 @@ def ray_nodes(rgw_env) -> Iterator[Callable[..., RayNode]]:
 
 @pytest.mark.slow
 def test_ray_ranks_save_the_step_under_way_when_a_pod_is_evicted_and_on_ray_job_stop_then_resume_on_one(
-    rgw_train_table, radosgw, rgw_env, launched, production, ray_nodes
+    rgw_train_table, radosgw, rgw_env, launched, production, ray_nodes, never_stopped
 ):
     """A KubeRay-like cluster: a head without CPUs (the driver's node) and a worker node that a "pod
     eviction" ends: SIGTERM to its `ray start --block` only, as Kubernetes signals a pod's main process. The
@@ -336,7 +336,6 @@ def test_ray_ranks_save_the_step_under_way_when_a_pod_is_evicted_and_on_ray_job_
     final weights of a run never stopped. Before: a pod eviction lost the steps since the last periodic
     checkpoint (and counted as a crash), and SIGTERM to the driver ended the run unsaved."""
     table, bucket = rgw_train_table, rgw_train_table["bucket"]
-    reference = launched(production(table, "ray-never-stopped", "gpus_per_node=1", "train.steps=12"), rgw_env)
     port = free_port()
     ray_nodes(
         "head",
@@ -378,8 +377,8 @@ def test_ray_ranks_save_the_step_under_way_when_a_pod_is_evicted_and_on_ray_job_
     resumed = launched(production(table, "ray-stopped", "gpus_per_node=1", *ray), driver_env)
     assert resumed.finish() == 0, resumed.output()
     assert resumed.stdout[-1] == f"done: 12 steps in {run_dir}"
-    assert reference.finish() == 0, reference.output()
+    assert never_stopped.finish() == 0, never_stopped.output()
     losses = run.losses() | resumed.losses()
     assert list(losses) == list(range(1, 13))  # every step trained once
-    assert losses == pytest.approx(reference.losses(), abs=2e-4)  # as printed, to 4 decimals
-    radosgw.assert_same_weights(run_dir, f"{bucket}/runs/ray-never-stopped")
+    assert losses == pytest.approx(never_stopped.losses(), abs=2e-4)  # as printed, to 4 decimals
+    radosgw.assert_same_weights(run_dir, never_stopped.run_dir)
