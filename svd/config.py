@@ -162,7 +162,8 @@ class LauncherConfig:
     # slurm: requeues after a crash before the job is given up (a preemption or time limit always requeues);
     # ray: FailureConfig.max_failures
     max_requeues: int = 3
-    folder: str = "outputs/launch/${job_name}"  # slurm: submitit's logs and pickles (a shared filesystem)
+    # slurm: submitit's logs and pickles, and each job's crash count (a filesystem every node shares)
+    folder: str = "outputs/launch/${job_name}"
     wait: bool = False  # slurm/ray: stay until the job ends and report its result (else print the job id)
     ray_address: str = ""  # ray: the cluster to join; empty: $RAY_ADDRESS, else a local Ray on this host
     ray_storage: str = ""  # ray: RunConfig.storage_path; empty: <checkpoint.run_dir>/ray

@@ -25,7 +25,7 @@ CLUSTER=svd
 PARTITION=local
 NODES=(n1 n2)
 TIMEOUT=${SVD_SLURM_TIMEOUT:-60}  # seconds to wait for each daemon
-LAUNCHED=()                       # the daemons this start has launched so far (names of run/NAME.pid)
+declare -A LAUNCHED=()            # the daemons this start has launched so far: name → pid
 
 CTLD_PORT=$PORT
 DBD_PORT=$((PORT + 1))
@@ -88,13 +88,15 @@ render() {
 }
 
 # wait_for WHAT LOG COMMAND...: retry COMMAND until it succeeds. Gives up, naming the log to read, when a
-# daemon this start launched has exited (a port in use, a bad setting) or after $TIMEOUT s.
+# daemon this start launched has exited (a port in use, a bad setting) or after $TIMEOUT s. Whether a daemon
+# lives is asked of the pid `launch` got from the shell, never of a pid file: munged deletes and rewrites its
+# own while it starts, and a read at that moment (likely on a loaded machine) looked like an exit.
 wait_for() {
     local what=$1 logfile=$2 deadline=$((SECONDS + TIMEOUT)) name
     shift 2
     until "$@" >/dev/null 2>&1; do
-        for name in "${LAUNCHED[@]}"; do
-            if ! kill -0 "$(cat "$DIR/run/$name.pid")" 2>/dev/null; then
+        for name in "${!LAUNCHED[@]}"; do
+            if ! kill -0 "${LAUNCHED[$name]}" 2>/dev/null; then
                 logfile=$DIR/log/$name.log
                 [ -s "$logfile" ] || logfile=$DIR/log/$name.out
                 log "$name exited while waiting for $what; read $logfile"
@@ -112,15 +114,16 @@ wait_for() {
 }
 
 # launch NAME COMMAND...: run a daemon in the foreground of a new session, its output in log/NAME.out and its
-# pid in run/NAME.pid at once (the daemon writes the same pid there later): a start that fails half-way can
-# then stop even the daemon that is still starting. No terminal and no inherited pipe, so a caller capturing
-# our output (pytest's subprocess.run) is not held open by it.
+# pid in run/NAME.pid at once: a start that fails half-way can then stop even the daemon that is still
+# starting. Only this script writes run/NAME.pid; the daemons write their own pid files in daemon-pid/
+# (deleting and rewriting them while they start), which nothing here reads. No terminal and no inherited pipe,
+# so a caller capturing our output (pytest's subprocess.run) is not held open by it.
 launch() {
     local name=$1
     shift
     setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 &
+    LAUNCHED[$name]=$!
     echo $! >"$DIR/run/$name.pid"
-    LAUNCHED+=("$name")
 }
 
 nodes_idle() {
@@ -145,7 +148,7 @@ start() {
     trap 'log "failed: $BASH_COMMAND"' ERR
     trap 'start_failed $?' EXIT
     rm -rf "$DIR"
-    mkdir -p "$DIR"/{ctld,run,log,munge} "${NODES[@]/#/$DIR/spool/}"
+    mkdir -p "$DIR"/{ctld,run,daemon-pid,log,munge} "${NODES[@]/#/$DIR/spool/}"
     chmod 755 "$DIR/munge" # munged refuses a socket directory others can write to
     render slurm.conf.in "$DIR/slurm.conf"
     render cgroup.conf.in "$DIR/cgroup.conf"
@@ -156,13 +159,13 @@ start() {
     # --force: munged wants every directory above its socket open to all users, which a private temporary
     # directory (pytest's) is not; every client here is root, so that check protects no one.
     launch munged munged --foreground --force --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" \
-        --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
+        --pid-file="$DIR/daemon-pid/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
     wait_for munged "$DIR/log/munged.log" bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET'"
 
     mariadb-install-db --no-defaults --datadir="$DIR/mysql" --user=root --skip-test-db \
         --auth-root-authentication-method=socket >>"$DIR/log/mariadb-install-db.out" 2>&1
     launch mariadbd mariadbd --no-defaults --datadir="$DIR/mysql" --user=root --bind-address=127.0.0.1 \
-        --port="$MYSQL_PORT" --socket="$MYSQL_SOCKET" --pid-file="$DIR/run/mariadbd.pid" \
+        --port="$MYSQL_PORT" --socket="$MYSQL_SOCKET" --pid-file="$DIR/daemon-pid/mariadbd.pid" \
         --log-error="$DIR/log/mariadbd.log" --skip-name-resolve --innodb-buffer-pool-size=64M
     wait_for MariaDB "$DIR/log/mariadbd.log" mariadb-admin --no-defaults --socket="$MYSQL_SOCKET" ping
     mariadb --no-defaults --socket="$MYSQL_SOCKET" -u root <<EOF

@@ -56,13 +56,15 @@ import torch
 import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from svd.collectives import decided_by_rank0
 from svd.data import buckets as bucketing
 from svd.data import row_index, schema
 from svd.data.buckets import Bucket
 from svd.data.order import rank_positions, stream_indices
-from svd.data.row_index import RowIndex, one_line
+from svd.data.row_index import RowIndex
 from svd.data.storage import Storage, join, scheme, strip_scheme
 from svd.data.video import DecodeError, decode_clip
+from svd.errors import one_line
 
 METADATA_COLUMNS = [
     "clip_id",
@@ -778,21 +780,14 @@ def share_row_index(
         ensure_row_index(cfg, storage, state=state, shared=shared, progress=progress)
         return
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.index_timeout_s))
-    error: Exception | None = None
-    outcome: list[str | None] = [None]
     try:
-        if dist.get_rank() == 0:
-            try:
-                ensure_row_index(cfg, storage, state=state, shared=shared, progress=progress)
-            except Exception as e:  # handed to the other ranks, then raised here as it is
-                error, outcome = e, [f"{type(e).__name__}: {one_line(e)}"]
-        dist.broadcast_object_list(outcome, src=0, group=group)
+        decided_by_rank0(
+            lambda: ensure_row_index(cfg, storage, state=state, shared=shared, progress=progress),
+            failed=lambda cause: LoaderError(f"rank 0 could not build the row index of {cfg.table}: {cause}"),
+            group=group,
+        )
     finally:
         dist.destroy_process_group(group)
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise LoaderError(f"rank 0 could not build the row index of {cfg.table}: {outcome[0]}")
 
 
 def _version(cfg: LoaderConfig, state: LoaderState | None) -> int | str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import pyarrow as pa
 from svd.data import buckets as bucketing
 from svd.data import schema
 from svd.data.buckets import Bucket
+from svd.errors import one_line
 
 FORMAT = 3  # 3: offsets are uint32 when the table has fewer than 2³² rows
 _META_KEY = b"svd.row_index"
@@ -110,13 +110,6 @@ def check_filter(table: lance.LanceDataset, filter: str, where: str) -> str:
                 return expression
             problem = f"it is of type {kind}, not boolean"
     raise FilterError(f"data.filter={filter!r} is not one SQL boolean expression on {where}: {problem}")
-
-
-def one_line(error: BaseException) -> str:
-    """An error as one line, for messages that name what failed; Lance's run over several lines and end
-    in a Rust source location."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return re.sub(r", /\S+\.rs:\d+:\d+", "", text)
 
 
 def _lexical_problem(filter: str) -> str | None:

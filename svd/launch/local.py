@@ -110,14 +110,11 @@ def launch_local(cfg: RunConfig, stop: Event | None = None) -> TrainResult:
     returns): the result of rank 0."""
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
-    stop = stop or multiprocessing.get_context("spawn").Event()
-    if cfg.metrics.port:
-        from svd.train.metrics import MetricsConfig, prepare_multiprocess_dir
+    from svd.train.metrics import launch_multiprocess_dir
 
-        prepare_multiprocess_dir(MetricsConfig(port=cfg.metrics.port).directory(cfg.job_name))
-    if cfg.gpus_per_node == 1:
-        return run(cfg, _polling(stop))
-    return _launch_ranks(cfg, stop)
+    stop = stop or multiprocessing.get_context("spawn").Event()
+    with launch_multiprocess_dir(cfg.metrics, cfg.job_name):
+        return run(cfg, _polling(stop)) if cfg.gpus_per_node == 1 else _launch_ranks(cfg, stop)
 
 
 class RanksFailedError(RuntimeError):
@@ -129,6 +126,7 @@ class RanksFailedError(RuntimeError):
 
 
 def _launch_ranks(cfg: RunConfig, stop: Event) -> TrainResult:
+    """`gpus_per_node` ranks on this host, by torch's elastic agent (as torchrun)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

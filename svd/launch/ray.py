@@ -53,6 +53,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -330,7 +331,9 @@ def _worker_env(cfg: RunConfig, use_gpu: bool) -> dict[str, str]:
     if cfg.metrics.port:
         from svd.train.metrics import MetricsConfig
 
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(MetricsConfig(port=cfg.metrics.port).directory(cfg.job_name))
+        # a folder of this launch's own: another run of the job name on a node must not clear it
+        launch = f"{cfg.job_name}-{uuid.uuid4().hex[:8]}"
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(MetricsConfig(port=cfg.metrics.port).directory(launch))
     return env
 
 

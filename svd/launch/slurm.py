@@ -1,17 +1,18 @@
 """Slurm: `nodes` × `gpus_per_node` tasks started by `srun`, one rank each, submitted through submitit.
 
-One sbatch job holds the whole run. Every task reads its rank from Slurm (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID) and finds rank 0 on the first node of the job, on a port derived from the job id, so that
-two jobs sharing a node never meet. The same rank entry serves submitit and a hand-written sbatch script
-(`python -m svd.launch.slurm run.yaml`, jobs/slurm/train.sbatch).
+One sbatch job holds the whole run. Every task reads its rank from Slurm through submitit's
+`TorchDistributedEnvironment` and finds rank 0 on the first node of the job, on a port derived from the job
+id, so that two jobs sharing a node never meet. The same rank entry serves submitit and a hand-written sbatch
+script (`python -m svd.launch.slurm run.yaml`, jobs/slurm/train.sbatch).
 
 Slurm warns `cluster.signal_delay_s` before the time limit, and on preemption, with SIGUSR2 (submitit's
 `--signal=USR2@delay`). Every rank then finishes its step and the run saves a checkpoint of it; after that,
 rank 0 requeues the job, which resumes from that checkpoint (the trainer resumes from `checkpoint.run_dir`).
 When Slurm ends the step itself (`scancel`, `scontrol requeue`, preemption that requeues), the ranks get
 SIGTERM `KillWait` seconds before they are killed: they save the step under way the same way and return,
-and Slurm ends or requeues the job on its own. A crash is requeued too, at most `launcher.max_requeues`
-times, then given up with the error.
+and Slurm ends or requeues the job on its own. A crash is requeued by whichever rank raised it, at most
+`launcher.max_requeues` times (crashes counted apart from the other requeues: svd/launch/slurm_requeue.py),
+then given up with the error. A configuration error is never requeued: it would fail the same way again.
 
 Curation shards are a submitit job array: task i curates `shard=i/shards` into the shared table.
 """
@@ -22,9 +23,8 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -44,6 +44,7 @@ from svd.config import (
 )
 from svd.curate.config import CurateConfig
 from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
+from svd.launch.slurm_requeue import CrashLedger, RequeueError, requeue_job
 from svd.train.stop import StopRequest
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ TIME_LIMIT_REQUEUES = 10_000
 
 
 class CrashedTooOftenError(RuntimeError):
-    """A run that crashed more often than launcher.max_requeues allows."""
+    """A job whose runs crashed more often than launcher.max_requeues allows."""
 
 
 # ---- what is submitted ---------------------------------------------------------------------------------
@@ -130,7 +131,9 @@ def executor(folder: str | Path, params: dict[str, Any]) -> submitit.SlurmExecut
 
 def dry_run(cfg: RunConfig) -> str:
     """The sbatch script submitit would submit (no cluster needed)."""
-    from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes, without submitting
+    # What SlurmExecutor writes, without submitting: submitit has no public dry run, and a script written
+    # here instead could drift from the one it submits.
+    from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(cfg.launcher.folder).resolve()
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
@@ -141,7 +144,7 @@ def dry_run(cfg: RunConfig) -> str:
 def launch(cfg: RunConfig) -> int:
     try:
         ex = executor(cfg.launcher.folder, train_parameters(cfg))
-        job = ex.submit(SlurmTraining(to_yaml(cfg), cfg.launcher.max_requeues))
+        job = ex.submit(SlurmTraining(to_yaml(cfg)))
     except submitit.core.utils.FailedJobError as e:  # sbatch refused (submitit echoed its error output)
         print(f"launch: sbatch refused the job: {_sbatch_error(str(e))}", file=sys.stderr)
         return 2
@@ -178,29 +181,47 @@ def _raised(failure: str) -> str:
 # ---- each rank -----------------------------------------------------------------------------------------
 class SlurmTraining(submitit.helpers.Checkpointable):
     """What submitit runs in every task. On the requeue signal, submitit resubmits `checkpoint()`: this
-    object as it is, since the state worth keeping is in the run directory, except how often it crashed."""
+    object as it is, since the state worth keeping is in the run directory (and the crash count in the
+    launcher's folder)."""
 
-    def __init__(self, config_yaml: str, max_requeues: int) -> None:
+    def __init__(self, config_yaml: str) -> None:
         self.config_yaml = config_yaml
-        self.max_requeues = max_requeues
-        self.crashes = 0
 
     def __call__(self) -> TrainResult:
+        cfg = from_yaml(self.config_yaml)
         stop = StopRequest()
         try:
-            result = train_rank(from_yaml(self.config_yaml), stop)
+            result = train_rank(cfg, stop)
+        except ConfigError:
+            raise  # the job fails with it: a requeued job would fail the same way
         except Exception as e:
-            if self.crashes >= self.max_requeues:
-                raise CrashedTooOftenError(
-                    f"gave up after {self.crashes} requeues (launcher.max_requeues={self.max_requeues}): "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-            self.crashes += 1
-            print(f"svd: crashed ({type(e).__name__}: {e}); requeue {self.crashes} of {self.max_requeues}")
-            _requeue_through_submitit()
+            requeue_after_crash(cfg, e)
         if result.stopped and stop.signal == REQUEUE_SIGNAL:
             _requeue_through_submitit()
         return result
+
+
+def requeue_after_crash(cfg: RunConfig, error: Exception) -> NoReturn:
+    """Counts the crash of this run of the job (once, however many ranks crash in it), then requeues the job,
+    or raises CrashedTooOftenError past `launcher.max_requeues`. Every rank that crashes does this itself:
+    under NCCL's asynchronous error handling the other ranks are torn down without a Python exception, so
+    none of them can be relied on to requeue for it."""
+    job_id, restarts = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    failure = f"{type(error).__name__}: {error}"
+    ledger = CrashLedger(cfg.launcher.folder, job_id)
+    try:
+        crashes = ledger.record(restarts, failure)
+    except OSError as e:  # uncounted, a crash could be requeued forever
+        raise RequeueError(f"cannot count the crash ({failure}) in {ledger.folder}: {e}") from error
+    if crashes > cfg.launcher.max_requeues:
+        raise CrashedTooOftenError(
+            f"gave up after {crashes - 1} requeues (launcher.max_requeues={cfg.launcher.max_requeues}): "
+            f"{failure}"
+        ) from error
+    rank, limit = os.environ["SLURM_PROCID"], cfg.launcher.max_requeues
+    print(f"svd: rank {rank} crashed ({failure}); requeue {crashes} of {limit}", flush=True)
+    requeue_job(job_id, restarts)
+    _leave_for_the_requeue()
 
 
 def _requeue_through_submitit() -> NoReturn:
@@ -212,7 +233,7 @@ def _requeue_through_submitit() -> NoReturn:
 
 
 def _leave_for_the_requeue() -> NoReturn:
-    print(f"svd: rank {os.environ.get('RANK')} leaves for the requeue", flush=True)
+    print(f"svd: rank {os.environ['SLURM_PROCID']} leaves for the requeue", flush=True)
     raise SystemExit(0)
 
 
@@ -222,7 +243,7 @@ def train_rank(cfg: RunConfig, stop: StopRequest) -> TrainResult:
     END_SIGNAL) asks for a checkpoint of the step under way."""
     from svd.train import run
 
-    os.environ.update(rendezvous_env(os.environ, cfg.launcher.master_port))
+    export_rendezvous(cfg.launcher.master_port)
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size != cfg.world_size:
         raise ConfigError(
@@ -234,25 +255,16 @@ def train_rank(cfg: RunConfig, stop: StopRequest) -> TrainResult:
         return run(cfg, stop)
 
 
-def rendezvous_env(slurm: Mapping[str, str], master_port: int = 0) -> dict[str, str]:
-    """torch.distributed's variables from Slurm's: rank 0 is the first task of the first node."""
-    tasks, nodes = int(slurm["SLURM_NTASKS"]), int(slurm["SLURM_JOB_NUM_NODES"])
-    return {
-        "RANK": slurm["SLURM_PROCID"],
-        "WORLD_SIZE": str(tasks),
-        "LOCAL_RANK": slurm["SLURM_LOCALID"],
-        "LOCAL_WORLD_SIZE": str(tasks // nodes),
-        "MASTER_ADDR": first_host(slurm["SLURM_JOB_NODELIST"]),
-        "MASTER_PORT": str(master_port or job_port(slurm["SLURM_JOB_ID"])),
-    }
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list ("gpu[003-010,012]" → "gpu003"), as Slurm expands it."""
-    hosts = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-    ).stdout.split()
-    return hosts[0]
+def export_rendezvous(master_port: int = 0) -> None:
+    """torch.distributed's variables from Slurm's, by submitit's TorchDistributedEnvironment: rank 0 is the
+    first task of the first node. Three things are ours: the port (`master_port`, else one derived from the
+    job id below the ephemeral range, where submitit's own pick can collide with a client's socket);
+    CUDA_VISIBLE_DEVICES stays as Slurm set it (submitit would narrow it to the local rank, a wrong GPU where
+    Slurm gave the job other devices than 0…n-1; the trainer picks `local_rank % device_count`); and a plain
+    sbatch script is told apart from submitit's by SUBMITIT_EXECUTOR, which only submitit's script exports."""
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    os.environ["MASTER_PORT"] = str(master_port or job_port(os.environ["SLURM_JOB_ID"]))
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def job_port(job_id: str) -> int:
@@ -292,13 +304,12 @@ def node_metrics(cfg: RunConfig) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """The rank entry of a hand-written sbatch script: `srun python -m svd.launch.slurm run.yaml`. Without
-    submitit, rank 0 requeues the job itself; crashes count against SLURM_RESTART_COUNT (every requeue)."""
+    submitit, rank 0 requeues the job itself on the requeue signal; a crash is requeued as under submitit."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: srun python -m svd.launch.slurm run.yaml  (from `jobs/launch.py … --cfg > run.yaml`)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cfg = from_yaml(Path(argv[0]).read_text())
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     stop = StopRequest()
     try:
         result = train_rank(cfg, stop)
@@ -306,26 +317,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"svd: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if restarts >= cfg.launcher.max_requeues:
-            print(f"svd: gave up after {restarts} requeues (launcher.max_requeues): {e}", file=sys.stderr)
+        try:
+            requeue_after_crash(cfg, e)
+        except (CrashedTooOftenError, RequeueError) as not_requeued:
+            print(f"svd: {not_requeued}", file=sys.stderr)
             return 1
-        print(
-            f"svd: crashed ({type(e).__name__}: {e}); requeue {restarts + 1} of {cfg.launcher.max_requeues}"
-        )
-        _requeue_with_scontrol()
     if result.stopped and stop.signal == REQUEUE_SIGNAL:
-        _requeue_with_scontrol()
+        if os.environ["SLURM_PROCID"] == "0":
+            requeue_job(os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        _leave_for_the_requeue()
     if result.stopped:
         print(f"stopped by Slurm after step {result.steps}, saved in {cfg.checkpoint.run_dir}")
         return 0
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
-
-
-def _requeue_with_scontrol() -> NoReturn:
-    if os.environ["RANK"] == "0":
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
-    _leave_for_the_requeue()
 
 
 # ---- curation shards -----------------------------------------------------------------------------------

@@ -43,6 +43,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
+
+# Private on purpose, the only two: torch (2.13) publishes DCP's file-system reader and writer for local paths
+# only (`dcp.FileSystemReader/Writer`); its fsspec pair, which every object-store user of DCP goes through,
+# lives in `_fsspec_filesystem`. We hand it the filesystem `Storage` built (endpoint, credentials, the
+# deadlines of DESIGN decision 8) instead of the one it would infer from the URL. `flatten_state_dict` is
+# how DCP itself names a nested key in `.metadata`; `_check_keys` must name keys the same way.
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException

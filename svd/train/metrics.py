@@ -6,8 +6,8 @@ another program holds it (a node runs several jobs, or an exporter chose the sam
 training, so a taken port costs one line on stderr, never the run. Each series carries the labels job, stage,
 rank and node, so Prometheus sees every rank separately however the processes are placed.
 
-    # launcher, once per node, before the ranks start (clears values left by an earlier run):
-    prepare_multiprocess_dir(cfg.metrics.directory(job))
+    # launcher, once per node, around the ranks (a folder of its own, removed after them):
+    with launch_multiprocess_dir(cfg.metrics, job): ...
     # every rank (before anything imports prometheus_client):
     metrics = TrainMetrics(cfg.metrics, job=job, stage=stage, rank=rank, node=node, device=device,
                            flops_per_sample=flops_per_sample(fwd_bwd_one_sample))
@@ -33,7 +33,9 @@ import resource
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -129,6 +131,28 @@ def prepare_multiprocess_dir(path: str | Path) -> Path:
     path.mkdir(parents=True)
     os.environ[ENV_DIR] = str(path)
     return path
+
+
+@contextmanager
+def launch_multiprocess_dir(cfg: MetricsConfig, job: str) -> Iterator[Path | None]:
+    """This node's metrics folder for one launch (None with the endpoint off), removed after it. Unique per
+    launch: two runs of one job name on a host (a retry beside a hung run, two users' demos) would otherwise
+    clear and serve each other's values. A folder set in `metrics.multiproc_dir` is used as it is."""
+    if not cfg.port:
+        yield None
+        return
+    unique = cfg.multiproc_dir is None
+    before = os.environ.get(ENV_DIR)
+    path = prepare_multiprocess_dir(cfg.directory(f"{job}-{uuid.uuid4().hex[:8]}"))
+    try:
+        yield path
+    finally:
+        if unique:
+            shutil.rmtree(path, ignore_errors=True)
+        if before is None:
+            os.environ.pop(ENV_DIR, None)
+        else:
+            os.environ[ENV_DIR] = before
 
 
 class MetricsServer:

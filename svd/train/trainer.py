@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from svd.collectives import decided_by_rank0
 from svd.config import RunConfig, to_yaml
 from svd.data.buckets import Bucket
-from svd.data.loader import ClipLoader, LoaderConfig, open_table, share_row_index
+from svd.data.loader import ClipLoader, LoaderConfig, LoaderError, open_table, share_row_index
 from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
@@ -174,11 +175,11 @@ class Trainer:
         ranks start); rank 0 builds the row index once for the run, the others wait for it, then open it."""
         config = self._loader_config(validation=validation)
         if state is None:
-            version = [
-                open_table(config.table, self.storage, config.version).version if self.env.is_main else None
-            ]
-            dist.broadcast_object_list(version, src=0)
-            config = dataclasses.replace(config, version=version[0])
+            version = decided_by_rank0(
+                lambda: open_table(config.table, self.storage, config.version).version,
+                failed=lambda cause: LoaderError(f"rank 0 could not open {config.table}: {cause}"),
+            )
+            config = dataclasses.replace(config, version=version)
 
         shared = join(self.cfg.checkpoint.run_dir, "row_index")
         share_row_index(config, self.storage, shared, state=state)

@@ -15,9 +15,6 @@ file), rank 0 reads it and each tensor is broadcast into the ranks' shards in tu
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -27,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from svd.data.row_index import one_line
+from svd.collectives import decided_by_rank0
 from svd.data.storage import Storage, join
 from svd.model.transfer import TransferReport, adapt_state_dict, plan_transfer
 from svd.train.checkpoint import checkpoint_folder, read_full_state, read_state, saved_tensors
@@ -36,8 +33,6 @@ NETWORK = "network."
 INPUT_CONVS = (NETWORK + "conv_in.weight",)
 # Where a run keeps the weights it hands on, by checkpoint prefix; a later prefix wins for a name in both.
 RUN_PARTS = ("model.model.", "ema.weights.")
-
-T = TypeVar("T")
 
 
 class InitFromError(RuntimeError):
@@ -66,7 +61,7 @@ def load_initial_weights(model: nn.Module, uri: str, storage: Storage, cache_dir
 def _load_run(model: nn.Module, uri: str, storage: Storage) -> TransferReport:
     """Each rank reads its shards of the tensors it keeps; tensors whose input channels grow (one input
     conv, a few kB) are read whole, widened, then sharded."""
-    folder = _decided_by_rank0(lambda: checkpoint_folder(uri, storage))  # one step for every rank
+    folder = decided_by_rank0(lambda: checkpoint_folder(uri, storage), failed=_rank0_failed)  # one step
     saved = saved_tensors(folder, storage)
     keys = {key.removeprefix(part): key for part in RUN_PARTS for key in saved if key.startswith(part)}
     target = get_model_state_dict(model)
@@ -104,7 +99,7 @@ def _load_diffusers(model: nn.Module, uri: str, storage: Storage, cache_dir: str
         )
         return report
 
-    report = _decided_by_rank0(read)
+    report = decided_by_rank0(read, failed=_rank0_failed)
     broadcast = _distributed()
     with torch.no_grad():
         set_model_state_dict(
@@ -115,24 +110,8 @@ def _load_diffusers(model: nn.Module, uri: str, storage: Storage, cache_dir: str
     return report
 
 
-def _decided_by_rank0(decide: Callable[[], T]) -> T:
-    """`decide()` run on rank 0 only, and its value (or its error, in one line) handed to every rank: the
-    source is read once, and no rank is left waiting in a collective for a rank 0 that failed."""
-    if not _distributed():
-        return decide()
-    message: list[Any] = [None, None]  # [value, error]
-    error: Exception | None = None
-    if dist.get_rank() == 0:
-        try:
-            message[0] = decide()
-        except Exception as e:  # handed to the other ranks, then raised here as it is
-            error, message[1] = e, f"{type(e).__name__}: {one_line(e)}"
-    dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[1] is not None:
-        raise InitFromError(f"stage.init_from: rank 0 could not read it: {message[1]}")
-    return message[0]
+def _rank0_failed(cause: str) -> InitFromError:
+    return InitFromError(f"stage.init_from: rank 0 could not read it: {cause}")
 
 
 def _diffusers_weights(uri: str, storage: Storage, cache_dir: str) -> dict[str, Tensor]:

@@ -161,7 +161,9 @@ def test_two_workers_train_and_a_killed_one_is_restarted_by_ray_and_resumes_from
             process.wait()
     assert process.returncode == 0, output
     samples = [line for line in scraped.splitlines() if line.startswith("svd_samples_total{")]
-    assert sorted(line.split('rank="')[1].split('"')[0] for line in samples) == ["0", "1"]  # one endpoint
+    assert sorted(line.split('rank="')[1].split('"')[0] for line in samples) == ["0", "1"], scraped[
+        :3000
+    ]  # one endpoint
     assert ray_head.startswith("127.0.0.1:")
     assert f"on the Ray cluster at {ray_head}" in output
     finished = [line for line in output.splitlines() if "ray: rank 0 reached step" in line]

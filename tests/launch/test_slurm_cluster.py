@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 
+import pytest
 import submitit
 
 
@@ -63,3 +65,27 @@ def test_a_requeued_running_job_runs_again_with_its_restart_count_raised(slurm_c
 
     assert slurm_cluster.wait_until_finished(job_id) == "COMPLETED"
     assert runs.read_text().split() == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_start_waits_out_a_daemon_that_rewrites_its_pid_file_while_it_starts(
+    slurm_installed, local_slurm, tmp_path
+):
+    # munged deletes and rewrites its pid file between creating its socket and answering on it; on a loaded
+    # machine `start` once read that moment as "munged exited". This munged makes the moment 2 s long.
+    munged = shutil.which("munged", path=os.environ["PATH"] + ":/usr/sbin:/sbin")
+    shim = tmp_path / "bin" / "munged"
+    shim.parent.mkdir()
+    shim.write_text(
+        "#!/bin/bash\n"
+        'for arg; do [[ $arg == --pid-file=* ]] && rm -f "${arg#--pid-file=}"; done\n'
+        "sleep 2\n"
+        f'exec {munged} "$@"\n'
+    )
+    shim.chmod(0o755)
+    cluster = local_slurm(tmp_path / "state", os.environ | {"PATH": f"{shim.parent}:{os.environ['PATH']}"})
+
+    started = cluster.start()
+
+    assert started.returncode == 0, started.stderr
+    assert "Slurm cluster 'svd' ready" in started.stderr

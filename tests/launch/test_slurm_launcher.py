@@ -1,5 +1,6 @@
-"""`launcher=slurm` on a real two-node Slurm: training across both nodes, a checkpoint and a requeue when the
-scheduler warns, a resume after an external requeue, the plain sbatch script, curation as a job array."""
+"""`launcher=slurm` on a real two-node Slurm: training across both nodes stopped by Slurm and resumed on one
+rank, a checkpoint and a requeue when the scheduler warns, crashes requeued then given up, the plain sbatch
+script, curation as a job array."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import submitit
 from svd.config import compose
 from svd.curate.config import CurateConfig
 from svd.data.local_s3 import free_port
-from svd.launch.local import launch_local
-from svd.launch.slurm import curate_shards, node_metrics, rendezvous_env
+from svd.data.storage import Storage, join
+from svd.launch.slurm import curate_shards, node_metrics
+from svd.launch.slurm_requeue import CrashLedger, job_restarts
 from svd.train.checkpoint import Checkpointer
 from svd.train.file_sd import TARGETS_DIR_ENV
 from svd.train.metrics import ENV_DIR, serve_node_metrics
@@ -29,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_args(table: dict, tmp_path: Path, *extra: str) -> list[str]:
-    """A tiny run of 2 ranks, one per node, sharded HSDP (replicated across the nodes)."""
+    """A tiny run of 2 ranks, one per node, sharded HSDP (replicated across the nodes), in the production
+    configuration: 2 loader workers per rank, the metrics endpoint on a free port (both nodes are this host:
+    the second takes the next port), validation and previews every few steps, asynchronous checkpoints."""
     return [
         "stage=video_pretrain",
         "model=tiny",
@@ -41,8 +45,13 @@ def run_args(table: dict, tmp_path: Path, *extra: str) -> list[str]:
         f"data.table={table['table']}",
         "data.frames=4",
         "data.fps=4",
+        "data.num_workers=2",
+        f"metrics.port={free_port()}",
         "train.global_batch=2",
         "train.log_every=1",
+        "train.val_every=2",
+        "train.preview_every=3",
+        "checkpoint.async_save=true",
         f"checkpoint.run_dir={tmp_path / 'run'}",
         f"launcher.folder={tmp_path / 'submitit'}",
         # not the port derived from the job id: job ids restart at 1 in every test session's cluster
@@ -57,7 +66,7 @@ def command(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=600,
     )
 
 
@@ -66,7 +75,7 @@ def submitted_job(stdout: str) -> str:
     return line.split()[2].rstrip(":")
 
 
-def wait_for_line(path: Path, text: str, timeout_s: float = 120) -> None:
+def wait_for_line(path: Path, text: str, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while not (path.exists() and text in path.read_text()):
         assert time.monotonic() < deadline, f"no {text!r} in {path} after {timeout_s} s"
@@ -77,33 +86,67 @@ def results(tmp_path: Path, job_id: str) -> list:
     return submitit.SlurmJob(tmp_path / "submitit", job_id, tasks=(0, 1)).results()
 
 
-@pytest.mark.slow
-def test_a_two_node_job_trains_with_hsdp_to_the_losses_of_one_process_and_writes_a_checkpoint(
-    slurm_cluster, train_table, job_env, tmp_path
-):
-    done = command(
-        "launch.py", *run_args(train_table, tmp_path, "train.steps=3", "launcher.wait=true"), cwd=tmp_path
-    )
+def step_lines(log: Path) -> list[int]:
+    """The steps a rank's progress lines report, in order ("step 3/8 …" → 3)."""
+    return [
+        int(line.split()[1].split("/")[0])
+        for line in log.read_text().splitlines()
+        if line.startswith("step ")
+    ]
 
-    assert done.returncode == 0, done.stderr
-    job_id = submitted_job(done.stdout)
-    assert f"done: 3 steps in {tmp_path / 'run'}" in done.stdout
-    rank0, rank1 = results(tmp_path, job_id)
-    assert (rank0.steps, rank0.resumed_from, rank0.stopped) == (3, None, False)
-    assert rank1.losses == rank0.losses  # the all-reduced global loss
-    one = launch_local(
-        compose(
-            [
-                *run_args(train_table, tmp_path / "one", "train.steps=3"),
-                "launcher=local",
-                "nodes=1",
-                "parallel.sharding=none",
-            ]
-        )
-    )
-    assert rank0.losses == pytest.approx(one.losses, rel=1e-5)
-    assert Checkpointer(str(tmp_path / "run")).latest_step() == 3
-    assert slurm_cluster.wait_until_finished(job_id) == "COMPLETED"
+
+def validation(storage: Storage, run_dir: str) -> dict[int, dict[str, float]]:
+    """validation.jsonl of a run: step → losses."""
+    fs, path = storage.fsspec(join(run_dir, "validation.jsonl"))
+    rows = [json.loads(line) for line in fs.cat_file(path).decode().splitlines()]
+    return {row.pop("step"): row for row in rows}
+
+
+@pytest.mark.slow
+def test_a_two_node_run_that_slurm_cancels_resumes_on_one_rank_and_trains_each_step_once_to_the_same_losses(
+    slurm_cluster, radosgw_train_table, radosgw_job_env, radosgw, tmp_path
+):
+    steps, run_dir = 8, f"s3://{radosgw.new_bucket()}/run"
+
+    def submit(name: str, *extra: str) -> tuple[str, Path]:
+        args = run_args(radosgw_train_table, tmp_path / name, f"train.steps={steps}", "checkpoint.every=4")
+        submitted = command("launch.py", *args, *extra, cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        return submitted_job(submitted.stdout), tmp_path / name / "submitit"
+
+    # the same run without a stop, on one rank beside it (its own run directory)
+    whole_job, whole = submit("whole", "nodes=1", f"checkpoint.run_dir={run_dir}-whole")
+    stopped_job, stopped = submit("stopped", f"checkpoint.run_dir={run_dir}")
+    wait_for_line(stopped / f"{stopped_job}_0_log.out", f"step 3/{steps}")
+
+    # As Slurm ends a job (scancel, the time limit, a preemption): SIGTERM to every process of the job, the
+    # loader workers included, and SIGKILL KillWait seconds later.
+    subprocess.run(["scancel", stopped_job], check=True)
+    assert slurm_cluster.wait_until_finished(stopped_job, timeout_s=600) == "CANCELLED"
+    rank0, rank1 = submitit.SlurmJob(stopped, stopped_job, tasks=(0, 1)).results()
+    saved = rank0.steps
+    assert (rank0.stopped, rank1.stopped, rank1.steps) == (True, True, saved)
+    assert 3 <= saved < steps
+    assert Checkpointer(run_dir, radosgw.storage).latest_step() == saved
+
+    resumed_job, resumed = submit("resumed", "nodes=1", f"checkpoint.run_dir={run_dir}", "launcher.wait=true")
+    final = submitit.SlurmJob(resumed, resumed_job).result()
+    whole_run = submitit.SlurmJob(whole, whole_job).result()
+
+    assert (final.resumed_from, final.steps, final.stopped) == (saved, steps, False)
+    assert step_lines(stopped / f"{stopped_job}_0_log.out") == list(range(1, saved + 1))
+    assert step_lines(resumed / f"{resumed_job}_0_log.out") == list(range(saved + 1, steps + 1))
+    # 2 ranks (HSDP) then 1: the global loss of every step as the uninterrupted run computed it
+    assert rank0.losses + final.losses == pytest.approx(whole_run.losses, rel=1e-5)
+    # validation (EMA weights) as without the stop: the average came back whole on the new world size
+    validated, validated_whole = (validation(radosgw.storage, uri) for uri in (run_dir, f"{run_dir}-whole"))
+    assert list(validated_whole) == [2, 4, 6, 8]
+    assert {6, 8} <= set(validated) <= {2, 4, 6, 8}
+    for step, losses in validated.items():
+        assert losses == pytest.approx(validated_whole[step], rel=1e-5), f"validation at step {step}"
+    fs, previews = radosgw.storage.fsspec(join(run_dir, "previews"))
+    assert f"{previews}/step-00000006.mp4" in fs.ls(previews, refresh=True)
+    assert Checkpointer(run_dir, radosgw.storage).latest_step() == steps
 
 
 @pytest.mark.slow
@@ -111,43 +154,21 @@ def test_the_preemption_signal_checkpoints_the_current_step_and_the_requeued_job
     slurm_cluster, train_table, job_env, tmp_path
 ):
     # No periodic checkpoint before the end: the one the requeued job resumes from is the signal's.
-    args = run_args(train_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
+    args = run_args(train_table, tmp_path, "train.steps=8", "checkpoint.every=1000")
     submitted = command("launch.py", *args, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted_job(submitted.stdout)
-    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 1/12")  # training: the stop is armed
+    wait_for_line(tmp_path / "submitit" / f"{job_id}_0_log.out", "step 1/8")  # training: the stop is armed
 
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
-    assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
+    assert slurm_cluster.wait_until_finished(job_id, timeout_s=600) == "COMPLETED"
     final = results(tmp_path, job_id)[0]
-    assert final.resumed_from in range(2, 12)
-    assert (final.steps, len(final.losses)) == (12, 12 - final.resumed_from)
+    assert final.resumed_from in range(2, 8)
+    assert (final.steps, len(final.losses)) == (8, 8 - final.resumed_from)
     log = (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
-    assert f"step {final.resumed_from}/12" in log  # the step under way when the signal came, then saved
+    assert f"step {final.resumed_from}/8" in log  # the step under way when the signal came, then saved
     assert log.count("Requeued job") == 1
-
-
-@pytest.mark.slow
-def test_an_external_requeue_saves_the_step_under_way_and_the_requeued_job_resumes_from_it(
-    slurm_cluster, train_table, job_env, tmp_path
-):
-    # no periodic checkpoint: the one the requeued job resumes from is saved on Slurm's SIGTERM
-    args = run_args(train_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
-    submitted = command("launch.py", *args, cwd=tmp_path)
-    job_id = submitted_job(submitted.stdout)
-    log_file = tmp_path / "submitit" / f"{job_id}_0_log.out"
-    wait_for_line(log_file, "step 3/12")
-
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
-
-    assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED"
-    final = results(tmp_path, job_id)[0]
-    assert 3 <= final.resumed_from < 12
-    assert (final.steps, len(final.losses)) == (12, 12 - final.resumed_from)
-    log = log_file.read_text()
-    assert log.count(f"step {final.resumed_from}/12") == 1  # the step under way was saved, not trained again
-    assert log.count("step 12/12") == 1
 
 
 @pytest.mark.slow
@@ -166,16 +187,27 @@ def test_a_run_that_crashes_is_requeued_max_requeues_times_then_given_up_with_it
         f"(launcher.max_requeues=1): CheckpointError: no checkpoint at {no_weights}: neither DCP's .metadata "
         "nor checkpoints/latest"
     )
-    log = (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
-    assert log.count("requeue 1 of 1") == 1
+    # both ranks crashed at once (rank 1 on rank 0's word: only rank 0 reads stage.init_from), and each asked
+    # for the requeue and left for it
+    for rank, error in (
+        (0, "CheckpointError: "),
+        (1, "InitFromError: stage.init_from: rank 0 could not read"),
+    ):
+        log = (tmp_path / "submitit" / f"{job_id}_{rank}_log.out").read_text()
+        assert log.count(f"svd: rank {rank} crashed ({error}") == 1
+        assert log.count("requeue 1 of 1") == 1
+        assert log.count(f"svd: rank {rank} leaves for the requeue") == 1
     assert slurm_cluster.wait_until_finished(job_id) == "FAILED"
+    # requeued once, and each run of the job counted once however many of its ranks crashed
+    assert job_restarts(job_id) == 1
+    assert CrashLedger(tmp_path / "submitit", job_id).crashes() == 2
 
 
 @pytest.mark.slow
 def test_the_plain_sbatch_script_trains_and_requeues_itself_on_the_preemption_signal(
     slurm_cluster, train_table, job_env, tmp_path, monkeypatch
 ):
-    args = run_args(train_table, tmp_path, "train.steps=12", "checkpoint.every=1000")
+    args = run_args(train_table, tmp_path, "train.steps=8", "checkpoint.every=1000")
     written = command("launch.py", *args, "--cfg", cwd=tmp_path)
     (tmp_path / "run.yaml").write_text(written.stdout)
     monkeypatch.setenv("SVD_PYTHON", sys.executable)
@@ -197,19 +229,19 @@ def test_the_plain_sbatch_script_trains_and_requeues_itself_on_the_preemption_si
         text=True,
         check=True,
     ).stdout.strip()
-    wait_for_line(out, "step 1/12")
+    wait_for_line(out, "step 1/8")
 
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
-    assert slurm_cluster.wait_until_finished(job_id, timeout_s=180) == "COMPLETED", out.read_text()
+    assert slurm_cluster.wait_until_finished(job_id, timeout_s=600) == "COMPLETED", out.read_text()
     log = out.read_text()  # both runs: the script appends
     assert "svd: rank 0 leaves for the requeue" in log
     # every step trained once: the requeued run went on from the step the signal saved
     assert [line.split()[1] for line in log.splitlines() if line.startswith("step ")] == [
-        f"{step}/12" for step in range(1, 13)
+        f"{step}/8" for step in range(1, 9)
     ]
-    assert f"done: 12 steps in {tmp_path / 'run'}" in log
-    assert Checkpointer(str(tmp_path / "run")).latest_step() == 12
+    assert f"done: 8 steps in {tmp_path / 'run'}" in log
+    assert Checkpointer(str(tmp_path / "run")).latest_step() == 8
 
 
 @pytest.mark.slow
@@ -334,27 +366,6 @@ def test_a_partition_sbatch_refuses_is_reported_in_one_line(slurm_cluster, train
     assert done.stderr.strip().splitlines()[-1] == (
         "launch: sbatch refused the job: sbatch: error: invalid partition specified: nope"
     )
-
-
-def test_the_rendezvous_is_the_first_task_of_the_first_node_on_a_port_of_the_job(slurm_cluster):
-    slurm = {
-        "SLURM_PROCID": "9",
-        "SLURM_NTASKS": "16",
-        "SLURM_LOCALID": "1",
-        "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_JOB_NODELIST": "gpu[007-008]",
-        "SLURM_JOB_ID": "123456",
-    }
-
-    assert rendezvous_env(slurm) == {
-        "RANK": "9",
-        "WORLD_SIZE": "16",
-        "LOCAL_RANK": "1",
-        "LOCAL_WORLD_SIZE": "8",
-        "MASTER_ADDR": "gpu007",
-        "MASTER_PORT": str(15000 + 123456 % 5000),
-    }
-    assert rendezvous_env(slurm, master_port=29500)["MASTER_PORT"] == "29500"
 
 
 def test_each_node_announces_the_port_its_endpoint_serves_to_prometheus_while_the_run_lasts(

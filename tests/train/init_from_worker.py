@@ -50,10 +50,9 @@ def target_model() -> Denoiser:
 
 
 def sharded(model: Denoiser) -> Denoiser:
-    mesh = parallel.build_mesh(
-        parallel.DistEnv(dist.get_rank(), 2, 0, 2, torch.device("cpu"), "gloo"), "fsdp"
-    )
     cfg = ParallelConfig(sharding="fsdp", mixed_precision="fp32")
+    env = parallel.DistEnv(dist.get_rank(), 2, 0, 2, torch.device("cpu"), "gloo")
+    mesh = parallel.build_mesh(env, cfg.sharding, cfg.collective_timeout_s)
     return parallel.parallelize(model, list(model.network.block_pairs()), mesh, cfg, torch.device("cpu"))
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.error
@@ -30,6 +31,7 @@ from svd.train.metrics import (
     ProgressLine,
     TrainMetrics,
     flops_per_sample,
+    launch_multiprocess_dir,
     match_device_name,
     prepare_multiprocess_dir,
     serve_node_metrics,
@@ -216,6 +218,32 @@ def test_a_missing_multiprocess_folder_costs_the_endpoint_not_the_run(tmp_path: 
     assert serve_node_metrics(free_port(), tmp_path / "gone", addr="127.0.0.1", warn=lines.append) is None
     assert len(lines) == 1
     assert "gone does not exist; training goes on without a metrics endpoint" in lines[0]
+
+
+def test_two_launches_of_one_job_name_on_a_host_keep_their_metric_files_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both used <tmp>/svd-metrics/<job>: the second launch cleared the first's files and served them."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    tempfile.tempdir = None  # read TMPDIR again
+    try:
+        with launch_multiprocess_dir(MetricsConfig(port=1), "demo") as first:
+            (first / "counter_1.db").write_bytes(b"values of the first run")
+            with launch_multiprocess_dir(MetricsConfig(port=1), "demo") as second:
+                assert os.environ[ENV_DIR] == str(second)
+                assert first.parent == second.parent == tmp_path / "svd-metrics"
+                assert first != second
+                assert (first / "counter_1.db").exists()
+            assert os.environ[ENV_DIR] == str(first)
+            assert not second.exists()
+        assert ENV_DIR not in os.environ
+        assert not first.exists()
+    finally:
+        tempfile.tempdir = None
+    with launch_multiprocess_dir(MetricsConfig(port=0), "demo") as off:
+        assert off is None
+        assert ENV_DIR not in os.environ
 
 
 def test_the_default_port_is_defined_once_and_is_not_dcgm_exporters() -> None:

@@ -87,13 +87,6 @@ def test_every_rank_reports_its_metrics_with_job_stage_rank_and_node_labels(trai
         assert samples[("svd_samples_total", rank)][0] == 2  # 2 steps × 1 sample per rank
 
 
-@pytest.mark.slow
-def test_hybrid_sharding_over_two_processes_gives_the_losses_of_one(train_table, s3_env):
-    one = run(train_table, "hsdp-ref", "parallel.sharding=none")
-    hybrid = run(train_table, "hsdp", "gpus_per_node=2", "parallel.sharding=hsdp")  # mesh (1 node, 2 shards)
-    assert hybrid.losses == pytest.approx(one.losses, rel=1e-5)
-
-
 # One rank of an emulated multi-node run: the environment says where it is (as torchrun or srun would set it).
 RANK = """
 import json, sys
