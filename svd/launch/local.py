@@ -110,10 +110,10 @@ def launch_local(cfg: RunConfig, stop: Event | None = None) -> TrainResult:
     returns): the result of rank 0."""
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
-    from svd.train.metrics import launch_multiprocess_dir
+    from svd.train.metrics import MetricsConfig, launch_multiprocess_dir
 
     stop = stop or multiprocessing.get_context("spawn").Event()
-    with launch_multiprocess_dir(cfg.metrics, cfg.job_name):
+    with launch_multiprocess_dir(MetricsConfig(port=cfg.metrics.port), cfg.job_name):
         return run(cfg, _polling(stop)) if cfg.gpus_per_node == 1 else _launch_ranks(cfg, stop)
 
 
