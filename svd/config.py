@@ -145,6 +145,10 @@ class CheckpointConfig:
     every: int = 1000
     keep: int = 3
     async_save: bool = True
+    # One run at a time owns run_dir (svd/train/lease.py). A run that died without releasing it keeps it this
+    # long after its last renewal; a restart of the same job (Slurm requeue, Ray worker group) takes it back.
+    lease_ttl_s: float = 300.0
+    break_lease: bool = False  # take run_dir from the run holding it: only when that run is known to be dead
 
 
 @dataclass
@@ -386,6 +390,7 @@ ABOVE_ZERO = (
     "data.motion_score_scale",
     "train.lr",
     "parallel.collective_timeout_s",
+    "checkpoint.lease_ttl_s",
     "gpu.memory_gib",
     "gpu.bf16_tflops",
     "gpu.intra_node_gbps",

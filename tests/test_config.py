@@ -192,6 +192,8 @@ RUN_ACCEPTS: dict[str, frozenset[str]] = {
     "checkpoint.every": REFUSED,
     "checkpoint.keep": REFUSED,
     "checkpoint.async_save": SWITCH,
+    "checkpoint.lease_ttl_s": REFUSED,
+    "checkpoint.break_lease": SWITCH,  # False: the normal case, a held run directory is refused
     "metrics.port": SWITCH,  # 0: no endpoint
     "metrics.gpu": REFUSED,  # null: matched to the device name
     "metrics.gpu_peak_flops": frozenset({EMPTY}),  # nothing added to the built-in table

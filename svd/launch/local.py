@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.local_s3 import free_port
 from svd.train import run
+from svd.train.lease import RUN_OWNER
 from svd.train.stop import STOP_SIGNALS, STOPPED_STATUS, StopRequest, interruptible, stopped_line
 from svd.train.trainer import TrainResult
 
@@ -110,10 +111,11 @@ def launch_local(cfg: RunConfig, stop: Event | None = None) -> TrainResult:
     returns): the result of rank 0."""
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
-    from svd.train.metrics import MetricsConfig, launch_multiprocess_dir
+    os.environ[RUN_OWNER] = f"local-{uuid.uuid4().hex[:12]}"  # this launch owns the run directory
+    from svd.train.metrics import launch_multiprocess_dir
 
     stop = stop or multiprocessing.get_context("spawn").Event()
-    with launch_multiprocess_dir(MetricsConfig(port=cfg.metrics.port), cfg.job_name):
+    with launch_multiprocess_dir(cfg.metrics.port, cfg.job_name):
         return run(cfg, _polling(stop)) if cfg.gpus_per_node == 1 else _launch_ranks(cfg, stop)
 
 

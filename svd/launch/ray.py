@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.storage import Storage, join, scheme
 from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
+from svd.train.lease import RUN_OWNER
 from svd.train.stop import STOPPED_STATUS, Interruption, StopRequest, interruptible, stopped_line
 
 if TYPE_CHECKING:
@@ -326,6 +327,7 @@ def _worker_env(cfg: RunConfig, use_gpu: bool) -> dict[str, str]:
     the node's metrics folder (prometheus_client reads it at import)."""
     # The ranks' prints (progress lines) stay plain output: Ray Train's print patch would log each twice.
     env = {"PYTHONPATH": _pythonpath(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env[RUN_OWNER] = f"ray-{uuid.uuid4().hex[:12]}"  # this driver's; a restarted worker group keeps it
     if not use_gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if cfg.metrics.port:

@@ -45,6 +45,7 @@ from svd.config import (
 from svd.curate.config import CurateConfig
 from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 from svd.launch.slurm_requeue import CrashLedger, RequeueError, requeue_job
+from svd.train.lease import RUN_OWNER
 from svd.train.stop import StopRequest
 
 if TYPE_CHECKING:
@@ -244,6 +245,7 @@ def train_rank(cfg: RunConfig, stop: StopRequest) -> TrainResult:
     from svd.train import run
 
     export_rendezvous(cfg.launcher.master_port)
+    os.environ[RUN_OWNER] = f"slurm-{os.environ['SLURM_JOB_ID']}"  # kept by a requeue: takes its lease back
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size != cfg.world_size:
         raise ConfigError(

@@ -4,7 +4,8 @@
     parts = {"train": ModelOptimizerState(model, optimizer), "ema": ema_tensors, "data": loader_state}
     step = ckpt.load(parts) or 0                  # resume in place (any world size), None when fresh
     ...
-    blocked_s = ckpt.save(step, parts)            # every rank; training goes on while it uploads
+    blocked_s = ckpt.save(step, parts)            # every rank; training goes on while it copies and uploads
+    ckpt.wait_for_staging()                       # before changing saved state (the optimizer step)
     ckpt.close()                                  # every rank: finish the last save
 
     weights = read_full_state("s3://bucket/runs/r1", "ema", storage)   # no process group needed
@@ -110,6 +111,7 @@ class Checkpointer:
         async_save: bool = True,
         process_group: dist.ProcessGroup | None = None,
         collective_timeout_s: float = ParallelConfig.collective_timeout_s,
+        before_commit: Callable[[], None] | None = None,
     ):
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be ≥ 1 (or None to keep every checkpoint)")
@@ -120,6 +122,8 @@ class Checkpointer:
         self._storage = storage or Storage.from_env()
         self._fs, self._path = self._storage.fsspec(self.uri)
         self._collective_timeout_s = collective_timeout_s
+        # Rank 0, before the marker and pruning: may raise to keep a run that lost its run directory out.
+        self._before_commit = before_commit or (lambda: None)
         if dist.is_available() and dist.is_initialized():
             timeout = timedelta(seconds=collective_timeout_s)
             self._pg = process_group or dist.new_group(backend="gloo", timeout=timeout)
@@ -128,9 +132,14 @@ class Checkpointer:
             self._pg, self._rank, self._world = None, 0, 1
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         # One stager for the run: it keeps its CPU copy of each tensor between saves (pinned when a GPU
-        # trains), so a save after the first copies into warm memory instead of faulting in fresh pages.
-        self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+        # trains), so a save after the first copies into warm memory instead of faulting in fresh pages. It
+        # copies in a thread of its own (on a side stream on a GPU) while the next forward and backward run,
+        # which read the weights but do not change them: the loop waits for the copy (`wait_for_staging`) only
+        # before it changes them. Copying before returning held the loop for a third of a step on CPU.
+        cuda = torch.cuda.is_available()
+        self._stager = DefaultStager(StagingOptions(cuda, False, True, cuda))
         self._pending: Future[None] | None = None
+        self._staging: Future[None] | None = None
         self._last_step: int | None = None
         self._probe_storage()
 
@@ -138,10 +147,11 @@ class Checkpointer:
         self, step: int, parts: Mapping[str, Part], on_commit: Callable[[int], None] | None = None
     ) -> float:
         """Checkpoint `parts` as of `step`; returns the seconds it blocked the caller. In async mode it waits
-        for the previous save, copies the state to CPU memory and returns while a thread writes it; rank 0
-        then writes the marker and deletes old checkpoints. `on_commit(step)` is called once the checkpoint
-        is complete (in async mode from that thread; never for a save that fails). A save of the step last
-        saved or loaded is a no-op (the state is the same)."""
+        for the previous save and returns while threads copy the state to CPU memory and write it; the caller
+        calls `wait_for_staging` before it changes any of `parts`. Rank 0 then writes the marker and deletes
+        old checkpoints. `on_commit(step)` is called once the checkpoint is complete (in async mode from the
+        commit thread; never for a save that fails). A save of the step last saved or loaded is a no-op (the
+        state is the same)."""
         started = time.perf_counter()
         self.wait()
         if self._last_step is not None and step <= self._last_step:
@@ -151,14 +161,17 @@ class Checkpointer:
         state = _to_dcp(parts)
         writer = _Writer(self._fs, self._step_path(step), sync_files=_is_local(self._fs))
         if self.async_save:
-            future = dcp.async_save(
+            response = dcp.async_save(
                 state,
                 storage_writer=writer,
                 process_group=self._pg,
                 async_stager=self._stager,
                 no_dist=self._pg is None,
             )
-            self._pending = self._executor.submit(self._commit_when_written, future, step, on_commit)
+            self._staging = response.staging_completion
+            self._pending = self._executor.submit(
+                self._commit_when_written, response.upload_completion, step, on_commit
+            )
         else:
             try:
                 with _single_process_is_intended():
@@ -171,8 +184,15 @@ class Checkpointer:
         self._last_step = step
         return time.perf_counter() - started
 
+    def wait_for_staging(self) -> None:
+        """Return once the save in flight holds its own copy of the state, so the caller may change it."""
+        staging, self._staging = self._staging, None
+        if staging is not None and staging.exception() is not None:
+            self.wait()  # the upload failed with it: raised as a CheckpointError, once
+
     def wait(self) -> None:
         """Finish the save in flight (data, marker, pruning); raise its error, once."""
+        self._staging = None
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
@@ -198,8 +218,12 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The step the marker names, None when there is no marker (a fresh run)."""
-        marker = _read_marker(self._fs, f"{self._path}/{MARKER}", join(self.uri, MARKER))
+        marker = self.latest_marker()
         return None if marker is None else marker["step"]
+
+    def latest_marker(self) -> dict[str, Any] | None:
+        """The marker's step, folder and world size (None in markers written before it was recorded)."""
+        return _read_marker(self._fs, f"{self._path}/{MARKER}", join(self.uri, MARKER))
 
     def load(self, parts: Mapping[str, Part]) -> int | None:
         """Restore `parts` in place from the latest complete checkpoint and return its step; None when there
@@ -236,6 +260,7 @@ class Checkpointer:
         prune. DCP's save returns on any rank only after the coordinator wrote `.metadata`."""
         if self._rank != 0:
             return
+        self._before_commit()
         marker = {
             "step": step,
             "folder": f"step-{step:08d}",
@@ -493,14 +518,20 @@ def _has_tensor(value: Any) -> bool:
 
 
 def _read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any] | None:
-    """The marker's step and folder; None only when it does not exist (any other read error propagates)."""
+    """The marker's step, folder and world size; None only when it does not exist (any other read error
+    propagates)."""
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         return None
     try:
         marker = json.loads(data)
-        return {"step": int(marker["step"]), "folder": str(marker["folder"])}
+        world_size = marker.get("world_size")
+        return {
+            "step": int(marker["step"]),
+            "folder": str(marker["folder"]),
+            "world_size": None if world_size is None else int(world_size),
+        }
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint marker {uri} is not valid: {_one_line(e)}") from e
 

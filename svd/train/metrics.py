@@ -7,7 +7,7 @@ training, so a taken port costs one line on stderr, never the run. Each series c
 rank and node, so Prometheus sees every rank separately however the processes are placed.
 
     # launcher, once per node, around the ranks (a folder of its own, removed after them):
-    with launch_multiprocess_dir(cfg.metrics, job): ...
+    with launch_multiprocess_dir(cfg.metrics.port, job): ...
     # every rank (before anything imports prometheus_client):
     metrics = TrainMetrics(cfg.metrics, job=job, stage=stage, rank=rank, node=node, device=device,
                            flops_per_sample=flops_per_sample(fwd_bwd_one_sample))
@@ -134,21 +134,19 @@ def prepare_multiprocess_dir(path: str | Path) -> Path:
 
 
 @contextmanager
-def launch_multiprocess_dir(cfg: MetricsConfig, job: str) -> Iterator[Path | None]:
-    """This node's metrics folder for one launch (None with the endpoint off), removed after it. Unique per
-    launch: two runs of one job name on a host (a retry beside a hung run, two users' demos) would otherwise
-    clear and serve each other's values. A folder set in `metrics.multiproc_dir` is used as it is."""
-    if not cfg.port:
+def launch_multiprocess_dir(port: int, job: str) -> Iterator[Path | None]:
+    """This node's metrics folder for one launch (None with the endpoint off: `port` 0), removed after it.
+    Unique per launch: two runs of one job name on a host (a retry beside a hung run, two users' demos)
+    would otherwise clear and serve each other's values."""
+    if not port:
         yield None
         return
-    unique = cfg.multiproc_dir is None
     before = os.environ.get(ENV_DIR)
-    path = prepare_multiprocess_dir(cfg.directory(f"{job}-{uuid.uuid4().hex[:8]}"))
+    path = prepare_multiprocess_dir(MetricsConfig(port=port).directory(f"{job}-{uuid.uuid4().hex[:8]}"))
     try:
         yield path
     finally:
-        if unique:
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
         if before is None:
             os.environ.pop(ENV_DIR, None)
         else:

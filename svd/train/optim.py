@@ -14,7 +14,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameter: check stage.trainable")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True
+    )
     init_state(optimizer)
     return optimizer
 
@@ -51,3 +53,19 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def apply_train_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig
+) -> None:
+    """After a checkpoint was loaded: the optimizer's hyperparameters from the configuration, as
+    `build_optimizer` and `build_scheduler` set them. Loading restores the param groups (lr, betas, weight
+    decay) and the scheduler's base learning rates as they were saved, so a changed `train.lr` would be
+    recorded and never used. The schedule's shape (warmup, cosine, length) is already the configuration's:
+    the scheduler's function reads `cfg`, and the checkpoint only gives it the step."""
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+        group["betas"] = tuple(cfg.betas)
+        group["weight_decay"] = cfg.weight_decay

@@ -41,8 +41,10 @@ from svd.train import parallel
 from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
 from svd.train.distributed import DistEnv, init_distributed
 from svd.train.ema import EMA
+from svd.train.lease import RunDirOwner, hold_run_dir
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
-from svd.train.optim import build_optimizer, build_scheduler
+from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler
+from svd.train.resume import check_resume
 from svd.train.run_files import RunFiles
 from svd.train.stop import StopRequest
 from svd.train.task import Task, unet_config
@@ -63,6 +65,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # global mean loss per step of this process's run
     step_seconds: list[float] = field(default_factory=list)
     data_wait_seconds: list[float] = field(default_factory=list)  # of each step, waiting for batches
+    # Of each iteration that ran to its end: the step, then the checkpoint, validation and preview after it.
+    loop_seconds: list[float] = field(default_factory=list)
+    checkpoint_blocked_seconds: list[float] = field(default_factory=list)  # how long each save held the loop
     peak_memory_bytes: int = 0  # of the device (CUDA), else of the process (max RSS)
     flops_per_sample: float | None = None  # forward + backward, counted when MFU is reported
     peak_flops: float | None = None  # of the device, from the metrics table
@@ -82,9 +87,16 @@ class StepOutcome:
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, env: DistEnv, storage: Storage | None = None, stop: StopRequest | None = None
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        storage: Storage | None = None,
+        stop: StopRequest | None = None,
+        owner: RunDirOwner | None = None,
     ):
         self.cfg, self.env = cfg, env
+        # Confirmed before each write: raises on every rank when another run took the run directory.
+        self.owner = owner or RunDirOwner(lease=None)
         self.stop = stop or StopRequest()
         self.storage = storage or Storage.from_env()
         self.device = env.device
@@ -100,6 +112,7 @@ class Trainer:
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
             collective_timeout_s=cfg.parallel.collective_timeout_s,
+            before_commit=self.owner.confirm_here,
         )
         self.files = RunFiles(cfg.checkpoint.run_dir, self.storage)
         self.validator = Validator(
@@ -207,7 +220,12 @@ class Trainer:
         """The latest complete checkpoint of the run directory, else `stage.init_from`; builds the loader
         at the position the checkpoint recorded (or at the start)."""
         parts = self._parts(0, data={})
+        resume = check_resume(self.cfg, self.storage, self.checkpointer)  # or refuse, before any write
         step = self.checkpointer.load(parts)
+        if resume is not None:
+            apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)  # not the checkpoint's lr
+            if self.env.is_main:
+                print(*resume.lines(self.cfg.checkpoint.run_dir, self.env.world_size), sep="\n", flush=True)
         self.loader = self._build_loader(state=parts["data"] if step is not None else None)
         if step is None and self.cfg.stage.init_from:
             report = load_initial_weights(
@@ -221,9 +239,9 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        if self.env.is_main:
-            self.files.write("config.yaml", to_yaml(cfg))
         resumed = self._restore()
+        if self.env.is_main:  # after the resume's checks and loads: a refused resume leaves it as it was
+            self.files.write("config.yaml", to_yaml(cfg))
         step = resumed or 0
         result = TrainResult(steps=step, resumed_from=resumed)
         server = self._start_metrics()
@@ -237,11 +255,12 @@ class Trainer:
                 step += 1
                 self._record(step, outcome, time.perf_counter() - started, result)
                 if outcome.stop or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                    self._save(step)
+                    result.checkpoint_blocked_seconds.append(self._save(step))
                 if outcome.stop:
                     result.stopped = True
                     break
                 self._validate_and_preview(step, result)
+                result.loop_seconds.append(time.perf_counter() - started)
             result.steps = step
             if cfg.stage.trainable == "lora" and not result.stopped:
                 self._save_lora()
@@ -272,6 +291,7 @@ class Trainer:
             total += per_video.detach().sum()
         grad_norm = self._clip_gradients()
         applied = math.isfinite(grad_norm)  # global: every rank computed the same norm
+        self.checkpointer.wait_for_staging()  # a save in flight copies the weights and the EMA changed here
         if applied:
             self.optimizer.step()
             self.ema.update(self.model)
@@ -328,13 +348,19 @@ class Trainer:
 
     def _validate_and_preview(self, step: int, result: TrainResult) -> None:
         every_val, every_preview = self.cfg.train.val_every, self.cfg.train.preview_every
-        if every_val and step % every_val == 0 and (losses := self.validator(self.model, self.ema, step)):
+        validate, preview = every_val and step % every_val == 0, every_preview and step % every_preview == 0
+        if validate or preview:
+            self.owner.confirm()
+            self.checkpointer.wait_for_staging()  # swapping the EMA in changes the weights a save may copy
+        if validate and (losses := self.validator(self.model, self.ema, step)):
             result.validation.append(losses)
-        if every_preview and step % every_preview == 0:
+        if preview:
             self.previewer(self.model, self.ema, step, self.preview_batch)
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int) -> float:
+        """Checkpoint `step`; returns the seconds the loop was held (async: until the copy is under way)."""
         self._check_finite_weights(step)
+        self.owner.confirm()
         committed = self.metrics.observe_checkpoint_committed if self.metrics else None
         try:
             blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()), committed)
@@ -344,6 +370,7 @@ class Trainer:
             raise
         if self.metrics:
             self.metrics.observe_checkpoint(blocked)
+        return blocked
 
     def _check_finite_weights(self, step: int) -> None:
         """Refuse to save weights (or their average) with a NaN or an infinity: the latest checkpoint, and
@@ -425,6 +452,7 @@ def run(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     trains (until `stop` is set, if given), leaves the group."""
     env = init_distributed(cfg.parallel.collective_timeout_s)
     try:
-        return Trainer(cfg, env, stop=stop).fit()
+        with hold_run_dir(cfg) as owner:  # one run per run directory, taken before anything is written
+            return Trainer(cfg, env, stop=stop, owner=owner).fit()
     finally:
         dist.destroy_process_group()

@@ -1,7 +1,12 @@
-"""Runs that overlap, on a real object store (radosgw: moto's conditional writes are weaker)."""
+"""Runs that overlap: curation on a real object store (radosgw: moto's conditional writes are weaker for
+Lance's commits), training runs into one run directory (the clip table's moto; the lease needs only
+`If-None-Match`, which moto honours; tests/train/test_lease.py races it on radosgw too)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +15,10 @@ from collections import Counter
 import lance
 import pytest
 
+from svd.config import from_yaml
 from svd.curate.ledger import log_uri
+from svd.data.local_s3 import free_port
+from svd.train.lease import RUN_OWNER
 
 from .conftest import ROOT, curate_argv, curate_env, video
 
@@ -70,3 +78,148 @@ def test_runs_that_race_to_create_the_table_lose_no_rows(radosgw):
     assert sorted(table.to_table(columns=["clip_id"]).column("clip_id").to_pylist()) == sorted(
         f"{who}-{i}" for who in range(3) for i in range(5)
     )
+
+
+# One rank as the Slurm launcher starts it (svd.launch.slurm.train_rank): the job names the run's owner.
+RANK = """
+import sys
+from svd.config import compose
+from svd.train import run
+result = run(compose(sys.argv[1:]))
+print(f"rank 0 ended at step {result.steps}", flush=True)
+"""
+
+
+def training(train_table: dict, run: str, *extra: str) -> list[str]:
+    """The settings of a tiny run in the production configuration: loader workers, the metrics endpoint on a
+    free port, validation and previews every 2 steps, asynchronous checkpoints."""
+    return [
+        "stage=video_pretrain",
+        "model=tiny",
+        f"data.table={train_table['table']}",
+        f"checkpoint.run_dir={train_table['bucket']}/runs/{run}",
+        "data.frames=4",
+        "data.fps=4",
+        "data.num_workers=2",
+        f"metrics.port={free_port()}",
+        "train.val_every=2",
+        "train.preview_every=2",
+        "train.global_batch=2",
+        "train.log_every=1",
+        "checkpoint.every=2",
+        *extra,
+    ]
+
+
+def launch_argv(settings: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "launch.py"), *settings]
+
+
+@pytest.mark.slow
+def test_two_training_runs_started_at_once_into_one_run_directory_one_trains_and_the_other_refuses(
+    train_table, s3_env, moto_s3, tmp_path
+):
+    """The winner trains long enough that the other run meets it whatever the machine's load; it is killed
+    once the other has given up and it has checkpointed."""
+    run_dir = f"{train_table['bucket']}/runs/twice"
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    logs = {seed: (tmp_path / f"seed{seed}.out", tmp_path / f"seed{seed}.err") for seed in (1, 2)}
+    runs = {
+        seed: subprocess.Popen(
+            launch_argv(
+                training(train_table, "twice", "gpus_per_node=2", "train.steps=500", f"train.seed={seed}")
+            ),
+            env=env,
+            start_new_session=True,  # its own process group: the elastic agent, its ranks, their workers
+            stdout=logs[seed][0].open("w"),
+            stderr=logs[seed][1].open("w"),
+        )
+        for seed in (1, 2)
+    }
+    fs, path = moto_s3.storage.fsspec(run_dir)
+    try:
+        deadline = time.monotonic() + 600
+        while all(p.poll() is None for p in runs.values()):
+            assert time.monotonic() < deadline, "neither run stopped within 600 s"
+            time.sleep(0.5)
+        lost = next(seed for seed, p in runs.items() if p.poll() is not None)
+        seed = 3 - lost
+        assert runs[seed].poll() is None, "both runs ended"  # the other one trains on
+        assert runs[lost].returncode != 0
+        out, err = (f.read_text() for f in logs[lost])
+        in_use = f"checkpoint.run_dir={run_dir} is in use by"
+        refusals = [line for line in err.splitlines() if in_use in line]
+        assert refusals, err[-3000:]
+        assert "is in use by local-" in refusals[0]
+        assert f"(host {os.uname().nodename}, pid " in refusals[0]
+        assert "expires at" in refusals[0]
+        assert "step 1/" not in out  # refused before training, on both of its ranks
+
+        while not fs.exists(f"{path}/validation.jsonl"):  # the winner's first checkpoint and validation
+            assert runs[seed].poll() is None, logs[seed][1].read_text()[-3000:]
+            assert time.monotonic() < deadline, "no validation within 600 s"
+            time.sleep(0.5)
+    finally:
+        for p in runs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert from_yaml(fs.cat_file(f"{path}/config.yaml").decode()).train.seed == seed
+    steps = [
+        json.loads(line)["step"] for line in fs.cat_file(f"{path}/validation.jsonl").decode().splitlines()
+    ]
+    assert steps == list(range(2, 2 * len(steps) + 1, 2))  # one run's, each step once
+
+
+@pytest.mark.slow
+def test_a_restarted_job_takes_its_run_directory_back_from_its_hung_predecessor_and_others_are_refused(
+    train_table, s3_env, moto_s3, tmp_path
+):
+    job = os.environ | {"PYTHONPATH": str(ROOT), RUN_OWNER: "slurm-77"}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    log = (tmp_path / "hung.log").open("w")
+    hung = subprocess.Popen(
+        [sys.executable, "-c", RANK, *training(train_table, "requeued", "train.steps=200")],
+        env=job,
+        start_new_session=True,  # its own process group, with its loader workers
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    fs, marker = moto_s3.storage.fsspec(f"{train_table['bucket']}/runs/requeued/checkpoints/latest")
+    try:
+        deadline = time.monotonic() + 300
+        while not fs.exists(marker):
+            assert hung.poll() is None, (tmp_path / "hung.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+        os.killpg(
+            hung.pid, signal.SIGSTOP
+        )  # a job step that hangs: alive, holding the lease, renewing no more
+        saved = json.loads(fs.cat_file(marker))["step"]
+
+        other = subprocess.run(
+            launch_argv(training(train_table, "requeued", f"train.steps={saved + 2}")), timeout=300, **pipes
+        )
+        assert other.returncode != 0
+        assert f"is in use by slurm-77 (host {os.uname().nodename}, pid {hung.pid}, since " in other.stderr
+
+        requeued = subprocess.run(
+            [sys.executable, "-c", RANK, *training(train_table, "requeued", f"train.steps={saved + 2}")],
+            env=job,
+            timeout=300,
+            **pipes,
+        )
+        assert requeued.returncode == 0, requeued.stderr[-3000:]
+        assert "taken back from an earlier run of the same job, slurm-77" in requeued.stdout
+        assert f"resumed from step {saved} of " in requeued.stdout
+        assert f"rank 0 ended at step {saved + 2}" in requeued.stdout
+
+        os.killpg(hung.pid, signal.SIGCONT)  # the hung step wakes up: it stops at its next write
+        assert hung.wait(timeout=120) != 0
+        lost = f"checkpoint.run_dir={train_table['bucket']}/runs/requeued was taken by slurm-77 (host "
+        assert lost in (tmp_path / "hung.log").read_text()
+        assert json.loads(fs.cat_file(marker))["step"] == saved + 2  # the requeued run's last checkpoint
+    finally:
+        os.killpg(hung.pid, signal.SIGKILL)
+        hung.wait()
+        log.close()

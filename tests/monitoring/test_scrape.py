@@ -1,13 +1,15 @@
 """A real training run (2 ranks, the tiny model, a clip table with one damaged video on the S3 server),
 scraped by a real Prometheus through file-based discovery with the target labels the chart's PodMonitor gives
 a worker pod (namespace, pod, container, endpoint): its series carry the labels they carry on Kubernetes, and
-every dashboard query and alert expression evaluates against them. Beside it, as on Kubernetes, Ray's own
-metrics port and dcgm-exporter: recorded samples (tests/monitoring/data/) served by a small file server, since
-CI has neither ray[default] (Ray's metrics agent) nor a GPU."""
+every dashboard query and alert expression evaluates against them. Beside it, as on Kubernetes: Ray's own
+metrics port, that of a real Ray head on 127.0.0.1 (ray[default]'s metrics agent, as in the image); and
+dcgm-exporter's endpoint, a recorded sample (tests/monitoring/data/) served by a small file server, since CI
+has no GPU."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ import pytest
 from svd.data.local_s3 import free_port
 from svd.data.synthetic import synthetic_corpus
 from svd.data.table import write_clip_table
+from svd.launch import ray as ray_launcher
 from svd.train.file_sd import write_target
 
 from .conftest import (
@@ -45,6 +48,7 @@ NAMESPACE, POD = "ml", "monitored-run-gpu-workers-w1"  # the pod the recorded dc
 POD_TARGET = {"namespace": NAMESPACE, "pod": POD, "container": "ray-worker"}  # what the PodMonitor adds
 DATA = Path(__file__).with_name("data")
 CHECKPOINT_EVERY = 3
+RAY_CPUS = 1  # the Ray head's logical CPUs: its ray_resources say so
 # Alerts a healthy run must not trigger. (SVDLowMFU and SVDDataLoaderStarved may well hold on 2 shared CPU
 # cores measured against a made-up peak; SVDLossExploding needs a history this run does not have.)
 FAILURE_ALERTS = (
@@ -73,21 +77,46 @@ def damaged_table(moto_s3) -> str:
 
 
 @pytest.fixture(scope="module")
-def recorded_endpoints(prometheus: Prometheus) -> Iterator[None]:
-    """Ray's metrics port of the run's pod and dcgm-exporter's endpoint of its node, each a recorded sample
-    served over HTTP, in Prometheus' target folders with the target labels their Kubernetes scrapes attach."""
-    servers = {name: serve_file(DATA / f"{name}.prom") for name in ("ray-metrics", "dcgm-exporter")}
+def ray_node(prometheus: Prometheus) -> Iterator[dict]:
+    """A real Ray head on 127.0.0.1 (this process its driver), its metrics agent exporting on a free port as
+    `ray start --metrics-export-port` does on each of the run's pods, in Prometheus' Ray target folder with
+    the target labels the PodMonitor's second endpoint attaches. No task runs on it: its node, resource and
+    object-store series are there from the start. The run's ranks do not train on it (the module's run uses
+    the default launcher); its series stand for those of the run's pod."""
+    port = free_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv(ray_launcher.LOCAL_ONLY, "0")
+        env.delenv("RAY_ADDRESS", raising=False)
+        import ray
+
+        ray.init(
+            address="local",  # not a Ray that another test or job left running on this host
+            num_cpus=RAY_CPUS,
+            include_dashboard=False,  # the head's dashboard; the metrics agent runs on every node regardless
+            object_store_memory=ray_launcher.LOCAL_OBJECT_STORE_BYTES,
+            logging_level=logging.WARNING,
+            _metrics_export_port=port,  # ray.init's name for `ray start --metrics-export-port`
+        )
+        labels = {"job": JOB, **POD_TARGET, "endpoint": "metrics", "exporter": "ray"}
+        target = write_target(JOB, "127.0.0.1", port, labels, prometheus.ray_targets_dir)
+        try:
+            yield {"port": port, "version": ray.__version__}
+        finally:
+            target.unlink(missing_ok=True)
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def recorded_dcgm_exporter(prometheus: Prometheus) -> Iterator[None]:
+    """dcgm-exporter's endpoint of the run's node: a recorded sample (no GPU here) served over HTTP, in
+    Prometheus' dcgm target folder with the target labels its chart's ServiceMonitor attaches (the exporter
+    pod's own namespace, pod and container)."""
+    server = serve_file(DATA / "dcgm-exporter.prom")
     write_target(
-        JOB,
-        "127.0.0.1",
-        servers["ray-metrics"].server_port,
-        {"job": JOB, **POD_TARGET, "endpoint": "metrics", "exporter": "ray"},
-        prometheus.ray_targets_dir,
-    )
-    write_target(  # dcgm-exporter's ServiceMonitor: the exporter pod's own namespace, pod and container
         "dcgm",
         "127.0.0.1",
-        servers["dcgm-exporter"].server_port,
+        server.server_port,
         {
             "job": "nvidia-dcgm-exporter",
             "namespace": "gpu-operator",
@@ -101,9 +130,8 @@ def recorded_endpoints(prometheus: Prometheus) -> Iterator[None]:
     try:
         yield
     finally:
-        for server in servers.values():
-            server.shutdown()
-            server.server_close()
+        server.shutdown()
+        server.server_close()
 
 
 def serve_file(path: Path) -> ThreadingHTTPServer:
@@ -128,11 +156,16 @@ def serve_file(path: Path) -> ThreadingHTTPServer:
 
 @pytest.fixture(scope="module")
 def run(
-    prometheus: Prometheus, recorded_endpoints, moto_s3, damaged_table: str, tmp_path_factory
+    prometheus: Prometheus,
+    ray_node: dict,
+    recorded_dcgm_exporter,
+    moto_s3,
+    damaged_table: str,
+    tmp_path_factory,
 ) -> Iterator[dict]:
     """`jobs/launch.py` training until stopped, its node endpoint in Prometheus' target folder with a worker
-    pod's target labels; yields once Prometheus holds several scrapes with checkpoints and a skipped clip, and
-    the GPU join has the run's GPUs."""
+    pod's target labels; yields once Prometheus holds several scrapes with checkpoints and a skipped clip, the
+    GPU join has the run's GPUs and Ray's node metrics are in (Ray starts its metrics agent meanwhile)."""
     folder = tmp_path_factory.mktemp("run")
     port = free_port()
     args = [
@@ -169,14 +202,19 @@ def run(
                 f"training exited with {process.returncode}: {(folder / 'train.log').read_text()}"
             )
         saves = prometheus.query(f'min(svd_checkpoint_save_seconds_count{{job="{JOB}"}}) >= 2')
+        # an asynchronous save is counted when it starts, its step set when it commits (later, on a busy host)
+        committed = prometheus.query(f'min(svd_checkpoint_step{{job="{JOB}"}}) >= {2 * CHECKPOINT_EVERY}')
         skipped = prometheus.query(f'svd_data_skipped_total{{job="{JOB}"}}')
         scrapes = prometheus.query(f'min(count_over_time(svd_step{{job="{JOB}"}}[1m])) >= 5')
         gpus = prometheus.query(f'svd:gpu_utilization:ratio{{job="{JOB}"}}')
-        return bool(saves and skipped and scrapes and gpus)
+        ray_memory = prometheus.query(f'ray_node_mem_used{{job="{JOB}"}}')
+        return bool(saves and committed and skipped and scrapes and gpus and ray_memory)
 
+    what = f"two committed checkpoints, a skipped clip, 5 scrapes, the GPUs of {JOB} and Ray's node metrics"
     try:
-        wait_until(ready, 150, f"two checkpoints, a skipped clip, 5 scrapes and the GPUs of {JOB}")
-        yield {"port": port, "node": socket.gethostname()}
+        # over 2 min at a load of 25 on 2 cores (150 s timed out there): the loader's workers start slowly
+        wait_until(ready, 300, f"{what} (Ray's: ray[default] installed? its metrics agent exports them)")
+        yield {"port": port, "node": socket.gethostname(), "ray": ray_node}
     finally:
         target.unlink(missing_ok=True)
         stop_group(process)
@@ -239,11 +277,24 @@ def test_every_rank_is_scraped_with_the_runs_labels_and_values(prometheus: Prome
 def test_rays_own_metrics_are_scraped_beside_the_runs_with_its_pod_and_job(
     prometheus: Prometheus, run: dict
 ) -> None:
-    up = prometheus.query(f'up{{job="{JOB}", exporter="ray"}}')
+    """Ray's metrics agent on its metrics export port, scraped without honoured labels: its series carry the
+    PodMonitor's target labels and Ray's own. Latest values within 30 s, so that one scrape slowed past its
+    1 s timeout on a busy machine (its series then go stale) does not empty the query."""
+    ray = run["ray"]
+    up = prometheus.query(f'max_over_time(up{{job="{JOB}", exporter="ray"}}[30s])')
     assert [(s["metric"]["endpoint"], float(s["value"][1])) for s in up] == [("metrics", 1.0)]
-    memory = prometheus.query(f'ray_node_mem_used{{job="{JOB}", namespace="{NAMESPACE}", pod="{POD}"}}')
-    assert len(memory) == 1
-    assert float(memory[0]["value"][1]) > 0
+    node = f'job="{JOB}", namespace="{NAMESPACE}", pod="{POD}", container="ray-worker", endpoint="metrics"'
+    (used,) = prometheus.query(f"last_over_time(ray_node_mem_used{{{node}}}[30s])")
+    labels = used["metric"]
+    assert (labels["exporter"], labels["instance"]) == ("ray", f"127.0.0.1:{ray['port']}")
+    assert (labels["Version"], labels["IsHeadNode"], labels["ip"]) == (ray["version"], "true", "127.0.0.1")
+    (total,) = prometheus.query(f"last_over_time(ray_node_mem_total{{{node}}}[30s])")
+    assert 0 < float(used["value"][1]) < float(total["value"][1])
+    # available + used of each resource: what the fixture gave the head
+    resources = f"sum by (Name) (last_over_time(ray_resources{{{node}}}[30s]))"
+    totals = {s["metric"]["Name"]: float(s["value"][1]) for s in prometheus.query(resources)}
+    assert totals["CPU"] == RAY_CPUS
+    assert totals["object_store_memory"] == ray_launcher.LOCAL_OBJECT_STORE_BYTES
 
 
 def test_the_gpus_of_the_runs_pod_are_joined_to_the_run_and_no_other(

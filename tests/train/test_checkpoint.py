@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+from svd.data.storage import Storage
 from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, read_full_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,11 +273,13 @@ class HeldDisk(LocalFileSystem):
         return super()._open(path, mode, **kwargs)
 
 
-class OnDisk:
-    """The one method of `Storage` that the checkpointer uses, answering with `disk` for every URI."""
+class OnDisk(Storage):
+    """Local storage whose file system is `disk` for every URI (the rest of `Storage` as it is: its error
+    hints, its deadlines)."""
 
     def __init__(self, disk: LocalFileSystem):
-        self.disk = disk
+        super().__init__()
+        object.__setattr__(self, "disk", disk)  # Storage is frozen
 
     def fsspec(self, uri: str) -> tuple[LocalFileSystem, str]:
         return self.disk, uri

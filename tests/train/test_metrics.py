@@ -228,9 +228,9 @@ def test_two_launches_of_one_job_name_on_a_host_keep_their_metric_files_apart(
     monkeypatch.delenv(ENV_DIR, raising=False)
     tempfile.tempdir = None  # read TMPDIR again
     try:
-        with launch_multiprocess_dir(MetricsConfig(port=1), "demo") as first:
+        with launch_multiprocess_dir(1, "demo") as first:
             (first / "counter_1.db").write_bytes(b"values of the first run")
-            with launch_multiprocess_dir(MetricsConfig(port=1), "demo") as second:
+            with launch_multiprocess_dir(1, "demo") as second:
                 assert os.environ[ENV_DIR] == str(second)
                 assert first.parent == second.parent == tmp_path / "svd-metrics"
                 assert first != second
@@ -241,7 +241,7 @@ def test_two_launches_of_one_job_name_on_a_host_keep_their_metric_files_apart(
         assert not first.exists()
     finally:
         tempfile.tempdir = None
-    with launch_multiprocess_dir(MetricsConfig(port=0), "demo") as off:
+    with launch_multiprocess_dir(0, "demo") as off:
         assert off is None
         assert ENV_DIR not in os.environ
 
