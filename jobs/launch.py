@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 
 from svd.config import GROUPS, ConfigError, RunConfig, compose, options, to_yaml
+from svd.train.stop import STOPPED_STATUS
 
 FLAGS = ("--help", "-h", "--cfg", "--dry-run")
 
@@ -62,7 +63,14 @@ def runs_on_gpus(cfg: RunConfig) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # outside training (the launchers stop training themselves, saving it)
+        print("launch: interrupted", file=sys.stderr)
+        return STOPPED_STATUS
+
+
+def run_command(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print(usage())
         return 0

@@ -35,6 +35,7 @@ import functools
 import io
 import json
 import multiprocessing.resource_tracker
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -500,14 +501,17 @@ def _shut_down(batches: Iterator[dict[str, Any]]) -> None:
     _RUNNING.discard(batches)
 
 
-@atexit.register
 def _shut_down_at_exit() -> None:
     """A rank that ends on an exception may leave an iterator unclosed (a traceback still references it).
-    multiprocessing's own exit hook would then SIGTERM its workers, which ignore it, and wait for them
-    forever. Hooks run last-registered first, and multiprocessing registered its hook before this module
-    was imported, so the workers are gone by then."""
+    multiprocessing's exit function would then SIGTERM its workers, which ignore it, and wait for them
+    forever. It runs at the interpreter's exit (an atexit hook), and also, without atexit, when a process
+    that multiprocessing started ends (the local launcher's ranks): its finalizers with an exit priority run
+    first in both, so this is one."""
     for batches in list(_RUNNING):
         _shut_down(batches)
+
+
+multiprocessing.util.Finalize(None, _shut_down_at_exit, exitpriority=100)
 
 
 @contextmanager

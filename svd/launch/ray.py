@@ -10,6 +10,25 @@ Failures: when a worker dies, Ray Train stops the others and starts a new worker
 checkpoint of `checkpoint.run_dir`, as after a Slurm requeue: Ray's own checkpointing is not used, its
 storage (`launcher.ray_storage`, else `<run_dir>/ray`) only keeps the run's state and logs.
 
+Stopping: the ranks run in Ray's worker processes, which no scheduler signals: Kubernetes signals a pod's main
+process and `ray job stop` the entrypoint's processes. Two requests reach them, both checked by every rank
+once per step (`StopRequest(poll=…)`), and both save the step under way:
+- the driver's: SIGTERM or Ctrl-C to the driver (`ray job stop`, a terminal) posts a stop on a `StopBoard`
+  actor that rank 0 reads; the ranks save and return, and the launcher exits with status 130. A second Ctrl-C
+  quits at once. (TorchTrainer.fit runs in a thread for this: in the main thread it would replace our SIGINT
+  handler with one that aborts the workers without saving.)
+- a node's: a KubeRay pod's SIGTERM goes to its `ray start --block`, which marks its node draining for
+  preemption and keeps it `RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S` (30 s by default) before it stops the
+  raylet and with it the workers. Ray Train sees the drain (`RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`, 5 s) and
+  tells every worker (`ray.train.get_preemption_info`). The ranks save, then wait: Ray Train restarts the
+  worker group once the node is gone (counted apart from failures, `FailureConfig.max_preemption_failures`),
+  and the new group resumes from that checkpoint. Returning instead would end the run as finished, and
+  failing would count as a crash. The pod's `terminationGracePeriodSeconds` must exceed the drain timeout,
+  and the drain timeout must cover the poll, the rest of a step and the save.
+The worker processes' own SIGTERM handler is Ray's (it ends the worker): a worker is only signalled when its
+raylet goes down too, and then nothing could be saved anyway. A signal to a local Ray's whole process group
+reaches its raylet and GCS, which end at once: signal the launcher's process, as Kubernetes does.
+
 GPUs: with `cluster.gpus` each worker gets one GPU when the cluster has GPUs when the job starts (Ray
 Train then picks NCCL), else the workers train on CPUs and see no GPU. An autoscaling cluster that has
 no GPU node yet would so train on CPUs: give it a minimum of GPU workers (the chart's RayJob has fixed
@@ -32,6 +51,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,13 +64,20 @@ from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.storage import Storage, join, scheme
 from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 from svd.train.lease import RUN_OWNER
+from svd.train.stop import STOPPED_STATUS, Interruption, StopRequest, interruptible, stopped_line
 
 if TYPE_CHECKING:
+    from ray.train import PreemptionInfo
+
     from svd.curate.config import CurateConfig
 
 SVD_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds the `svd` package
 LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a Ray of this host alone, on 127.0.0.1
 LOCAL_OBJECT_STORE_BYTES = 128 << 20  # a local Ray moves configs and summaries only, never tensors
+# How long Ray Train decides a preempted run's restart when the drain has no deadline (its
+# DEFAULT_PREEMPTION_DEADLINE_S), and how long past the deadline the ranks wait for it before failing
+PREEMPTION_DEADLINE_S = 120.0
+RESTART_MARGIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -107,18 +135,23 @@ def dry_run(cfg: RunConfig) -> str:
 
 
 def launch(cfg: RunConfig) -> int:
-    """Train on Ray and wait for the end: the driver owns the trainer, so `launcher.wait` does not apply."""
+    """Train on Ray and wait for the end: the driver owns the trainer, so `launcher.wait` does not apply.
+    Status 0 when done, 130 when SIGTERM or SIGINT stopped it after saving the step under way, 1 if failed."""
     try:
-        steps = train_on_ray(cfg)
+        steps, interruption = train_on_ray(cfg)
     except Exception as e:  # Ray Train already retried max_failures times
         print(f"launch: training on Ray failed: {_failure_line(e)}", file=sys.stderr)
         return 1
+    if interruption.signal is not None and (steps or 0) < cfg.steps:
+        print(stopped_line(steps or 0, cfg.checkpoint.run_dir, interruption.name))
+        return STOPPED_STATUS
     print(f"done: {steps} steps in {cfg.checkpoint.run_dir}")
     return 0
 
 
-def train_on_ray(cfg: RunConfig) -> int | None:
-    """Run the TorchTrainer to the end; the step of the run's latest checkpoint."""
+def train_on_ray(cfg: RunConfig) -> tuple[int | None, Interruption]:
+    """Run the TorchTrainer to the end, or until SIGTERM or SIGINT stops it: the step of the run's latest
+    checkpoint, and the signal that stopped it."""
     from svd.train.checkpoint import Checkpointer
 
     p = plan(cfg)
@@ -136,9 +169,10 @@ def train_on_ray(cfg: RunConfig) -> int | None:
         )
         storage = Storage.from_env()
         filesystem, storage_path = ray_storage(p.storage, storage)
+        board = stop_board(ray)
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={"cfg": to_yaml(cfg)},
+            train_loop_config={"cfg": to_yaml(cfg), "stop_board": board},
             torch_config=TorchConfig(timeout_s=p.collective_timeout_s),
             scaling_config=ScalingConfig(
                 num_workers=p.num_workers, use_gpu=use_gpu, resources_per_worker=p.resources(use_gpu)
@@ -151,9 +185,58 @@ def train_on_ray(cfg: RunConfig) -> int | None:
                 worker_runtime_env={"env_vars": _worker_env(cfg, use_gpu)},
             ),
         )
-        trainer.fit()
+        with interruptible(lambda signum: board.post.remote(signal_name(signum))) as interruption:
+            _fit_in_a_thread(trainer)
     with Checkpointer(cfg.checkpoint.run_dir, storage, keep=cfg.checkpoint.keep, async_save=False) as ckpt:
-        return ckpt.latest_step()
+        return ckpt.latest_step(), interruption
+
+
+def _fit_in_a_thread(trainer: Any) -> None:
+    """`trainer.fit()`, with this (main) thread free for our signal handlers: fit installs its own SIGINT
+    handler (abort the workers, unsaved) when it runs in the main thread, and a handler runs only between the
+    main thread's Python steps."""
+    raised: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised in the main thread
+            raised.append(e)
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if raised:
+        raise raised[0]
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def stop_board(ray: Any) -> Any:
+    """A `StopBoard` actor on the driver's node: it lives as long as the driver, while a worker's node may be
+    preempted."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(StopBoard).remote()
+
+
+class StopBoard:
+    """A Ray actor: where the driver posts a stop for the ranks (the first request wins)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def post(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def read(self) -> str | None:
+        return self.reason
 
 
 def ray_storage(uri: str, storage: Storage) -> tuple[Any, str]:
@@ -169,26 +252,73 @@ def ray_storage(uri: str, storage: Storage) -> tuple[Any, str]:
     return storage.pyarrow(uri)
 
 
-def _train_loop(config: dict[str, str]) -> None:
-    """One worker: the node's metrics folder, then the rank's training, which resumes from the latest
-    checkpoint of the run directory (so a restarted worker group continues where the last one saved)."""
+def _train_loop(config: dict[str, Any]) -> None:
+    """One worker: the node's metrics folder, the device Ray Train gave it, then the rank's training, which
+    resumes from the latest checkpoint of the run directory (so a restarted worker group continues where the
+    last one saved) and stops when the driver or a preemption asks."""
     import ray.train
     import torch.distributed as dist
+    from ray.train.torch import get_device
 
     from svd.train import run
+    from svd.train.distributed import DEVICE_ENV
 
     cfg = from_yaml(config["cfg"])
     context = ray.train.get_context()
+    # The GPU Ray Train assigned: a worker's visible GPUs need not be in local-rank order
+    os.environ[DEVICE_ENV] = str(get_device())
     if cfg.metrics.port:
         from svd.train.metrics import prepare_multiprocess_dir
 
         if context.get_local_rank() == 0:  # the files of a previous worker group's ranks go
             prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         dist.barrier()
-    result = run(cfg)
+    checks = RankStopChecks(config["stop_board"], context.get_world_rank() == 0)
+    result = run(cfg, StopRequest(poll=checks))
+    if result.stopped and checks.preemption is not None:
+        await_the_restart(checks.preemption, result.steps, context.get_world_rank())
     if context.get_world_rank() == 0:
         resumed = "a fresh start" if result.resumed_from is None else f"step {result.resumed_from}"
         print(f"ray: rank 0 reached step {result.steps}, from {resumed}", flush=True)
+
+
+class RankStopChecks:
+    """What stops a Ray rank, asked by every rank once per step (the trainer's `stop.is_set()`): Ray Train's
+    notice that a node of the run is being drained for preemption, which is a collective (every rank asks,
+    rank 0's answer is everyone's), then, on rank 0, the driver's `StopBoard`."""
+
+    def __init__(self, board: Any, reads_board: bool) -> None:
+        self.board = board
+        self.reads_board = reads_board
+        self.preemption: PreemptionInfo | None = None
+
+    def __call__(self) -> str | None:
+        import ray
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is not None:
+            self.preemption = info
+            return f"the preemption of ranks {info.preempted_ranks}"
+        return ray.get(self.board.read.remote()) if self.reads_board else None
+
+
+def await_the_restart(info: PreemptionInfo, step: int, rank: int) -> None:
+    """After the save a preemption asked for: wait for Ray Train to end this worker group when the drained
+    node is gone and to start a new one, which resumes from that save. Fails if it has not by the deadline."""
+    deadline_s = info.deadline_ms / 1000 if info.deadline_ms else time.time() + PREEMPTION_DEADLINE_S
+    if rank == 0:
+        left = max(0.0, deadline_s - time.time())
+        print(
+            f"ray: ranks {info.preempted_ranks} are being preempted: step {step} saved; waiting up to "
+            f"{left:.0f} s for Ray Train to restart the workers",
+            flush=True,
+        )
+    time.sleep(max(0.0, deadline_s - time.time()) + RESTART_MARGIN_S)
+    raise RuntimeError(
+        f"preempted after saving step {step}, but Ray Train did not restart the workers within "
+        f"{RESTART_MARGIN_S:.0f} s of the deadline"
+    )
 
 
 def _worker_env(cfg: RunConfig, use_gpu: bool) -> dict[str, str]:

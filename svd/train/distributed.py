@@ -1,6 +1,7 @@
 """Joining the job's process group: the one place that knows about devices and backends.
 
-- Device and backend: CUDA + NCCL when a GPU is visible, else CPU + gloo. Nothing else in svd asks.
+- Device and backend: the device the launcher assigned ($SVD_DEVICE: Ray Train's), else CUDA + NCCL when a
+  GPU is visible, else CPU + gloo. Nothing else in svd asks.
 - CPU threads: a CPU rank computes with its share of the node's cores less one (`cpu_threads`), so that
   OpenMP's spin-waiting team never competes with the loader workers or a neighbouring program.
 - The process group comes from the torch.distributed environment variables (RANK, WORLD_SIZE,
@@ -43,10 +44,20 @@ class DistEnv:
         return self.world_size // self.local_world_size
 
 
+# The rank's device, where its launcher assigned one: Ray Train knows which GPU it gave a worker
+# (`ray.train.torch.get_device()`), and its visible GPUs need not be in local-rank order
+DEVICE_ENV = "SVD_DEVICE"
+
+
 def device_and_backend(local_rank: int) -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
-    return torch.device("cpu"), "gloo"
+    """The device of this rank ($SVD_DEVICE, else the local rank's GPU, else the CPU) and its backend."""
+    if assigned := os.environ.get(DEVICE_ENV):
+        device = torch.device(assigned)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return device, "nccl" if device.type == "cuda" else "gloo"
 
 
 def cpu_threads(cpus: int, local_world_size: int) -> int:

@@ -464,28 +464,44 @@ def test_workers_of_a_rank_killed_while_they_start_leave_instead_of_running_on(c
 
 
 FAILING_RANK_SCRIPT = """
-import json, sys
+import json, multiprocessing, sys
 from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig
 from svd.data.storage import Storage
 
-config = LoaderConfig(**json.loads(sys.argv[1]), buckets=(Bucket(16, 24, frames=4, batch_size=2, fps=4),))
-batches = iter(ClipLoader(config, rank=0, world_size=1, storage=Storage.from_env()))
-next(batches)
-raise RuntimeError("the rank fails with its batches in flight")
+
+def rank(settings: str) -> None:
+    config = LoaderConfig(**json.loads(settings), buckets=(Bucket(16, 24, frames=4, batch_size=2, fps=4),))
+    batches = iter(ClipLoader(config, rank=0, world_size=1, storage=Storage.from_env()))
+    next(batches)
+    raise RuntimeError("the rank fails with its batches in flight")
+
+
+if __name__ == "__main__":
+    if sys.argv[2] == "script":
+        rank(sys.argv[1])
+    process = multiprocessing.get_context("spawn").Process(target=rank, args=(sys.argv[1],))
+    process.start()
+    process.join()
+    sys.exit(process.exitcode)
 """
 
 
-def test_a_rank_that_fails_with_workers_running_exits(corpus, moto_s3, s3_env):
-    """Its workers ignore SIGTERM, which is how multiprocessing ends them at exit: the rank waited forever."""
+@pytest.mark.parametrize("started_as", ["script", "process"])
+def test_a_rank_that_fails_with_workers_running_exits(corpus, moto_s3, s3_env, tmp_path, started_as):
+    """Its workers ignore SIGTERM, which is how multiprocessing ends them at exit: the rank waited forever.
+    A rank is a script (Slurm, one local rank) or a process that multiprocessing started (several local
+    ranks, torch's elastic agent), which ends without atexit hooks: it waited forever in both."""
     settings = {"table": corpus["table"], "num_workers": 2, "cache_dir": corpus["cache"]}
+    script = tmp_path / "failing_rank.py"  # a file: a spawned process imports its target from it
+    script.write_text(FAILING_RANK_SCRIPT)
     done = subprocess.run(
-        [sys.executable, "-c", FAILING_RANK_SCRIPT, json.dumps(settings)],
+        [sys.executable, str(script), json.dumps(settings), started_as],
         capture_output=True,
         text=True,
         timeout=180,
     )
-    assert done.returncode == 1
+    assert done.returncode == 1, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == "RuntimeError: the rank fails with its batches in flight"
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from svd.launch import ray as ray_launcher
 pytestmark = pytest.mark.skipif(find_spec("ray") is None, reason="ray is not installed (the ray extra)")
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_TITLE = b"ray::RayTrainWorker"  # the process title of a Ray Train worker
+# How long a "pod eviction" drains its node: the poll for it, the rest of a step and the save must fit, on a
+# machine loaded by other tests
+DRAIN_S = 45
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +254,133 @@ def test_a_run_that_fails_on_every_worker_is_one_line_and_status_1(ray_head, tra
         "launch: training on Ray failed: rank 0: FileNotFoundError: cannot open clip table "
     )
     assert table in line
+
+
+class RayNode:
+    """A Ray node as KubeRay runs one in a pod: `ray start --block` as the pod's main process, in a session of
+    its own with everything it starts (raylet, GCS, workers)."""
+
+    def __init__(self, env: dict[str, str], temp_dir: Path, name: str, *options: str) -> None:
+        self.log = temp_dir / f"{name}.log"
+        ports = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "start",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={temp_dir / name}",  # its own: each node's log monitor sends its workers' lines
+                # to the driver, and nodes sharing a folder sent every line once per node
+                "--object-store-memory=100000000",
+                "--disable-usage-stats",
+                f"--metrics-export-port={free_port()}",
+                *(f"--{port}={free_port()}" for port in ports),
+                *options,
+            ],
+            env=env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_started(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self.log.read_text():
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no Ray node within {timeout} s"
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        """Everything of its session."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == self.process.pid:
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+            except (OSError, IndexError, ValueError):
+                continue
+        self.process.wait()
+
+
+@pytest.fixture
+def ray_nodes(rgw_env) -> Iterator[Callable[..., RayNode]]:
+    """Starts Ray nodes on 127.0.0.1 (`start(name, *options, **env)`) whose workers reach radosgw; kills them
+    after the test. Their state sits in a short folder: Ray's socket paths must fit in 107 bytes."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    nodes: list[RayNode] = []
+    env = rgw_env | {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",  # several nodes on this host
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
+
+    def start(name: str, *options: str, **node_env: str) -> RayNode:
+        nodes.append(RayNode(env | node_env, temp_dir, name, *options))
+        nodes[-1].wait_started()
+        return nodes[-1]
+
+    yield start
+    for node in reversed(nodes):
+        node.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_ranks_save_the_step_under_way_when_a_pod_is_evicted_and_on_ray_job_stop_then_resume_on_one(
+    rgw_train_table, radosgw, rgw_env, launched, production, ray_nodes, never_stopped
+):
+    """A KubeRay-like cluster: a head without CPUs (the driver's node) and a worker node that a "pod
+    eviction" ends: SIGTERM to its `ray start --block` only, as Kubernetes signals a pod's main process. The
+    ranks save the step under way within the drain window and wait; Ray Train restarts them on a replacement
+    node (not counted as a failure: launcher.max_requeues=0), from that step. Then SIGTERM to the driver's
+    process group (what `ray job stop` sends the entrypoint): the ranks save the step under way and the run
+    exits 130; the same command on one worker finishes it. Every step is trained once, with the losses and
+    final weights of a run never stopped. Before: a pod eviction lost the steps since the last periodic
+    checkpoint (and counted as a crash), and SIGTERM to the driver ended the run unsaved."""
+    table, bucket = rgw_train_table, rgw_train_table["bucket"]
+    port = free_port()
+    ray_nodes(
+        "head",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=0",
+        "--include-dashboard=false",
+    )
+    evicted = ray_nodes(
+        "pod-a",
+        f"--address=127.0.0.1:{port}",
+        "--num-cpus=2",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=str(DRAIN_S),
+    )
+    driver_env = rgw_env | {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+    ray = [
+        "launcher=ray",
+        "cluster.cpus_per_task=1",
+        f"launcher.ray_address=127.0.0.1:{port}",
+        "launcher.max_requeues=0",
+        "train.steps=12",
+    ]
+    run = launched(production(table, "ray-stopped", "gpus_per_node=2", *ray), driver_env)
+    run.wait_for(r"step 3/12 ")
+    evicted.process.send_signal(signal.SIGTERM)
+    saved = int(run.wait_for(r"ray: ranks \[0, 1\] are being preempted: step (\d+) saved")[1])
+    assert radosgw.latest_step(f"{bucket}/runs/ray-stopped") == saved == max(run.losses())
+    ray_nodes("pod-b", f"--address=127.0.0.1:{port}", "--num-cpus=2")  # KubeRay replaces the pod
+    run.wait_for(rf"step {saved + 2}/12 ")
+    run.signal(signal.SIGTERM)
+    assert run.finish() == 130, run.output()
+    assert [line for line in run.stderr if line.startswith("launch:")] == [
+        "launch: SIGTERM: saving the step under way, then stopping (Ctrl-C again: quit without it)"
+    ]
+    _, stopped, run_dir = run.stopped()
+    assert saved + 2 <= stopped < 12
+    assert radosgw.latest_step(run_dir) == stopped == max(run.losses())
+
+    resumed = launched(production(table, "ray-stopped", "gpus_per_node=1", *ray), driver_env)
+    assert resumed.finish() == 0, resumed.output()
+    assert resumed.stdout[-1] == f"done: 12 steps in {run_dir}"
+    assert never_stopped.finish() == 0, never_stopped.output()
+    losses = run.losses() | resumed.losses()
+    assert list(losses) == list(range(1, 13))  # every step trained once
+    assert losses == pytest.approx(never_stopped.losses(), abs=2e-4)  # as printed, to 4 decimals
+    radosgw.assert_same_weights(run_dir, never_stopped.run_dir)
