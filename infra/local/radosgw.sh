@@ -43,7 +43,9 @@ print_env() {
     echo "export AWS_RESPONSE_CHECKSUM_VALIDATION=WHEN_REQUIRED"
 }
 
-answering() { curl -fsS -o /dev/null "http://127.0.0.1:$RGW_PORT" 2>/dev/null; }
+# Bounded: a gateway that accepts connections and never answers (its memstore OSD full, every write blocked)
+# is not running; `start` then makes a fresh store instead of waiting on it forever.
+answering() { curl -fsS --max-time 10 -o /dev/null "http://127.0.0.1:$RGW_PORT" 2>/dev/null; }
 
 wait_for() {  # wait_for SECONDS WHAT COMMAND...
     local deadline=$((SECONDS + $1)) what=$2
