@@ -123,9 +123,9 @@ def _run(cfg: CurateConfig, storage: Storage, recipe: Recipe | None) -> int:
         return 0
 
     if cfg.launcher != "local":
-        from svd.launch import launcher_module
+        from svd.curate.shards import run_shards
 
-        return launcher_module(cfg.launcher).curate_shards(cfg)
+        return run_shards(cfg)
 
     from svd.curate.pipeline import run
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from svd.curate.cuts import DETECTORS as CUT_DETECTORS
 
+LAUNCHERS = ("local", "slurm", "ray")  # where shards run: this process, or svd/curate/shards.py
+
 
 @dataclass
 class CurateConfig:
@@ -91,8 +93,6 @@ class CurateConfig:
         _require(self.autoencoder_path != "", "autoencoder_path is empty: give a folder or URI, or null")
 
     def _validate_launcher(self) -> None:
-        from svd.launch import LAUNCHERS
-
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher={self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
         if self.launcher == "local" and self.shards > 1:

@@ -38,7 +38,7 @@ trainer, and on KubeRay the RayJob is the driver.
 Storage: `launcher.ray_storage` must be shared by all nodes (s3://…) on a cluster of several nodes; a
 local path serves one host only.
 
-Curation: `curate_shards` runs `shards` Ray tasks, each one `shard=i/shards` of the same pipeline.
+Curation runs its shards as Ray tasks on the same cluster, through `ray_cluster` (svd/curate/shards.py).
 
 The workers import the `svd` the driver imported (its folder leads their PYTHONPATH): the same checkout
 on this host and in CI, the same image path in a container. Storage credentials are not shipped: the
@@ -62,14 +62,11 @@ from typing import TYPE_CHECKING, Any
 
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.storage import Storage, join, scheme
-from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 from svd.train.lease import RUN_OWNER
 from svd.train.stop import STOPPED_STATUS, Interruption, StopRequest, interruptible, stopped_line
 
 if TYPE_CHECKING:
     from ray.train import PreemptionInfo
-
-    from svd.curate.config import CurateConfig
 
 SVD_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds the `svd` package
 LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a Ray of this host alone, on 127.0.0.1
@@ -164,7 +161,7 @@ def train_on_ray(cfg: RunConfig) -> tuple[int | None, Interruption]:
         use_gpu = p.gpus and ray.cluster_resources().get("GPU", 0) > 0
         print(
             f"ray: {p.num_workers} workers ({'one GPU' if use_gpu else 'no GPU'} and {p.cpus_per_worker} "
-            f"CPUs each) on {_where(p.address)}; state in {p.storage}",
+            f"CPUs each) on {cluster_description(p.address)}; state in {p.storage}",
             flush=True,
         )
         storage = Storage.from_env()
@@ -395,7 +392,8 @@ def _pythonpath() -> str:
     return os.pathsep.join(p for p in (SVD_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
-def _where(address: str) -> str:
+def cluster_description(address: str) -> str:
+    """Where the work runs, for the line that starts it: the cluster at `address`, else a local Ray."""
     return f"the Ray cluster at {address}" if address else "a local Ray on this host"
 
 
@@ -404,45 +402,16 @@ def _failure_line(e: BaseException) -> str:
     "Training failed due to worker errors:" of Ray Train's WorkerGroupError around it."""
     failures = getattr(e, "worker_failures", None) or {}
     if not failures:
-        return f"{type(e).__name__}: {_first_line(e)}"
+        return error_line(e)
     rank = min(failures)
     cause = failures[rank]
     cause = getattr(cause, "cause", None) or cause  # a RayTaskError carries the rank's exception
     more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-    return f"rank {rank}{more}: {type(cause).__name__}: {_first_line(cause)}"
+    return f"rank {rank}{more}: {error_line(cause)}"
 
 
-def _first_line(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
+    """An exception in one line, `Type: first line of its message`: a Ray error's message goes on with the
+    remote traceback."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else ""
-
-
-# ---- curation ---------------------------------------------------------------------------------------
-
-
-def curate_shards(cfg: CurateConfig) -> int:
-    """`cfg.shards` Ray tasks, each curating shard=i/shards into the same table; a summary per shard and
-    in all."""
-    return report_shards(curate_on_ray(cfg), cfg.shards)
-
-
-def curate_on_ray(cfg: CurateConfig) -> ShardResults:
-    """Run the shards as Ray tasks on the cluster at $RAY_ADDRESS, else on a local Ray sized to them. A
-    task that dies with its worker is retried by Ray (curation skips what is already in the table); an
-    error of the pipeline is not."""
-    cpus = cfg.cpus_per_shard or cfg.workers + 1
-    address = cluster_address("")
-    results = ShardResults({}, {})
-    # A local Ray of this host's CPUs (at least one shard's): the shards beyond wait their turn
-    local_cpus = max(cpus, min(cfg.shards * cpus, os.cpu_count() or 1))
-    with ray_cluster(address, cpus=local_cpus, gpus=cfg.shards * cfg.gpus_per_shard) as ray:
-        print(f"ray: {cfg.shards} curation shards ({cpus} CPUs each) on {_where(address)}", flush=True)
-        task = ray.remote(num_cpus=cpus, num_gpus=cfg.gpus_per_shard)(curate_shard)
-        refs = [task.remote(shard) for shard in shard_configs(cfg)]
-        for i, ref in enumerate(refs):
-            try:
-                results.summaries[i] = ray.get(ref)
-            except Exception as e:  # the task's error (RayTaskError.cause), or the task's worker died
-                cause = getattr(e, "cause", None) or e
-                results.failures[i] = f"{type(cause).__name__}: {_first_line(cause)}"
-    return results
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -14,7 +14,7 @@ and Slurm ends or requeues the job on its own. A crash is requeued by whichever 
 `launcher.max_requeues` times (crashes counted apart from the other requeues: svd/launch/slurm_requeue.py),
 then given up with the error. A configuration error is never requeued: it would fail the same way again.
 
-Curation shards are a submitit job array: task i curates `shard=i/shards` into the shared table.
+Curation runs its shards as a job array through this module's `executor` (svd/curate/shards.py).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ from svd.config import (
     from_yaml,
     to_yaml,
 )
-from svd.curate.config import CurateConfig
-from svd.launch import ShardResults, curate_shard, report_shards, shard_configs
 from svd.launch.slurm_requeue import CrashLedger, RequeueError, requeue_job
 from svd.train.lease import RUN_OWNER
 from svd.train.stop import StopRequest
@@ -111,6 +109,17 @@ def check_cluster(cluster: ClusterConfig) -> None:
             raise ConfigError(f"cluster.sbatch_extra.{key}: set by the launcher; use the run's settings")
 
 
+def cluster_config(name: str) -> ClusterConfig:
+    """The `cluster:` settings of jobs/conf/cluster/<name>.yaml, for a job composed without a run's config
+    (curation's job array)."""
+    path = CONF_DIR / "cluster" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"cluster={name!r}: no {path}")
+    with config_errors(ClusterConfig):
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), OmegaConf.load(path).get("cluster", {}))
+        return OmegaConf.to_object(merged)
+
+
 def train_parameters(cfg: RunConfig) -> dict[str, Any]:
     return sbatch_parameters(
         cfg.cluster,
@@ -147,7 +156,7 @@ def launch(cfg: RunConfig) -> int:
         ex = executor(cfg.launcher.folder, train_parameters(cfg))
         job = ex.submit(SlurmTraining(to_yaml(cfg)))
     except submitit.core.utils.FailedJobError as e:  # sbatch refused (submitit echoed its error output)
-        print(f"launch: sbatch refused the job: {_sbatch_error(str(e))}", file=sys.stderr)
+        print(f"launch: sbatch refused the job: {sbatch_error(str(e))}", file=sys.stderr)
         return 2
     print(f"slurm job {job.job_id}: logs in {cfg.launcher.folder}", flush=True)
     if not cfg.launcher.wait:
@@ -155,13 +164,13 @@ def launch(cfg: RunConfig) -> int:
     try:
         result: TrainResult = job.results()[0]
     except Exception as e:  # the job failed: its traceback is in the log folder
-        print(f"launch: slurm job {job.job_id} failed: {_raised(str(e))}", file=sys.stderr)
+        print(f"launch: slurm job {job.job_id} failed: {job_error(str(e))}", file=sys.stderr)
         return 1
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
 
 
-def _sbatch_error(text: str) -> str:
+def sbatch_error(text: str) -> str:
     """sbatch's first error line: the one naming the option it refused."""
     errors = [line.strip() for line in text.splitlines() if line.strip().startswith("sbatch: error:")]
     return errors[0] if errors else _last_line(text)
@@ -172,7 +181,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _raised(failure: str) -> str:
+def job_error(failure: str) -> str:
     """The exception that ended a job, from submitit's report of it (a traceback, then the log paths),
     without its module: `CrashedTooOftenError: gave up …`."""
     raised = [m for line in failure.splitlines() if (m := re.match(r"(?:\w+\.)*(\w+): (.*)", line))]
@@ -333,52 +342,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"done: {result.steps} steps in {cfg.checkpoint.run_dir}")
     return 0
-
-
-# ---- curation shards -----------------------------------------------------------------------------------
-def cluster_config(name: str) -> ClusterConfig:
-    """The `cluster:` settings of jobs/conf/cluster/<name>.yaml."""
-    path = CONF_DIR / "cluster" / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError(f"cluster={name!r}: no {path}")
-    with config_errors(ClusterConfig):
-        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), OmegaConf.load(path).get("cluster", {}))
-        return OmegaConf.to_object(merged)
-
-
-def curate_shards(cfg: CurateConfig) -> int:
-    """A job array of `cfg.shards` tasks, each curating one shard into the same table."""
-    try:
-        cluster = cluster_config(cfg.cluster)
-        params = sbatch_parameters(
-            cluster,
-            job_name="curate",
-            nodes=1,
-            tasks_per_node=1,
-            cpus_per_task=cfg.cpus_per_shard or cfg.workers + 1,
-            gpus_per_node=cfg.gpus_per_shard,
-            exclusive=False,  # shards share nodes; the site's `exclusive` is for training
-        )
-        jobs = executor(cfg.folder, params).map_array(curate_shard, shard_configs(cfg))
-    except ConfigError as e:
-        print(f"curate: {e}", file=sys.stderr)
-        return 2
-    except submitit.core.utils.FailedJobError as e:
-        print(f"curate: sbatch refused the job array: {_sbatch_error(str(e))}", file=sys.stderr)
-        return 2
-    print(
-        f"slurm job array {jobs[0].job_id.split('_')[0]}: {cfg.shards} shards, logs in {cfg.folder}",
-        flush=True,
-    )
-    if not cfg.wait:
-        return 0
-    results = ShardResults({}, {})
-    for i, job in enumerate(jobs):
-        try:
-            results.summaries[i] = job.result()
-        except Exception as e:
-            results.failures[i] = f"{_raised(str(e))} (job {job.job_id}, logs in {cfg.folder})"
-    return report_shards(results, cfg.shards)
 
 
 if __name__ == "__main__":

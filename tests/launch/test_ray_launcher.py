@@ -20,6 +20,7 @@ import pytest
 
 from svd.config import compose
 from svd.curate.config import CurateConfig
+from svd.curate.shards import curate_on_ray, run_shards
 from svd.data.local_s3 import free_port
 from svd.launch import ray as ray_launcher
 
@@ -201,7 +202,7 @@ def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, 
     cfg = CurateConfig(
         input=f"{train_table['bucket']}/raw/", output=output, launcher="ray", shards=2, workers=0
     )
-    results = ray_launcher.curate_on_ray(cfg)
+    results = curate_on_ray(cfg)
     assert results.failures == {}
     inputs = [results.summaries[i].videos_in_shard for i in (0, 1)]
     assert min(inputs) > 0  # both shards had work
@@ -211,7 +212,7 @@ def test_two_curation_shards_as_ray_tasks_fill_one_table(ray_head, train_table, 
     rows = lance.dataset(output, storage_options=moto_s3.storage.lance_options(output)).count_rows()
     assert rows == total.clips > 0
     capsys.readouterr()
-    assert ray_launcher.curate_shards(cfg) == 0  # a rerun finds everything in the table
+    assert run_shards(cfg) == 0  # a rerun finds everything in the table
     assert "2 of 2 shards: 10 inputs, 10 already in the table, 0 curated → 0 clips" in capsys.readouterr().out
 
 

@@ -18,10 +18,9 @@ import pytest
 import submitit
 
 from svd.config import compose
-from svd.curate.config import CurateConfig
 from svd.data.local_s3 import free_port
 from svd.data.storage import Storage, join
-from svd.launch.slurm import curate_shards, node_metrics
+from svd.launch.slurm import node_metrics
 from svd.launch.slurm_requeue import CrashLedger, job_restarts
 from svd.train.checkpoint import Checkpointer
 from svd.train.file_sd import TARGETS_DIR_ENV
@@ -345,17 +344,6 @@ def test_bad_cluster_settings_are_refused_in_one_line(setting, message, tmp_path
 
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"launch: {message}"]
-
-
-def test_curation_on_an_unknown_cluster_is_refused_before_anything_is_submitted(tmp_path, capsys):
-    cfg = CurateConfig(
-        input="s3://b/raw/", output="s3://b/clips.lance", launcher="slurm", shards=2, cluster="nope"
-    )
-
-    assert curate_shards(cfg) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"curate: cluster='nope': no {ROOT / 'jobs' / 'conf' / 'cluster' / 'nope.yaml'}"
-    ]
 
 
 def test_a_partition_sbatch_refuses_is_reported_in_one_line(slurm_cluster, train_table, job_env, tmp_path):
