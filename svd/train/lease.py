@@ -47,6 +47,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from svd.config import ConfigError
 from svd.data.storage import Storage, join
+from svd.errors import one_line
 
 if TYPE_CHECKING:
     from svd.config import RunConfig
@@ -123,6 +124,7 @@ class RunDirLease:
         self.owner = owner
         self.ttl_s = ttl_s
         self.break_lease = break_lease
+        self.storage = storage
         self.folder = _LeaseFolder(join(run_dir, FOLDER), storage)
         self.generation: int | None = None  # of the object this process holds
         self.holder: Holder | None = None
@@ -135,7 +137,19 @@ class RunDirLease:
     def acquire(self) -> str | None:
         """Take the lease, or raise RunDirInUseError naming its holder. Returns a line to print when the
         directory was taken from another holder: the same job restarted, an ended or expired one, or by
-        break_lease."""
+        break_lease. The store's own errors come back as one LeaseError naming the run directory (and the
+        deadlines to raise when it did not answer in time): it is the run's first call to that store."""
+        try:
+            return self._take()
+        except (RunDirInUseError, LeaseError):
+            raise
+        except Exception as e:  # any storage client's error
+            raise LeaseError(
+                f"checkpoint.run_dir={self.run_dir}: cannot take its lease in {self.folder.uri} "
+                f"({type(e).__name__}: {one_line(e)}){self.storage.timeout_hint(e)}"
+            ) from e
+
+    def _take(self) -> str | None:
         token, note = uuid.uuid4().hex, None
         for _ in range(TAKE_ATTEMPTS):
             generations = self.folder.generations()
@@ -257,9 +271,9 @@ class RunDirOwner:
 
     def confirm(self) -> None:
         """Every rank (a collective): RunDirLostError on every rank when another run took the directory."""
-        from svd.train.rank_zero import decide_on_rank_zero
+        from svd.collectives import decided_by_rank0
 
-        decide_on_rank_zero(self.lease.confirm if self.lease else None)
+        decided_by_rank0(self.lease.confirm if self.lease else None)
 
     def confirm_here(self) -> None:
         """This rank alone, no collective (rank 0's checkpoint commit thread): a no-op on other ranks."""
@@ -272,10 +286,10 @@ def hold_run_dir(cfg: RunConfig, storage: Storage | None = None) -> Iterator[Run
     """Every rank, before the run writes anything: rank 0 takes the lease of `checkpoint.run_dir` and holds it
     until the block ends (by return, error or stop signal); when it cannot, every rank raises its error, so
     none is left waiting in a collective. Yields the `RunDirOwner` to confirm before each write."""
-    from svd.train.rank_zero import decide_on_rank_zero, is_rank_zero  # torch: not for the launchers' import
+    from svd.collectives import decided_by_rank0, is_rank0  # torch: not for the launchers' import
 
     lease = None
-    if is_rank_zero():
+    if is_rank0():
         lease = RunDirLease(
             cfg.checkpoint.run_dir,
             storage or Storage.from_env(),
@@ -284,7 +298,7 @@ def hold_run_dir(cfg: RunConfig, storage: Storage | None = None) -> Iterator[Run
             break_lease=cfg.checkpoint.break_lease,
         )
     try:
-        note = decide_on_rank_zero(lease.acquire if lease else None)
+        note = decided_by_rank0(lease.acquire if lease else None)
         if lease and note:
             print(f"lease: {note}", flush=True)
         yield RunDirOwner(lease)

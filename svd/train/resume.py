@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from svd.collectives import decided_by_rank0
 from svd.config import ConfigError, RunConfig
 from svd.data.storage import Storage, join
-from svd.train.rank_zero import decide_on_rank_zero
 
 if TYPE_CHECKING:
     from svd.train.checkpoint import Checkpointer
@@ -240,7 +240,7 @@ def check_changes(stored_yaml: str, cfg: RunConfig) -> list[Change]:
 def check_resume(cfg: RunConfig, storage: Storage, checkpointer: Checkpointer) -> Resume | None:
     """Every rank, before the run writes anything: None for a fresh start, else the resume's checkpoint and
     the settings it applies. Rank 0 reads the marker and config.yaml; a refusal is raised on every rank."""
-    return decide_on_rank_zero(lambda: _check_resume_on_rank_zero(cfg, storage, checkpointer))
+    return decided_by_rank0(lambda: _check_resume_on_rank_zero(cfg, storage, checkpointer))
 
 
 def _check_resume_on_rank_zero(cfg: RunConfig, storage: Storage, checkpointer: Checkpointer) -> Resume | None:

@@ -251,16 +251,16 @@ def deadline_free_env(endpoint: str) -> dict[str, str]:
 def test_a_run_directory_on_a_silent_endpoint_fails_the_run_within_a_minute_in_one_line(
     silent_endpoint, local_table
 ):
-    """The default deadlines, end to end: the checkpoint storage probe is the run's first write there."""
+    """The default deadlines, end to end: taking the run directory's lease is the run's first call there."""
     done, took = launch(
         local_table, "s3://bucket/runs/r", silent_endpoint, deadline_free_env(silent_endpoint)
     )
     assert took < 60, took
-    assert len(silent_endpoint.connections) == tries(Storage(), "s3fs")  # the probe, its first write
+    assert len(silent_endpoint.connections) == tries(Storage(), "s3fs")  # the lease's first listing
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1, done.stderr[-3000:]
-    failed = "launch: training failed: CheckpointError: "
-    assert done.stderr.startswith(f"{failed}cannot write checkpoints to s3://bucket/runs/r/checkpoints: ")
+    failed = "launch: training failed: LeaseError: "
+    assert done.stderr.startswith(f"{failed}checkpoint.run_dir=s3://bucket/runs/r: cannot take its lease in ")
     assert done.stderr.strip().endswith(
         "(no answer in time: SVD_STORAGE_READ_TIMEOUT=5 s, SVD_STORAGE_CONNECT_TIMEOUT=3 s, "
         "SVD_STORAGE_MAX_ATTEMPTS=2; raise them for a slow store)"

@@ -252,9 +252,8 @@ def test_launchers_name_the_owner_that_their_restarts_keep(monkeypatch, tmp_path
     from svd.launch import local, ray, slurm
 
     seen: list[str] = []
-    monkeypatch.setattr(local, "run", lambda cfg: seen.append(os.environ[RUN_OWNER]))
+    monkeypatch.setattr(local, "run", lambda cfg, stop=None: seen.append(os.environ[RUN_OWNER]))
     monkeypatch.setattr(svd.train, "run", lambda cfg, stop=None: seen.append(os.environ[RUN_OWNER]))
-    monkeypatch.setattr(slurm, "first_host", lambda nodelist: "127.0.0.1")
     monkeypatch.delenv(RUN_OWNER, raising=False)
     # metrics.port=0: the launchers' metrics set-up (a node's folder, a Prometheus announcement) needs a real
     # Slurm step's environment and is not what this test checks; training itself is replaced.
