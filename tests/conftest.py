@@ -11,12 +11,18 @@ import signal
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+# What every launcher does before a rank starts, done before anything imports prometheus_client (which fixes
+# its single- or multi-process mode at import): these tests run ranks in this process too, and test modules
+# import prometheus_client when collected. Launches from here still give their ranks folders of their own.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="svd-test-metrics-"))
 
 import numpy as np
 import pytest

@@ -252,6 +252,8 @@ def test_launchers_name_the_owner_that_their_restarts_keep(monkeypatch, tmp_path
     from svd.launch import local, ray, slurm
 
     seen: list[str] = []
+    # The launchers export the rank's variables (RANK, MASTER_ADDR, …): into a copy, not this test session's
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     monkeypatch.setattr(local, "run", lambda cfg, stop=None: seen.append(os.environ[RUN_OWNER]))
     monkeypatch.setattr(svd.train, "run", lambda cfg, stop=None: seen.append(os.environ[RUN_OWNER]))
     monkeypatch.delenv(RUN_OWNER, raising=False)
