@@ -19,8 +19,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from svd.data.local_s3 import free_port
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -94,11 +92,11 @@ def init_distributed(timeout_s: float) -> DistEnv:
     else:
         set_cpu_threads(local_world_size)
     if not dist.is_initialized():
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # One process meets no one: an in-memory store, no port, and nothing read from or written to the
+        # environment (a MASTER_PORT left there by another run would be bound twice)
+        store = dist.HashStore() if world_size == 1 else None
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
     else:  # the launcher made the group (Ray Train: NCCL where it placed GPUs, else gloo)
         backend = dist.get_backend()

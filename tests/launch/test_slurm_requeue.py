@@ -14,6 +14,7 @@ from svd.config import ConfigError, compose, to_yaml
 from svd.launch import slurm
 from svd.launch.slurm import CrashedTooOftenError, SlurmTraining, requeue_after_crash
 from svd.launch.slurm_requeue import CrashLedger, RequeueError, requeue_job
+from svd.train.lease import RUN_OWNER
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # What Slurm's scontrol does here: requeue (refused, as for a job already being requeued, when REFUSE is set),
@@ -71,7 +72,10 @@ def in_slurm_job(monkeypatch, *, rank: int, restarts: int, tasks: int = 2, job_i
         "SLURMD_NODENAME": f"n{rank + 1}",
     }.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    # What the rank exports (its rendezvous, its run owner) is undone after the test: a MASTER_PORT left in
+    # this session's environment made later runs of the session bind the job's port, taken by then
+    for key in (*RENDEZVOUS, "SUBMITIT_EXECUTOR", RUN_OWNER):
+        monkeypatch.delenv(key, raising=False)
 
 
 def run_config(tmp_path: Path, max_requeues: int = 3):

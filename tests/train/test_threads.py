@@ -50,3 +50,10 @@ def test_a_cpu_rank_computes_with_its_share_of_the_cores():
 def test_an_explicit_omp_num_threads_is_kept():
     """torchrun, Ray and users who set it have decided: the rank does not override them."""
     assert rank_settings(OMP_NUM_THREADS="2")["threads"] == 2  # the policy would give 1 on 2 cores
+
+
+def test_a_single_process_needs_no_port_and_ignores_a_master_port_left_in_its_environment():
+    """A MASTER_PORT leaked into an environment (here: one nothing can bind) made every later one-process run
+    of it fail with EADDRINUSE; one process meets no one, so it binds nothing."""
+    got = rank_settings(LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    assert got["threads"] == cpu_threads(got["cpus"], 1)
