@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,9 @@ def test_an_explicit_omp_num_threads_is_kept():
 
 
 def test_a_single_process_needs_no_port_and_ignores_a_master_port_left_in_its_environment():
-    """A MASTER_PORT leaked into an environment (here: one nothing can bind) made every later one-process run
-    of it fail with EADDRINUSE; one process meets no one, so it binds nothing."""
-    got = rank_settings(LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    """A MASTER_PORT leaked into an environment (here: one another program holds) made every later
+    one-process run of it fail with EADDRINUSE; one process meets no one, so it binds nothing."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        got = rank_settings(LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     assert got["threads"] == cpu_threads(got["cpus"], 1)
