@@ -7,7 +7,7 @@ training, so a taken port costs one line on stderr, never the run. Each series c
 rank and node, so Prometheus sees every rank separately however the processes are placed.
 
     # launcher, once per node, around the ranks (a folder of its own, removed after them):
-    with launch_multiprocess_dir(cfg.metrics.port, job): ...
+    with launch_multiprocess_dir(cfg.metrics.port, job): ...  # a folder of this launch's own
     # every rank (before anything imports prometheus_client):
     metrics = TrainMetrics(cfg.metrics, job=job, stage=stage, rank=rank, node=node, device=device,
                            flops_per_sample=flops_per_sample(fwd_bwd_one_sample))
@@ -135,22 +135,26 @@ def prepare_multiprocess_dir(path: str | Path) -> Path:
 
 @contextmanager
 def launch_multiprocess_dir(port: int, job: str) -> Iterator[Path | None]:
-    """This node's metrics folder for one launch (None with the endpoint off: `port` 0), removed after it.
-    Unique per launch: two runs of one job name on a host (a retry beside a hung run, two users' demos)
-    would otherwise clear and serve each other's values."""
+    """This node's metrics folder for one launch, `<tmp>/svd-metrics/<job>-<launch>` (None with the endpoint
+    off: `port` 0). Unique per launch: two runs of one job name on a host (a retry beside a hung run, two
+    users' demos) would otherwise clear and serve each other's values. It stays after the launch, holding
+    the run's last values for a look afterwards (`latest_multiprocess_dir`); the temporary directory's own
+    cleaning removes it."""
     if not port:
         yield None
         return
     before = os.environ.get(ENV_DIR)
-    path = prepare_multiprocess_dir(MetricsConfig(port=port).directory(f"{job}-{uuid.uuid4().hex[:8]}"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-        if before is None:
-            os.environ.pop(ENV_DIR, None)
-        else:
-            os.environ[ENV_DIR] = before
+    yield prepare_multiprocess_dir(MetricsConfig(port=port).directory(f"{job}-{uuid.uuid4().hex[:8]}"))
+    if before is None:
+        os.environ.pop(ENV_DIR, None)
+    else:
+        os.environ[ENV_DIR] = before
+
+
+def latest_multiprocess_dir(job: str) -> Path | None:
+    """The metrics folder of this host's latest launch of `job`, or None."""
+    folders = list(MetricsConfig(port=1).directory(job).parent.glob(f"{job}-*"))
+    return max(folders, key=lambda folder: folder.stat().st_mtime, default=None)
 
 
 class MetricsServer:

@@ -139,7 +139,7 @@ def test_a_frozen_rank_fails_the_run_within_the_collective_timeout_and_leaves_no
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
         ranks = rank_processes(process.pid)
-        assert len(ranks) == 2, ranks
+        assert len(ranks) == 2, (ranks, process.poll(), stderr_path.read_text()[-3000:])
         started = descendants(process.pid)
         assert len(started) >= 2 + 2 * 2, started  # two ranks and their loader workers at least
         frozen = ranks[-1]

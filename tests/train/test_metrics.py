@@ -30,6 +30,7 @@ from svd.train.metrics import (
     ProgressLine,
     TrainMetrics,
     flops_per_sample,
+    latest_multiprocess_dir,
     launch_multiprocess_dir,
     match_device_name,
     prepare_multiprocess_dir,
@@ -224,7 +225,7 @@ def test_two_launches_of_one_job_name_on_a_host_keep_their_metric_files_apart(
 ) -> None:
     """Both used <tmp>/svd-metrics/<job>: the second launch cleared the first's files and served them."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.delenv(ENV_DIR, raising=False)
+    monkeypatch.setenv(ENV_DIR, "/the/session's")
     tempfile.tempdir = None  # read TMPDIR again
     try:
         with launch_multiprocess_dir(1, "demo") as first:
@@ -235,14 +236,13 @@ def test_two_launches_of_one_job_name_on_a_host_keep_their_metric_files_apart(
                 assert first != second
                 assert (first / "counter_1.db").exists()
             assert os.environ[ENV_DIR] == str(first)
-            assert not second.exists()
-        assert ENV_DIR not in os.environ
-        assert not first.exists()
+            assert latest_multiprocess_dir("demo") == second
+        assert os.environ[ENV_DIR] == "/the/session's"  # the launcher's environment as it was
+        assert (first / "counter_1.db").exists()  # the last values stay for a look afterwards
     finally:
         tempfile.tempdir = None
     with launch_multiprocess_dir(0, "demo") as off:
         assert off is None
-        assert ENV_DIR not in os.environ
 
 
 def test_the_default_port_is_defined_once_and_is_not_dcgm_exporters() -> None:

@@ -23,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from svd.config import ConfigError, RunConfig, TrainConfig, compose, to_yaml
 from svd.data.local_s3 import free_port
 from svd.train.checkpoint import ModelOptimizerState
-from svd.train.metrics import MetricsConfig
+from svd.train.metrics import latest_multiprocess_dir
 from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler
 from svd.train.resume import APPLIED, POLICY, REFUSED, Resume, changed_settings, check_changes, setting_keys
 
@@ -205,7 +205,7 @@ def launch(train_table: dict, run: str, *extra: str) -> subprocess.CompletedProc
 def learning_rate_gauge(job: str) -> float:
     """Rank 0's svd_learning_rate, read from the node's metrics files the run left behind."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(MetricsConfig(port=1).directory(job)))
+    MultiProcessCollector(registry, path=str(latest_multiprocess_dir(job)))
     (value,) = [
         sample.value
         for family in registry.collect()

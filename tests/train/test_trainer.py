@@ -173,7 +173,9 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_restart_resumes_from_the_last
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
         ranks = _rank_processes(process.pid)
-        assert len(ranks) == 2, ranks
+        if len(ranks) != 2:
+            process.kill()
+            pytest.fail(f"ranks {ranks} (exit {process.poll()}): {process.communicate()}")
         os.kill(ranks[-1], signal.SIGKILL)
         _, stderr = process.communicate(timeout=120)  # the other rank is stopped, not left hanging
     finally:
