@@ -231,7 +231,9 @@ def test_keep_deletes_the_oldest_checkpoints_after_the_marker_moves(tmp_path, as
     assert folders(uri) == ["step-00000030", "step-00000040", "step-00000050"]
 
 
-def test_async_save_writes_the_same_checkpoint_as_sync_and_snapshots_before_returning(tmp_path):
+def test_async_save_writes_the_same_checkpoint_as_sync_and_holds_its_own_copy_once_staged(tmp_path):
+    """An async save copies the state beside the caller's next steps; the caller waits for that copy
+    (`wait_for_staging`) before it changes the state, as the trainer does before its optimizer step."""
     run = Run(seed=0)
     run.train(1)
     expected = run.snapshot()
@@ -239,6 +241,7 @@ def test_async_save_writes_the_same_checkpoint_as_sync_and_snapshots_before_retu
         checkpointer.save(1, run.parts)
     with Checkpointer(str(tmp_path / "async"), async_save=True) as checkpointer:
         checkpointer.save(1, run.parts)
+        checkpointer.wait_for_staging()
         with torch.no_grad():  # training goes on while the thread writes
             for value in [*run.model.parameters(), *run.ema.values()]:
                 value.add_(1.0)
