@@ -138,17 +138,29 @@ def test_a_run_writes_previews_validation_and_its_config(train_table, s3_env, mo
 
 
 def _rank_processes(launcher_pid: int) -> list[int]:
-    """The pids of the ranks the launcher started: its spawned children (not multiprocessing's tracker)."""
-    ranks = []
+    """The pids of the ranks the launcher started: the spawned processes below it (not multiprocessing's
+    tracker) whose parent is not itself a spawned process (a rank's loader workers). Not only its direct
+    children: in the full suite the ranks were not found among them while they trained (open question)."""
+    parents, spawned = {}, set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == launcher_pid and b"spawn_main" in command and b"resource_tracker" not in command:
-            ranks.append(int(stat.parent.name))
-    return sorted(ranks)
+        pid = int(stat.parent.name)
+        parents[pid] = ppid
+        if b"spawn_main" in command and b"resource_tracker" not in command:
+            spawned.add(pid)
+
+    def below_launcher(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == launcher_pid:
+                return True
+        return False
+
+    return sorted(pid for pid in spawned if parents.get(pid) not in spawned and below_launcher(pid))
 
 
 @pytest.mark.slow
