@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import lance
 import numpy as np
@@ -29,6 +28,8 @@ from svd.data.storage import Storage
 from svd.data.synthetic import moving_square, synthetic_corpus
 from svd.data.table import write_clip_table
 from svd.data.video_io import encode_mp4
+
+from .conftest import alive
 
 VIDEO = Bucket(16, 24, frames=4, batch_size=2, fps=4)
 
@@ -434,14 +435,6 @@ next(iter(loader))
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_workers_of_a_rank_killed_while_they_start_leave_instead_of_running_on(corpus, moto_s3, s3_env):
     """They were left polling their queue forever (reparented before torch's watchdog noted their parent),
     holding the job's output open: a launcher reading it never finished."""
@@ -453,11 +446,11 @@ def test_workers_of_a_rank_killed_while_they_start_leave_instead_of_running_on(c
         timeout=120,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
-    workers = [pid for pid in json.loads(done.stdout.splitlines()[-1]) if _alive(pid)]
+    workers = [pid for pid in json.loads(done.stdout.splitlines()[-1]) if alive(pid)]
     deadline = time.monotonic() + 60  # they finish importing torch, then see their parent is gone
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = [pid for pid in workers if _alive(pid)]
+    left = [pid for pid in workers if alive(pid)]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left

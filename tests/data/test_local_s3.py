@@ -6,9 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from .conftest import alive
 
 STARTER = """
 import sys
@@ -19,14 +20,6 @@ sys.stdin.read()  # until killed
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_a_server_whose_starter_is_killed_stops_too(signum):
     """A demo stopped by SIGTERM (no handler: no __exit__) or SIGKILL left its moto server running."""
@@ -35,13 +28,13 @@ def test_a_server_whose_starter_is_killed_stops_too(signum):
     )
     try:
         server = int(starter.stdout.readline())
-        assert _alive(server)
+        assert alive(server)
         starter.send_signal(signum)
         starter.wait(timeout=60)
         deadline = time.monotonic() + 60  # the kernel signals it at once; a loaded host takes a moment
-        while _alive(server) and time.monotonic() < deadline:
+        while alive(server) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = _alive(server)
+        left = alive(server)
         if left:
             subprocess.run(["kill", "-9", str(server)], check=False)
         assert not left
