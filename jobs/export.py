@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from svd.config import parse_settings
+from svd.errors import described
 
 if TYPE_CHECKING:
     from torch import nn
@@ -96,7 +97,7 @@ def export(cfg: ExportConfig) -> Path:
         with torch.no_grad():
             save_diffusers_unet(model.network, out, num_frames=run.data.frames)
     except Exception as e:  # OSError, or safetensors' own error for the same causes (disk full, permissions)
-        raise ExportError(f"out={out}: cannot be written ({_one_line(e)})") from e
+        raise ExportError(f"out={out}: cannot be written ({described(e)})") from e
     return out
 
 
@@ -122,13 +123,13 @@ def read_run_config(run: str, storage: Storage) -> RunConfig:
         found = fs.exists(path)
         text = fs.cat_file(path).decode() if found else ""
     except Exception as e:  # any storage client's error: the store cannot be read
-        raise ExportError(f"run={run}: cannot read {uri} ({_one_line(e)})") from e
+        raise ExportError(f"run={run}: cannot read {uri} ({described(e)})") from e
     if not found:
         raise ExportError(f"run={run}: no config.yaml (is this a run directory?)")
     try:
         return from_yaml(text)
     except Exception as e:  # OmegaConf's errors: a file that is not (or no longer) a run configuration
-        raise ExportError(f"{uri} is not a run configuration ({_one_line(e)})") from e
+        raise ExportError(f"{uri} is not a run configuration ({described(e)})") from e
 
 
 def load_checkpoint(model: nn.Module, cfg: ExportConfig, storage: Storage, cache_dir: str) -> None:
@@ -149,7 +150,7 @@ def load_checkpoint(model: nn.Module, cfg: ExportConfig, storage: Storage, cache
     except CheckpointError as e:  # missing, torn or incomplete: its message names the checkpoint
         raise ExportError(str(e)) from e
     except Exception as e:  # any storage client's error
-        raise ExportError(f"{source}: cannot be read ({_one_line(e)})") from e
+        raise ExportError(f"{source}: cannot be read ({described(e)})") from e
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # torch lists every mismatched key, one per line
@@ -169,12 +170,8 @@ def saved_steps(run: str, storage: Storage) -> list[int]:
         fs, path = storage.fsspec(uri)
         names = fs.ls(path, detail=False) if fs.exists(path) else []
     except Exception as e:  # any storage client's error
-        raise ExportError(f"run={run}: cannot list {uri} ({_one_line(e)})") from e
+        raise ExportError(f"run={run}: cannot list {uri} ({described(e)})") from e
     return sorted(int(m[1]) for n in names if (m := STEP_FOLDER.match(n.rstrip("/").rsplit("/", 1)[-1])))
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from svd.errors import one_line
+from svd.errors import described
 
 T = TypeVar("T")
 
@@ -49,7 +49,7 @@ def decided_by_rank0(
         try:
             message[0] = decide()
         except Exception as e:  # handed to the other ranks, then raised here as it is
-            error, message[1] = e, f"{type(e).__name__}: {one_line(e)}"
+            error, message[1] = e, described(e)
             message[2] = None if failed else _portable(e)
     dist.broadcast_object_list(message, src=0, group=group)
     if error is not None:
@@ -64,7 +64,7 @@ def _portable(error: Exception) -> Exception:
     try:
         pickle.loads(pickle.dumps(error))
     except Exception:
-        return RuntimeError(f"{type(error).__name__}: {one_line(error)}")
+        return RuntimeError(described(error))
     return error
 
 

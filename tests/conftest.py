@@ -171,6 +171,18 @@ def tiny_clip_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def local_table(tmp_path_factory) -> str:
+    """A clip table on local disk (2 videos, 4 clips, one in the val split): for runs whose object store
+    is down or silent, and for ranks that need a table but no store."""
+    folder = tmp_path_factory.mktemp("local_table")
+    (folder / "raw").mkdir()
+    rows = synthetic_corpus(str(folder / "raw"), Storage(), videos=2, seconds=3.0, clip_seconds=1.5)
+    rows[0]["split"] = "val"
+    write_clip_table(str(folder / "clips.lance"), rows, Storage())
+    return str(folder / "clips.lance")
+
+
+@pytest.fixture(scope="session")
 def train_table(moto_s3) -> dict:
     """The training tests' clip table (`write_train_table`) on the moto server."""
     return write_train_table(moto_s3)

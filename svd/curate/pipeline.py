@@ -54,6 +54,7 @@ from svd.curate.scan import grab_frames, scan
 from svd.data.storage import Storage, canonical_uri, scheme
 from svd.data.table import to_arrow
 from svd.data.video import DecodeError
+from svd.errors import described
 from svd.model.autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
 
 MOTION_FPS = 2.0
@@ -79,7 +80,7 @@ def list_inputs(input_uri: str, storage: Storage) -> list[str]:
     except FileNotFoundError:
         paths = []
     except Exception as e:  # endpoint down, credentials, permissions: whatever the client raises
-        raise InputError(f"input={input_uri}: cannot be listed: {_one_line(e)}") from None
+        raise InputError(f"input={input_uri}: cannot be listed: {described(e)}") from None
     if not paths:
         raise InputError(f"input={input_uri}: no such file or folder, or nothing in it")
     prefix = "" if scheme(root) == "file" else f"{scheme(root)}://"
@@ -103,7 +104,7 @@ def _build(setting: str, make: Callable[[], Any]) -> Any:
     try:
         return make()
     except Exception as e:  # whatever a model library raises for a bad folder: name the setting instead
-        raise StageError(f"{setting}: cannot be loaded: {_one_line(e)}") from None
+        raise StageError(f"{setting}: cannot be loaded: {described(e)}") from None
 
 
 @dataclass
@@ -191,7 +192,7 @@ def curate_video(uri: str, stages: Stages) -> VideoResult:
         rows, status, detail = [], e.reason, str(e)
     except Exception as e:  # one failure must not stop a run of millions: record it, retry it next run
         rows, status = [], TRANSIENT
-        detail = f"{_one_line(e)} | {traceback.format_exc(limit=3)!r}"
+        detail = f"{described(e)} | {traceback.format_exc(limit=3)!r}"
     log = {
         "video_uri": uri,
         "status": status,
@@ -296,11 +297,6 @@ def _latents(uri: str, start_s: float, end_s: float, stages: Stages) -> bytes | 
         return None  # too short for the latent frame count: the loader skips it when serving latents
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
-
-
 def _transient(uri: str, detail: str) -> VideoResult:
     log = dict.fromkeys(VIDEO_LOG.names) | {"video_uri": uri, "status": TRANSIENT, "clips": 0}
     log["detail"] = detail
@@ -315,7 +311,7 @@ def _init_worker(cfg: CurateConfig) -> None:
     try:
         _worker_stages = Stages.build(cfg)
     except Exception as e:  # raising here would make the pool respawn this worker forever
-        _worker_stages = f"stages failed to build in a worker: {_one_line(e)}"
+        _worker_stages = f"stages failed to build in a worker: {described(e)}"
 
 
 def _curate_in_worker(uri: str) -> VideoResult:

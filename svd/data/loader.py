@@ -23,7 +23,7 @@ On many ranks, rank 0 builds the row index once for the whole run and publishes 
 other ranks wait for it (up to `index_timeout_s`, not the collective timeout) and open it, one copy per node:
 
     shared = f"{run_dir}/row_index"
-    share_row_index(cfg, storage, shared, state=state)   # every rank; pin cfg.version first
+    share_row_index(cfg, storage, shared, state=state, collective_timeout_s=60)  # every rank; pin the version
     loader = ClipLoader(cfg, storage=storage, state=state, build_index=False, shared_index=shared)
 """
 
@@ -64,7 +64,7 @@ from svd.data.order import rank_positions, stream_indices
 from svd.data.row_index import RowIndex
 from svd.data.storage import Storage, join, scheme, strip_scheme
 from svd.data.video import DecodeError, decode_clip
-from svd.errors import one_line
+from svd.errors import described, one_line
 from svd.lifetime import die_with_parent
 
 METADATA_COLUMNS = [
@@ -294,7 +294,7 @@ class ClipDataset(torch.utils.data.Dataset):
             raise
         except Exception as e:  # anything else: name where it happened, in one line
             first = int(request.positions[0]) if len(request.positions) else None
-            raise LoaderError(f"{where}, positions from {first}: {type(e).__name__}: {one_line(e)}") from e
+            raise LoaderError(f"{where}, positions from {first}: {described(e)}") from e
 
     def _batch(self, request: BatchRequest, where: str) -> dict[str, Any]:
         b, bucket = request.bucket, self.cfg.buckets[request.bucket]
@@ -372,8 +372,7 @@ class ClipDataset(torch.utils.data.Dataset):
             raise
         except Exception as e:  # name the clip: the batch-level message cannot
             raise LoaderError(
-                f"{where}, row {row} ({meta['clip_id']}, {meta['video_uri']}): "
-                f"{type(e).__name__}: {one_line(e)}"
+                f"{where}, row {row} ({meta['clip_id']}, {meta['video_uri']}): {described(e)}"
             ) from e
 
     def _decode(self, row: int, meta: dict[str, Any], bucket: Bucket, position: int) -> dict[str, Any]:
@@ -757,6 +756,7 @@ def share_row_index(
     *,
     state: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = print,
+    collective_timeout_s: float,
 ) -> None:
     """Rank 0 builds the row index once for the whole run and publishes it in `shared`; the other ranks wait
     for it, then open it with `ClipLoader(…, build_index=False, shared_index=shared)`. Call it on every rank.
@@ -766,11 +766,26 @@ def share_row_index(
     `cfg.index_timeout_s`, and rank 0 hands them its outcome, so a failed build is raised on every rank
     (in one line) instead of leaving them to time out. One scan per run, not one per node: 32 nodes reading
     the same columns at once would read the table 32 times from the same store.
+
+    The wait is one-sided, and so is its deadline (a gloo group's timeout is each process's own): rank 0
+    waits for nobody's work, only for the others to join the group and take its outcome, which ranks in
+    step do at once. It gives them `collective_timeout_s`, so a rank that died or froze before this call
+    (the validation loader is built at the first validation) fails the run within the collective timeout
+    instead of holding rank 0 for `index_timeout_s`, an hour by default.
     """
     if not dist.is_initialized():
         ensure_row_index(cfg, storage, state=state, shared=shared, progress=progress)
         return
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.index_timeout_s))
+    rank0 = dist.get_rank() == 0
+    waits_s = collective_timeout_s if rank0 else cfg.index_timeout_s
+    try:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=waits_s))
+    except (RuntimeError, dist.DistError) as e:  # gloo connects the group's ranks: one did not come in time
+        setting = "parallel.collective_timeout_s" if rank0 else "data.index_timeout_s"
+        raise LoaderError(
+            f"sharing the row index of {cfg.table}: a rank did not join within {setting}={waits_s:g} "
+            f"({one_line(e)})"
+        ) from e
     try:
         decided_by_rank0(
             lambda: ensure_row_index(cfg, storage, state=state, shared=shared, progress=progress),

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from svd.config import ParallelConfig
 from svd.data.storage import Storage, join
+from svd.errors import described
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,9 @@ class Checkpointer:
         self._fs.rm_file(probe.format(self._rank))
 
     def _describe(self, error: BaseException) -> str:
-        return _one_line(error, self._storage, self._collective_timeout_s if self._pg is not None else None)
+        return _describe_failure(
+            error, self._storage, self._collective_timeout_s if self._pg is not None else None
+        )
 
     def _raise_on_every_rank(self, error: str | None) -> None:
         """One rank's failure raised on all of them, so none waits for the others in a later collective."""
@@ -397,7 +400,7 @@ def _load(state: dict[str, Any], reader: FsspecReader, uri: str, *, no_dist: boo
         with _single_process_is_intended():
             dcp.load(state, storage_reader=reader, no_dist=no_dist)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"loading {uri} failed: {_one_line(e)}") from e
+        raise CheckpointError(f"loading {uri} failed: {_describe_failure(e)}") from e
 
 
 class _Filesystem(FileSystem):
@@ -533,7 +536,7 @@ def _read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str
             "world_size": None if world_size is None else int(world_size),
         }
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint marker {uri} is not valid: {_one_line(e)}") from e
+        raise CheckpointError(f"checkpoint marker {uri} is not valid: {_describe_failure(e)}") from e
 
 
 def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -558,7 +561,7 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _one_line(
+def _describe_failure(
     error: BaseException, storage: Storage | None = None, collective_timeout_s: float | None = None
 ) -> str:
     """An error as one line; for DCP's multi-rank report, the lowest failing rank's error. A storage error
@@ -567,9 +570,9 @@ def _one_line(
     if isinstance(error, CheckpointException) and error.failures:
         rank, (cause, _) = min(error.failures.items(), key=lambda item: item[0])
         others = len(error.failures) - 1
-        cause_text = _one_line(cause, storage, collective_timeout_s)
+        cause_text = _describe_failure(cause, storage, collective_timeout_s)
         return f"rank {rank}: {cause_text}" + (f" (and {others} more ranks)" if others else "")
-    text = " ".join(f"{type(error).__name__}: {error}".split())
+    text = described(error)
     if isinstance(error, RuntimeError):  # torch's distributed errors; storage clients raise others
         if collective_timeout_s is None or "timed out" not in text.lower():
             return text

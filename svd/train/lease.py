@@ -47,7 +47,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from svd.config import ConfigError
 from svd.data.storage import Storage, join
-from svd.errors import one_line
+from svd.errors import described
 
 if TYPE_CHECKING:
     from svd.config import RunConfig
@@ -146,7 +146,7 @@ class RunDirLease:
         except Exception as e:  # any storage client's error
             raise LeaseError(
                 f"checkpoint.run_dir={self.run_dir}: cannot take its lease in {self.folder.uri} "
-                f"({type(e).__name__}: {one_line(e)}){self.storage.timeout_hint(e)}"
+                f"({described(e)}){self.storage.timeout_hint(e)}"
             ) from e
 
     def _take(self) -> str | None:
@@ -186,7 +186,7 @@ class RunDirLease:
             log.warning(
                 "lease: could not release %s (%s): it expires at %s",
                 self.folder.uri,
-                _one_line(e),
+                described(e),
                 utc(self.holder.expires),
             )
         self.generation = None
@@ -258,7 +258,7 @@ class RunDirLease:
                 log.warning(
                     "lease: renewing %s failed (%s); it expires at %s unless a later try succeeds",
                     self.folder.uri,
-                    _one_line(e),
+                    described(e),
                     utc(self.holder.expires),
                 )
 
@@ -373,7 +373,7 @@ class _LeaseFolder:
         except FileNotFoundError:
             pass
         except OSError as e:
-            log.warning("lease: could not delete %s/%08d.json: %s", self.uri, generation, _one_line(e))
+            log.warning("lease: could not delete %s/%08d.json: %s", self.uri, generation, described(e))
 
     def _path(self, generation: int) -> str:
         return f"{self.path}/{generation:08d}.json"
@@ -409,7 +409,3 @@ def process_alive(pid: int) -> bool:
 
 def utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())

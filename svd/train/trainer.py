@@ -195,7 +195,8 @@ class Trainer:
             config = dataclasses.replace(config, version=version)
 
         shared = join(self.cfg.checkpoint.run_dir, "row_index")
-        share_row_index(config, self.storage, shared, state=state)
+        timeout_s = self.cfg.parallel.collective_timeout_s
+        share_row_index(config, self.storage, shared, state=state, collective_timeout_s=timeout_s)
         return ClipLoader(
             config,
             rank=self.env.rank,

@@ -75,13 +75,13 @@ def rank_main(rank: int, port: int, table: str, shared: str, out: str) -> None:
     )
     storage = Storage.from_env()
     with open(out_dir / f"rank{rank}.out", "w") as log, contextlib.redirect_stdout(log):
-        share_row_index(cfg, storage, shared)
+        share_row_index(cfg, storage, shared, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
         loader = ClipLoader(
             cfg, rank=rank, world_size=WORLD, storage=storage, build_index=False, shared_index=shared
         )
     missing, failure = dataclasses.replace(cfg, table=f"{table}-missing"), None
     try:
-        share_row_index(missing, storage, shared)
+        share_row_index(missing, storage, shared, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
     except Exception as e:  # rank 0's own error there, rank 0's error in one line everywhere else
         failure = f"{type(e).__name__}: {e}"
     result = {"index": str(loader.index.path), "sizes": list(loader.sizes), "failure": failure}

@@ -29,7 +29,7 @@ from svd.data.synthetic import moving_square, synthetic_corpus
 from svd.data.table import write_clip_table
 from svd.data.video_io import encode_mp4
 
-from .conftest import alive
+from ..processes import alive
 
 VIDEO = Bucket(16, 24, frames=4, batch_size=2, fps=4)
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import alive
+from ..processes import alive
 
 STARTER = """
 import sys

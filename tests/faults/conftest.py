@@ -188,35 +188,3 @@ def silent_endpoint() -> Iterator[SilentEndpoint]:
     listener.close()
     for s in endpoint.connections:
         s.close()
-
-
-def parent_pid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def children(pid: int) -> set[int]:
-    return {
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and parent_pid(int(entry.name)) == pid
-    }
-
-
-def descendants(pid: int) -> set[int]:
-    """Children, their children, and so on (a snapshot)."""
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = set().union(*(children(p) for p in frontier)) - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running or stopped: a zombie (state Z, dead but not yet reaped by its new parent) is not."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

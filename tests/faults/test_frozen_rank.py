@@ -3,19 +3,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from svd.data.local_s3 import free_port
 
-from .conftest import ROOT, alive, children, descendants
+from ..processes import alive, descendants, launched_ranks
+from .conftest import ROOT
 
 COLLECTIVE_TIMEOUT_S = 20
 # The healthy rank's training collective and its checkpoint thread's time out (at most one after the other),
@@ -31,11 +30,18 @@ import torch, torch.distributed as dist
 from svd.train.checkpoint import Checkpointer
 from svd.train.distributed import init_distributed
 from svd.train.parallel import build_mesh
-run_dir, timeout_s, what = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+run_dir, timeout_s, what, table = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 env = init_distributed(300)  # the default group's timeout: the rendezvous waits for slow starts
 if what == "checkpoint":  # DCP's async save thread waits for the other rank in the checkpoint's own group
     checkpointer = Checkpointer(run_dir, collective_timeout_s=timeout_s)
     wait = lambda: (checkpointer.save(1, {"ema": {"w": torch.ones(4)}}), checkpointer.wait())
+elif what == "row index":  # the group rank 0 hands its row index over in (the validation loader's: built
+    # at the first validation, while a rank may already be frozen); the others' deadline is an hour
+    from svd.data.buckets import Bucket
+    from svd.data.loader import LoaderConfig, share_row_index
+    from svd.data.storage import Storage
+    cfg = LoaderConfig(table, (Bucket(16, 24, 4, 1, fps=4),), cache_dir=f"{run_dir}/cache")
+    wait = lambda: share_row_index(cfg, Storage(), f"{run_dir}/shared", collective_timeout_s=timeout_s)
 else:  # a 2 × 2 HSDP mesh: its replicate groups [0, 2] and [1, 3] are groups of their own
     group = build_mesh(env, "hsdp", timeout_s).get_group("replicate")
     wait = lambda: dist.all_reduce(torch.ones(1), group=group)
@@ -53,16 +59,19 @@ finally:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("group", "nodes", "ranks_per_node"), [("checkpoint", 2, 1), ("hsdp mesh", 2, 2)])
+@pytest.mark.parametrize(
+    ("group", "nodes", "ranks_per_node"), [("checkpoint", 2, 1), ("hsdp mesh", 2, 2), ("row index", 2, 1)]
+)
 def test_a_process_group_waits_for_a_frozen_rank_no_longer_than_the_collective_timeout(
-    tmp_path, group, nodes, ranks_per_node
+    tmp_path, local_table, group, nodes, ranks_per_node
 ):
     """The groups the code creates beside the job's own get the timeout they are given, whatever the
-    default group's: torch's default for a new group is 30 minutes."""
+    default group's: torch's default for a new group is 30 minutes, the row index's an hour."""
     timeout_s, world = 5, nodes * ranks_per_node
     env = os.environ | {"PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env |= {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(ranks_per_node)}
     argv = [sys.executable, "-c", FREEZE_THE_LAST_RANK, str(tmp_path / "run"), str(timeout_s), group]
+    argv.append(local_table)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     ranks = [
         subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r % ranks_per_node)}, **pipes)
@@ -82,21 +91,16 @@ def test_a_process_group_waits_for_a_frozen_rank_no_longer_than_the_collective_t
     assert observer.returncode == 1, stderr[-3000:]
     assert timeout_s <= float(stdout) < timeout_s + 10
     last = stderr.strip().splitlines()[-1]  # torch prefixes a rank's uncaught error with "[rankN]: "
+    if group == "row index":  # gloo could not connect the group: its store wait names no operation
+        assert last.startswith(
+            f"[rank0]: svd.data.loader.LoaderError: sharing the row index of {local_table}: a rank did not "
+            f"join within parallel.collective_timeout_s={timeout_s} ("
+        ), last
+        return
     assert f"Timed out waiting {timeout_s * 1000}ms" in last
     if group == "checkpoint":
         assert f"CheckpointError: saving {tmp_path}/run/checkpoints/step-00000001 failed: " in last
         assert last.endswith(f"(a rank did not answer within parallel.collective_timeout_s={timeout_s})")
-
-
-def rank_processes(launcher_pid: int) -> list[int]:
-    """The ranks the launcher's elastic agent spawned (not multiprocessing's resource tracker)."""
-    ranks = []
-    for pid in children(launcher_pid):
-        with contextlib.suppress(OSError):
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"spawn_main" in command and b"resource_tracker" not in command:
-                ranks.append(pid)
-    return sorted(ranks)
 
 
 @pytest.mark.slow
@@ -138,8 +142,7 @@ def test_a_frozen_rank_fails_the_run_within_the_collective_timeout_and_leaves_no
             assert process.poll() is None, stderr_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
-        ranks = rank_processes(process.pid)
-        assert len(ranks) == 2, (ranks, process.poll(), stderr_path.read_text()[-3000:])
+        ranks = launched_ranks(process.pid, 2)
         started = descendants(process.pid)
         assert len(started) >= 2 + 2 * 2, started  # two ranks and their loader workers at least
         frozen = ranks[-1]

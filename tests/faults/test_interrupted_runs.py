@@ -13,7 +13,8 @@ import pytest
 
 from svd.curate.ledger import log_uri
 
-from .conftest import alive, children, curate_argv, curate_env, video
+from ..processes import alive, children
+from .conftest import curate_argv, curate_env, video
 
 
 def raw_folder(path: Path, count: int) -> Path:

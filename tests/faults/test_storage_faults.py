@@ -22,8 +22,7 @@ from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig
 from svd.data.local_s3 import free_port
 from svd.data.storage import Storage
-from svd.data.synthetic import synthetic_corpus
-from svd.data.table import TableUnreadableError, write_clip_table
+from svd.data.table import TableUnreadableError
 from svd.train.checkpoint import Checkpointer, CheckpointError
 
 from .conftest import (
@@ -198,18 +197,6 @@ def test_the_loader_gives_up_on_a_silent_endpoint_within_seconds(silent_endpoint
     assert isinstance(raised, OSError)  # through open_table, like any table it cannot read
     assert str(raised).startswith(f"cannot open clip table {uri} ")
     assert str(raised).endswith("SVD_STORAGE_MAX_ATTEMPTS=1; raise them for a slow store)")
-
-
-@pytest.fixture(scope="module")
-def local_table(tmp_path_factory) -> str:
-    """A clip table on local disk (2 videos, 4 clips, one in the val split), for runs whose run directory
-    is on the silent endpoint."""
-    folder = tmp_path_factory.mktemp("local_table")
-    (folder / "raw").mkdir()
-    rows = synthetic_corpus(str(folder / "raw"), Storage(), videos=2, seconds=3.0, clip_seconds=1.5)
-    rows[0]["split"] = "val"
-    write_clip_table(str(folder / "clips.lance"), rows, Storage())
-    return str(folder / "clips.lance")
 
 
 def launch(table: str, run_dir: str, endpoint: SilentEndpoint, env: dict[str, str]) -> tuple[Any, float]:
