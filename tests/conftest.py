@@ -29,10 +29,12 @@ import pytest
 import torch
 from PIL import Image
 
-from svd.data.local_s3 import LocalS3, create_bucket, free_port
+from svd.data.local_s3 import LocalS3, create_bucket
 from svd.data.storage import Storage, join
 from svd.data.synthetic import synthetic_corpus
 from svd.data.table import write_clip_table
+
+from .settings import production_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -361,27 +363,11 @@ def rgw_env(radosgw) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def production() -> Callable[..., list[str]]:
-    """`production(table, run, *extra)`: a run's settings in the production configuration, shrunk: loader
-    workers, the metrics endpoint (a free port), validation and previews every few steps, asynchronous
-    checkpoints every 3 steps to the table's object store; a progress line every step."""
+    """`production(table, run, *extra)`: `production_settings` for the table of a `write_train_table` dict
+    and a run directory named `run` in its bucket."""
 
     def settings(table: dict, run: str, *extra: str) -> list[str]:
-        return [
-            "model=tiny",
-            f"data.table={table['table']}",
-            f"checkpoint.run_dir={table['bucket']}/runs/{run}",
-            "data.frames=4",
-            "data.fps=4",
-            "data.num_workers=2",
-            f"metrics.port={free_port()}",
-            "train.val_every=2",
-            "train.preview_every=3",
-            "checkpoint.every=3",
-            "checkpoint.async_save=true",
-            "train.log_every=1",
-            "train.seed=0",
-            *extra,
-        ]
+        return production_settings(table["table"], f"{table['bucket']}/runs/{run}", *extra)
 
     return settings
 

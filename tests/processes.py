@@ -47,10 +47,8 @@ def alive(pid: int) -> bool:
 
 def launched_ranks(launcher_pid: int, count: int, within_s: float = 30.0) -> list[int]:
     """The pids of the `count` ranks a launcher started, in start order: the processes below it that
-    multiprocessing spawned (not its resource tracker) whose parent it did not spawn too (a rank's loader
-    workers). Looked for until `within_s`: a rank may be starting when asked. Fails with the process tree
-    below the launcher, the evidence of where the ranks were instead (once, in a full suite, they were
-    not found while they trained, and nothing told why)."""
+    multiprocessing spawned whose parent it did not spawn too (a rank's loader workers). Looked for until
+    `within_s`: a rank may be starting when asked. Fails with the process tree below the launcher."""
     deadline = time.monotonic() + within_s
     while True:
         parents, spawned = {}, set()
@@ -58,7 +56,7 @@ def launched_ranks(launcher_pid: int, count: int, within_s: float = 30.0) -> lis
             with contextlib.suppress(OSError):
                 command = Path(f"/proc/{pid}/cmdline").read_bytes()
                 parents[pid] = parent_pid(pid)
-                if b"spawn_main" in command and b"resource_tracker" not in command:
+                if b"import spawn_main" in command:  # not "resource_tracker": -W options may name it
                     spawned.add(pid)
         ranks = sorted(pid for pid in spawned if parents[pid] not in spawned)
         if len(ranks) == count or time.monotonic() > deadline:

@@ -15,6 +15,7 @@ tells the ranks through an event they poll at each step. A second Ctrl-C ends th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -68,10 +69,12 @@ def dry_run(cfg: RunConfig) -> str:
 def launch(cfg: RunConfig) -> int:
     """Train until done (status 0), stopped by SIGTERM or SIGINT after saving the step under way (130), or
     failed (1); the last line says which."""
-    _quiet_after_a_hard_quit()
     stop = multiprocessing.get_context("spawn").Event()  # spawned ranks inherit it
     try:
-        with interruptible(lambda _signum: stop.set(), _end_children) as interruption:
+        with (
+            _quiet_after_a_hard_quit(),
+            interruptible(lambda _signum: stop.set(), _end_children) as interruption,
+        ):
             result = launch_local(cfg, stop)
     except RanksFailedError as e:
         if interruption.signal is not None and e.killed_by in STOP_SIGNALS:  # before their handlers were set
@@ -90,14 +93,31 @@ def launch(cfg: RunConfig) -> int:
     return 0
 
 
-def _quiet_after_a_hard_quit() -> None:
+def _quiet_after_a_hard_quit() -> contextlib.AbstractContextManager[None]:
     """A second Ctrl-C ends this process at once (os._exit), with the loader's queues and the ranks' still
     registered with multiprocessing's resource tracker (of this process, which the ranks share): the tracker
     removes them, as it should, and would then warn of leaked semaphores in two lines more. That warning is
     expected after a hard quit, so the tracker starts with it ignored: PYTHONWARNINGS, read by every
-    interpreter this process starts."""
+    interpreter this process starts while the launch runs."""
     quiet = "ignore:resource_tracker:UserWarning"
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
+    return _environ(PYTHONWARNINGS=",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet])))
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """`values` in the environment of what the launch starts, restored afterwards: a caller in the same
+    process (a notebook, the demo, a test) would otherwise hand them to every process it starts later, as a
+    test session did: the ranks of a later launch, started with the warning flags of an earlier one."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _end_children() -> None:
@@ -111,11 +131,11 @@ def launch_local(cfg: RunConfig, stop: Event | None = None) -> TrainResult:
     returns): the result of rank 0."""
     if cfg.nodes != 1:
         raise ValueError(f"launcher=local runs on this host only: nodes={cfg.nodes} must be 1")
-    os.environ[RUN_OWNER] = f"local-{uuid.uuid4().hex[:12]}"  # this launch owns the run directory
     from svd.train.metrics import launch_multiprocess_dir
 
     stop = stop or multiprocessing.get_context("spawn").Event()
-    with launch_multiprocess_dir(cfg.metrics.port, cfg.job_name):
+    owner = {RUN_OWNER: f"local-{uuid.uuid4().hex[:12]}"}  # this launch owns the run directory
+    with _environ(**owner), launch_multiprocess_dir(cfg.metrics.port, cfg.job_name):
         return run(cfg, _polling(stop)) if cfg.gpus_per_node == 1 else _launch_ranks(cfg, stop)
 
 
@@ -134,7 +154,7 @@ def _launch_ranks(cfg: RunConfig, stop: Event) -> TrainResult:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     port = cfg.launcher.master_port or free_port()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: ranks share the host's cores
+    threads = os.environ.get("OMP_NUM_THREADS") or "1"  # as torchrun: ranks share the host's cores
     reports = Path(tempfile.mkdtemp(prefix="svd-ranks-"))  # torch's error file of each rank
     launch = LaunchConfig(
         min_nodes=1,
@@ -150,7 +170,7 @@ def _launch_ranks(cfg: RunConfig, stop: Event) -> TrainResult:
         logs_specs=DefaultLogsSpecs(log_dir=str(reports)),
     )
     try:
-        with _quiet(ELASTIC_LOGGERS):
+        with _quiet(ELASTIC_LOGGERS), _environ(OMP_NUM_THREADS=threads):
             results = elastic_launch(launch, _rank_main)(to_yaml(cfg), stop)
     except ChildFailedError as e:
         exitcode = e.get_first_failure()[1].exitcode

@@ -17,9 +17,9 @@ import pytest
 
 from svd.config import from_yaml
 from svd.curate.ledger import log_uri
-from svd.data.local_s3 import free_port
 from svd.train.lease import RUN_OWNER
 
+from ..settings import production_settings
 from .conftest import ROOT, curate_argv, curate_env, video
 
 COMMIT_AT = """
@@ -91,24 +91,11 @@ print(f"rank 0 ended at step {result.steps}", flush=True)
 
 
 def training(train_table: dict, run: str, *extra: str) -> list[str]:
-    """The settings of a tiny run in the production configuration: loader workers, the metrics endpoint on a
-    free port, validation and previews every 2 steps, asynchronous checkpoints."""
-    return [
-        "stage=video_pretrain",
-        "model=tiny",
-        f"data.table={train_table['table']}",
-        f"checkpoint.run_dir={train_table['bucket']}/runs/{run}",
-        "data.frames=4",
-        "data.fps=4",
-        "data.num_workers=2",
-        f"metrics.port={free_port()}",
-        "train.val_every=2",
-        "train.preview_every=2",
-        "train.global_batch=2",
-        "train.log_every=1",
-        "checkpoint.every=2",
-        *extra,
-    ]
+    """The production settings of a tiny run (`production_settings`) with a checkpoint every 2 steps."""
+    run_dir = f"{train_table['bucket']}/runs/{run}"
+    return production_settings(
+        train_table["table"], run_dir, "train.global_batch=2", "checkpoint.every=2", *extra
+    )
 
 
 def launch_argv(settings: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 from svd.data.local_s3 import free_port
 
 from ..processes import alive, descendants, launched_ranks
+from ..settings import production_settings
 from .conftest import ROOT
 
 COLLECTIVE_TIMEOUT_S = 20
@@ -108,26 +109,15 @@ def test_a_frozen_rank_fails_the_run_within_the_collective_timeout_and_leaves_no
     train_table, s3_env, moto_s3, tmp_path
 ):
     run_dir = f"{train_table['bucket']}/runs/frozen"
-    argv = [
-        sys.executable,
-        str(ROOT / "jobs" / "launch.py"),
-        "stage=video_pretrain",
-        "model=tiny",
-        f"data.table={train_table['table']}",
-        f"checkpoint.run_dir={run_dir}",
-        "data.frames=4",
-        "data.fps=4",
+    settings = production_settings(
+        train_table["table"],
+        run_dir,
         "gpus_per_node=2",
         "train.steps=10000",
-        # The production configuration: loader workers, metrics, validation, previews, async checkpoints.
-        "data.num_workers=2",
-        f"metrics.port={free_port()}",
-        "train.val_every=2",
-        "train.preview_every=3",
-        "checkpoint.async_save=true",
         "checkpoint.every=1",  # a save is in flight most of the time: the checkpoint's own group is in use
         f"parallel.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
-    ]
+    )
+    argv = [sys.executable, str(ROOT / "jobs" / "launch.py"), *settings]
     stderr_path = tmp_path / "stderr"
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     with open(tmp_path / "stdout", "w") as stdout, open(stderr_path, "w") as stderr:

@@ -20,11 +20,11 @@ from svd.curate.ledger import already_processed, log_uri
 from svd.curate.pipeline import InputError, list_inputs
 from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig
-from svd.data.local_s3 import free_port
 from svd.data.storage import Storage
 from svd.data.table import TableUnreadableError
 from svd.train.checkpoint import Checkpointer, CheckpointError
 
+from ..settings import production_settings
 from .conftest import (
     DEADLINES,
     RETRYING_DEADLINES,
@@ -207,18 +207,7 @@ def launch(table: str, run_dir: str, endpoint: SilentEndpoint, env: dict[str, st
     argv = [
         sys.executable,
         str(ROOT / "jobs" / "launch.py"),
-        "stage=video_pretrain",
-        "model=tiny",
-        f"data.table={table}",
-        f"checkpoint.run_dir={run_dir}",
-        "data.frames=4",
-        "data.fps=4",
-        "data.num_workers=2",
-        f"metrics.port={free_port()}",
-        "train.val_every=2",
-        "train.preview_every=2",
-        "checkpoint.async_save=true",
-        "train.steps=4",
+        *production_settings(table, run_dir, "train.steps=4"),
     ]
     try:
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -37,6 +37,8 @@ from svd.train.metrics import (
     serve_node_metrics,
 )
 
+from ..settings import production_settings
+
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"job": "j1", "stage": "video", "rank": "0", "node": "n0"}
 
@@ -288,22 +290,16 @@ def test_a_two_rank_run_trains_to_the_end_when_its_metrics_port_is_taken(
     scraped: dict[str, list] = {}
     try:
         assert program.stdout.readline().strip() == "ready"
-        args = [
-            "stage=video_pretrain",
-            "model=tiny",
-            f"data.table={train_table['table']}",
-            f"checkpoint.run_dir={train_table['bucket']}/runs/taken-port-{program.pid}",
-            "data.frames=4",
-            "data.fps=4",
-            "data.num_workers=2",
+        run_dir = f"{train_table['bucket']}/runs/taken-port-{program.pid}"
+        args = production_settings(
+            train_table["table"],
+            run_dir,
             "train.steps=4",
-            "train.val_every=2",
-            "train.preview_every=3",
             "checkpoint.every=2",
             "gpus_per_node=2",
             f"metrics.port={port}",
             f"job_name=taken-port-{program.pid}",
-        ]
+        )
         with log.open("w") as out:  # a file, not a pipe: the test waits for the run, not for its output
             run = subprocess.Popen(
                 [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
@@ -391,23 +387,15 @@ def test_a_failed_async_save_counts_and_leaves_the_checkpoint_step_at_the_last_g
     train_table: dict, moto_s3, tmp_path: Path
 ) -> None:
     job, folder = "failed-save", tmp_path / "metrics"
-    args = [
-        "stage=video_pretrain",
-        "model=tiny",
+    args = production_settings(
+        train_table["table"],
+        str(tmp_path / "run"),
         f"job_name={job}",
-        f"data.table={train_table['table']}",
-        "data.frames=4",
-        "data.fps=4",
-        "data.num_workers=2",
         "train.global_batch=2",
         "train.steps=6",
         "train.val_every=3",
-        "train.preview_every=3",
-        f"checkpoint.run_dir={tmp_path / 'run'}",
         "checkpoint.every=2",
-        "checkpoint.async_save=true",
-        f"metrics.port={free_port()}",
-    ]
+    )
     env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(  # a failed run must also end: the limit turns a hang at exit into a failure
         [sys.executable, "-c", FAILING_SAVE, str(folder), *args],

@@ -21,11 +21,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from svd.config import ConfigError, RunConfig, TrainConfig, compose, to_yaml
-from svd.data.local_s3 import free_port
 from svd.train.checkpoint import ModelOptimizerState
 from svd.train.metrics import latest_multiprocess_dir
 from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler
 from svd.train.resume import APPLIED, POLICY, REFUSED, Resume, changed_settings, check_changes, setting_keys
+
+from ..settings import production_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["stage=video_pretrain", "model=tiny", "data.table=s3://bucket/clips.lance"]
@@ -174,24 +175,16 @@ def test_after_a_load_the_optimizer_trains_with_the_new_learning_rate_betas_and_
 
 # ---- end to end -------------------------------------------------------------------------------------------
 def launch(train_table: dict, run: str, *extra: str) -> subprocess.CompletedProcess:
-    """`jobs/launch.py` as a user runs it, in the production configuration shrunk: loader workers, the metrics
-    endpoint on a free port, validation and previews every 2 steps, asynchronous checkpoints."""
-    args = [
-        "stage=video_pretrain",
-        "model=tiny",
+    """`jobs/launch.py` as a user runs it, in the production configuration (`production_settings`)."""
+    run_dir = f"{train_table['bucket']}/runs/{run}"
+    args = production_settings(
+        train_table["table"],
+        run_dir,
         f"job_name=resume-{run}",
-        f"data.table={train_table['table']}",
-        f"checkpoint.run_dir={train_table['bucket']}/runs/{run}",
-        "data.frames=4",
-        "data.fps=4",
-        "data.num_workers=2",
-        f"metrics.port={free_port()}",
-        "train.val_every=2",
-        "train.preview_every=2",
         "train.global_batch=2",
         "checkpoint.every=2",
         *extra,
-    ]
+    )
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "launch.py"), *args],
         cwd=ROOT,

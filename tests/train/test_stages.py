@@ -3,6 +3,7 @@ before it (`stage.init_from`), and the results export for inference."""
 
 from __future__ import annotations
 
+import os
 import runpy
 from pathlib import Path
 
@@ -16,6 +17,10 @@ export = runpy.run_path(str(ROOT / "jobs" / "export.py"), run_name="export")["ma
 
 def run_stage(train_table: dict, stage: str, *extra: str, run: str = "") -> str:
     run_dir = f"{train_table['bucket']}/stages/{run or stage}"
+    # What the launch sets for the processes it starts, restored after it: in a test session they were
+    # handed to every later launcher (its ranks started with another launch's warning flags)
+    scoped = ("PYTHONWARNINGS", "OMP_NUM_THREADS", "SVD_RUN_OWNER")
+    before = {name: os.environ.get(name) for name in scoped}
     code = launch(
         [
             f"stage={stage}",
@@ -32,6 +37,7 @@ def run_stage(train_table: dict, stage: str, *extra: str, run: str = "") -> str:
         ]
     )
     assert code == 0
+    assert {name: os.environ.get(name) for name in scoped} == before
     return run_dir
 
 

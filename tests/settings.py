@@ -1,0 +1,27 @@
+"""A run's settings as the end-to-end tests start it: the production configuration, shrunk."""
+
+from __future__ import annotations
+
+from svd.data.local_s3 import free_port
+
+
+def production_settings(table: str, run_dir: str, *extra: str) -> list[str]:
+    """Loader workers, the metrics endpoint (a free port), validation and previews every few steps,
+    asynchronous checkpoints every 3 steps, a progress line every step: what a cluster runs, with a tiny model
+    on 4-frame clips. `extra` settings come last, so they override these."""
+    return [
+        "model=tiny",
+        f"data.table={table}",
+        f"checkpoint.run_dir={run_dir}",
+        "data.frames=4",
+        "data.fps=4",
+        "data.num_workers=2",
+        f"metrics.port={free_port()}",
+        "train.val_every=2",
+        "train.preview_every=3",
+        "checkpoint.every=3",
+        "checkpoint.async_save=true",
+        "train.log_every=1",
+        "train.seed=0",
+        *extra,
+    ]
