@@ -271,26 +271,34 @@ HOLDERS = {  # another program on the port: one that only listens, and a plain H
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("holder", HOLDERS.values(), ids=HOLDERS.keys())
-def test_a_two_rank_run_trains_to_the_end_when_its_metrics_port_is_taken(
-    holder: str, train_table: dict, s3_env: dict, tmp_path: Path
+def test_a_two_rank_run_trains_to_the_end_when_its_metrics_ports_are_taken(
+    train_table: dict, s3_env: dict, tmp_path: Path
 ) -> None:
-    """Production settings (loader workers, validation, previews, async checkpoints, the endpoint on): the run
+    """Production settings (loader workers, validation, previews, async checkpoints, the endpoint on), the
+    configured port held by a program that only listens and the next one by a plain HTTP server: the run
     finishes, says once where it serves, and serves every rank there. Before the fix local rank 0 raised in
-    its first seconds and the run ended (exit 1, a 65-line traceback)."""
-    taken, following = held_ports(2)
-    port = taken.getsockname()[1]
-    taken.close()
-    following.close()  # port + 1 is free for the run
+    its first seconds and the run ended (exit 1, a 65-line traceback). One run for both holders: each run
+    costs the suite its time."""
+    held = held_ports(3)
+    port = held[0].getsockname()[1]
+    for s in held:
+        s.close()  # port + 2 is free for the run
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    program = subprocess.Popen(
-        [sys.executable, "-c", holder, str(port)], stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env
-    )
+    programs = [
+        subprocess.Popen(
+            [sys.executable, "-c", holder, str(port + i)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        )
+        for i, holder in enumerate(HOLDERS.values())
+    ]
     log = tmp_path / "train.log"
     scraped: dict[str, list] = {}
     try:
-        assert program.stdout.readline().strip() == "ready"
-        run_dir = f"{train_table['bucket']}/runs/taken-port-{program.pid}"
+        assert [program.stdout.readline().strip() for program in programs] == ["ready", "ready"]
+        run_dir = f"{train_table['bucket']}/runs/taken-ports-{port}"
         args = production_settings(
             train_table["table"],
             run_dir,
@@ -298,7 +306,7 @@ def test_a_two_rank_run_trains_to_the_end_when_its_metrics_port_is_taken(
             "checkpoint.every=2",
             "gpus_per_node=2",
             f"metrics.port={port}",
-            f"job_name=taken-port-{program.pid}",
+            f"job_name=taken-ports-{port}",
         )
         with log.open("w") as out:  # a file, not a pipe: the test waits for the run, not for its output
             run = subprocess.Popen(
@@ -311,20 +319,21 @@ def test_a_two_rank_run_trains_to_the_end_when_its_metrics_port_is_taken(
             )
             try:
                 while run.poll() is None and not scraped:
-                    scraped = scrape_until_both_ranks(port + 1)
+                    scraped = scrape_until_both_ranks(port + 2)
                 run.wait(timeout=600)
             finally:
                 stop_group(run)
     finally:
-        program.kill()
-        program.wait()
+        for program in programs:
+            program.kill()
+            program.wait()
     output = log.read_text()
     assert run.returncode == 0, output
     assert "done: 4 steps" in output
     assert [line for line in output.splitlines() if "metrics:" in line] == [
-        f"metrics: port {port} is taken; serving on {port + 1}"
+        f"metrics: port {port} is taken; serving on {port + 2}"
     ]
-    assert scraped, f"port {port + 1} never served both ranks while the run lasted"
+    assert scraped, f"port {port + 2} never served both ranks while the run lasted"
     assert by_rank(scraped["svd_world_size"], "svd_world_size") == {"0": 2.0, "1": 2.0}
 
 
