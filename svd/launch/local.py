@@ -69,12 +69,14 @@ def dry_run(cfg: RunConfig) -> str:
 def launch(cfg: RunConfig) -> int:
     """Train until done (status 0), stopped by SIGTERM or SIGINT after saving the step under way (130), or
     failed (1); the last line says which."""
+    with _quiet_after_a_hard_quit():  # first: the event below starts multiprocessing's resource tracker
+        return _launch_until_stopped(cfg)
+
+
+def _launch_until_stopped(cfg: RunConfig) -> int:
     stop = multiprocessing.get_context("spawn").Event()  # spawned ranks inherit it
     try:
-        with (
-            _quiet_after_a_hard_quit(),
-            interruptible(lambda _signum: stop.set(), _end_children) as interruption,
-        ):
+        with interruptible(lambda _signum: stop.set(), _end_children) as interruption:
             result = launch_local(cfg, stop)
     except RanksFailedError as e:
         if interruption.signal is not None and e.killed_by in STOP_SIGNALS:  # before their handlers were set
@@ -98,7 +100,8 @@ def _quiet_after_a_hard_quit() -> contextlib.AbstractContextManager[None]:
     registered with multiprocessing's resource tracker (of this process, which the ranks share): the tracker
     removes them, as it should, and would then warn of leaked semaphores in two lines more. That warning is
     expected after a hard quit, so the tracker starts with it ignored: PYTHONWARNINGS, read by every
-    interpreter this process starts while the launch runs."""
+    interpreter this process starts while the launch runs (the tracker too: enter this before anything
+    starts it)."""
     quiet = "ignore:resource_tracker:UserWarning"
     return _environ(PYTHONWARNINGS=",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet])))
 

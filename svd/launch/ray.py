@@ -21,10 +21,14 @@ once per step (`StopRequest(poll=…)`), and both save the step under way:
   preemption and keeps it `RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S` (30 s by default) before it stops the
   raylet and with it the workers. Ray Train sees the drain (`RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`, 5 s) and
   tells every worker (`ray.train.get_preemption_info`). The ranks save, then wait: Ray Train restarts the
-  worker group once the node is gone (counted apart from failures, `FailureConfig.max_preemption_failures`),
-  and the new group resumes from that checkpoint. Returning instead would end the run as finished, and
-  failing would count as a crash. The pod's `terminationGracePeriodSeconds` must exceed the drain timeout,
-  and the drain timeout must cover the poll, the rest of a step and the save.
+  worker group once the node is gone, and the new group resumes from that checkpoint. Returning instead
+  would end the run as finished, and failing would count as a crash. The restart is counted apart from
+  failures (`FailureConfig.max_preemption_failures`) only when Ray Train sees the drain deadline pass before
+  it sees the node's workers die: both happen at the deadline, and a node that `ray start`'s SIGTERM handler
+  ended is not marked preempted, so the workers' deaths, seen first, count as a failure (2 evictions in 7
+  on a local Ray, Ray 2.x's PreemptingState checks worker errors first). Keep `launcher.max_requeues` ≥ 1.
+  The pod's `terminationGracePeriodSeconds` must exceed the drain timeout, and the drain timeout must cover
+  the poll, the rest of a step and the save.
 The worker processes' own SIGTERM handler is Ray's (it ends the worker): a worker is only signalled when its
 raylet goes down too, and then nothing could be saved anyway. A signal to a local Ray's whole process group
 reaches its raylet and GCS, which end at once: signal the launcher's process, as Kubernetes does.

@@ -151,11 +151,13 @@ def test_two_training_runs_started_at_once_into_one_run_directory_one_trains_and
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    assert from_yaml(fs.cat_file(f"{path}/config.yaml").decode()).train.seed == seed
+    cfg = from_yaml(fs.cat_file(f"{path}/config.yaml").decode())
+    assert cfg.train.seed == seed
     steps = [
         json.loads(line)["step"] for line in fs.cat_file(f"{path}/validation.jsonl").decode().splitlines()
     ]
-    assert steps == list(range(2, 2 * len(steps) + 1, 2))  # one run's, each step once
+    every = cfg.train.val_every
+    assert steps == list(range(every, every * len(steps) + 1, every))  # one run's, each step once
 
 
 @pytest.mark.slow
