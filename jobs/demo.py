@@ -14,10 +14,7 @@ Euler EDM sampler makes a 14-frame video, written as .mp4 and .gif under --out n
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,7 @@ from svd.data.synthetic import moving_square, panning_texture, video_with_cuts
 from svd.data.video_io import encode_mp4, to_uint8_frames, write_gif, write_mp4
 from svd.diffusion.edm import Denoiser
 from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
+from svd.environ import scoped_environ
 from svd.launch.local import launch_local
 from svd.model.video_unet import VideoUNet
 from svd.train.distributed import set_cpu_threads
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     set_cpu_threads(local_world_size=1)  # curation and sampling run here too, with a training rank's threads
     torch.manual_seed(args.seed)
-    with LocalS3() as s3, patched_env(s3.env()):
+    with LocalS3() as s3, scoped_environ(s3.env()):
         s3.create_bucket(BUCKET)
         raw = publish_raw_video(s3.storage(), args)
         table = f"s3://{BUCKET}/clips.lance"
@@ -132,21 +130,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "first_loss": float(np.mean(losses[:10])),
             "last_loss": float(np.mean(losses[-10:])),
         }
-
-
-@contextlib.contextmanager
-def patched_env(values: dict[str, str]) -> Iterator[None]:
-    """The demo's S3 server in the environment, where curation (and Lance) look for it."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def train(args: argparse.Namespace, table: str) -> tuple[RunConfig, list[float]]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from svd.config import RunConfig, from_yaml, to_yaml
 from svd.data.local_s3 import free_port
+from svd.environ import scoped_environ
 from svd.train import run
 from svd.train.lease import RUN_OWNER
 from svd.train.stop import STOP_SIGNALS, STOPPED_STATUS, StopRequest, interruptible, stopped_line
@@ -103,24 +104,9 @@ def _quiet_after_a_hard_quit() -> contextlib.AbstractContextManager[None]:
     interpreter this process starts while the launch runs (the tracker too: enter this before anything
     starts it)."""
     quiet = "ignore:resource_tracker:UserWarning"
-    return _environ(PYTHONWARNINGS=",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet])))
-
-
-@contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """`values` in the environment of what the launch starts, restored afterwards: a caller in the same
-    process (a notebook, the demo, a test) would otherwise hand them to every process it starts later, as a
-    test session did: the ranks of a later launch, started with the warning flags of an earlier one."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return scoped_environ(
+        {"PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))}
+    )
 
 
 def _end_children() -> None:
@@ -138,7 +124,7 @@ def launch_local(cfg: RunConfig, stop: Event | None = None) -> TrainResult:
 
     stop = stop or multiprocessing.get_context("spawn").Event()
     owner = {RUN_OWNER: f"local-{uuid.uuid4().hex[:12]}"}  # this launch owns the run directory
-    with _environ(**owner), launch_multiprocess_dir(cfg.metrics.port, cfg.job_name):
+    with scoped_environ(owner), launch_multiprocess_dir(cfg.metrics.port, cfg.job_name):
         return run(cfg, _polling(stop)) if cfg.gpus_per_node == 1 else _launch_ranks(cfg, stop)
 
 
@@ -173,7 +159,7 @@ def _launch_ranks(cfg: RunConfig, stop: Event) -> TrainResult:
         logs_specs=DefaultLogsSpecs(log_dir=str(reports)),
     )
     try:
-        with _quiet(ELASTIC_LOGGERS), _environ(OMP_NUM_THREADS=threads):
+        with _quiet(ELASTIC_LOGGERS), scoped_environ({"OMP_NUM_THREADS": threads}):
             results = elastic_launch(launch, _rank_main)(to_yaml(cfg), stop)
     except ChildFailedError as e:
         exitcode = e.get_first_failure()[1].exitcode
