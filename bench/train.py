@@ -25,7 +25,8 @@ over it is what a checkpoint (or a validation and a preview) costs, stall and ba
 Printed, against the bare step:
 - the trainer's step between those events;
 - the checkpoint stall: the longest time `Checkpointer.save` held the loop (goal < 10 %), and what a
-  checkpoint costs in all;
+  checkpoint costs in all; the run's first save, which allocates the CPU copy that later saves refresh,
+  is reported on its own;
 - what a validation and a preview cost;
 - the production step: the trainer's step with each event spread over the interval the stage's full-size
   configuration has for it (checkpoint.every, train.val_every): the step time of a production run
@@ -82,7 +83,8 @@ class Costs:
 
     bare: float  # a bare step (mean of the runs before and after the trainer)
     step: float  # a trainer step between checkpoints and validations
-    stall: float  # the longest checkpoint stall
+    first_stall: float  # the run's first save: it allocates the CPU copy (once per process)
+    stall: float  # the longest stall of the saves after it
     checkpoint: float  # a checkpoint in all: its stall and its slowing of the steps after it
     validation: float  # a validation and a preview
     checkpoint_every: int  # steps between them in the stage's full-size configuration
@@ -283,7 +285,8 @@ def costs(bare: list[float], run: TrainerRun, every: int, production: tuple[int,
     return Costs(
         bare=statistics.fmean(bare),
         step=step,
-        stall=max(run.blocked[: len(windows)]),
+        first_stall=run.blocked[0],
+        stall=max(run.blocked[1 : len(windows)]),
         checkpoint=checkpoint,
         validation=statistics.fmean(excess[1::2]) - checkpoint,
         checkpoint_every=production[0],
@@ -308,6 +311,7 @@ def report(title: str, c: Costs, bare_runs: tuple[float, float]) -> str:
                 "s/step",
                 f"{c.step / b:.3f} × bare (between checkpoints, validations)",
             ),
+            row("first save's stall", c.first_stall, "s", f"{c.first_stall / b:.1%} of a bare step (once)"),
             row("checkpoint stall", c.stall, "s", f"{c.stall / b:.1%} of a bare step (goal < 10 %)"),
             row(
                 "checkpoint in all",

@@ -55,13 +55,13 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from svd.config import ParallelConfig
 from svd.data.storage import Storage, join
 from svd.errors import described
+from svd.train.staging import ReusingStager
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,10 @@ class Checkpointer:
         else:
             self._pg, self._rank, self._world = None, 0, 1
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
-        # One stager for the run: it keeps its CPU copy of each tensor between saves (pinned when a GPU
-        # trains), so a save after the first copies into warm memory instead of faulting in fresh pages. It
-        # copies in a thread of its own (on a side stream on a GPU) while the next forward and backward run,
-        # which read the weights but do not change them: the loop waits for the copy (`wait_for_staging`) only
-        # before it changes them. Copying before returning held the loop for a third of a step on CPU.
-        cuda = torch.cuda.is_available()
-        self._stager = DefaultStager(StagingOptions(cuda, False, True, cuda))
+        # One stager for the run: it keeps its CPU copy of the state between saves and refreshes it in one
+        # call (`ReusingStager`), beside the next forward and backward, which read the weights but do not
+        # change them: the loop waits for the copy (`wait_for_staging`) only before it changes them.
+        self._stager = ReusingStager()
         self._pending: Future[None] | None = None
         self._staging: Future[None] | None = None
         self._last_step: int | None = None

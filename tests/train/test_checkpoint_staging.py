@@ -9,12 +9,12 @@ import threading
 
 import pytest
 import torch
-from torch.distributed.checkpoint.staging import DefaultStager
 
 from svd.config import compose
 from svd.launch.local import launch_local
 from svd.train.checkpoint import Checkpointer, read_full_state
 from svd.train.ema import EMA
+from svd.train.staging import ReusingStager
 
 
 def test_a_change_made_after_the_copy_is_not_in_the_checkpoint(tmp_path):
@@ -28,6 +28,53 @@ def test_a_change_made_after_the_copy_is_not_in_the_checkpoint(tmp_path):
     assert torch.equal(saved, torch.arange(1_000_000, dtype=torch.float32))
 
 
+def test_the_stager_refreshes_its_copy_in_place_and_takes_new_values_without_tensors():
+    """After the first save the copy's buffers are reused (no new memory per save), each save holds its own
+    step's values, and values without tensors (a learning rate, the loader's state) are taken as they are."""
+    weights = {"w": torch.arange(6, dtype=torch.float32), "b": torch.zeros(2)}
+    stager = ReusingStager()
+    try:
+        first = stager.stage({"model": weights, "lr": 0.1, "data": '{"consumed": 4}'}).result()
+        weights["w"].mul_(2)
+        weights["b"].fill_(7)
+        second = stager.stage({"model": weights, "lr": 0.05, "data": '{"consumed": 8}'}).result()
+        weights["w"].zero_()  # after staging: not in the copy
+    finally:
+        stager.close()
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()
+    assert second["model"]["w"].data_ptr() != weights["w"].data_ptr()
+    assert torch.equal(second["model"]["w"], 2 * torch.arange(6, dtype=torch.float32))
+    assert torch.equal(second["model"]["b"], torch.full((2,), 7.0))
+    assert (second["lr"], second["data"]) == (0.05, '{"consumed": 8}')
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"w": torch.ones(3), "extra": torch.ones(1)},  # a new key
+        {"w": torch.ones(4)},  # another shape
+        {"w": torch.ones(3, dtype=torch.float64)},  # another dtype
+        {"w": 1.0},  # a tensor became a plain value
+    ],
+    ids=["key", "shape", "dtype", "kind"],
+)
+def test_a_state_whose_structure_changed_is_copied_whole(changed):
+    stager = ReusingStager()
+    try:
+        stager.stage({"w": torch.zeros(3)}).result()
+        staged = stager.stage(changed).result()
+    finally:
+        stager.close()
+    assert staged.keys() == changed.keys()
+    for key, value in changed.items():
+        if isinstance(value, torch.Tensor):
+            assert staged[key].dtype == value.dtype
+            assert torch.equal(staged[key], value)
+            assert staged[key].data_ptr() != value.data_ptr()
+        else:
+            assert staged[key] == value
+
+
 @pytest.mark.slow
 def test_a_checkpoint_holds_its_steps_weights_while_the_loop_goes_on(train_table, s3_env, monkeypatch):
     """The copy is made slow (as a large model's is), and it starts as soon as a preview has swapped the EMA
@@ -35,7 +82,7 @@ def test_a_checkpoint_holds_its_steps_weights_while_the_loop_goes_on(train_table
     the save and the optimizer step after it must both wait for the copy, or the checkpoint of step 2 holds
     the average, or step 3's weights, as step 2's trained weights."""
     swapped = threading.Event()
-    applied, copy = EMA.applied, DefaultStager._stage
+    applied = EMA.applied
 
     @contextlib.contextmanager
     def applied_and_told(self, model):
@@ -43,12 +90,16 @@ def test_a_checkpoint_holds_its_steps_weights_while_the_loop_goes_on(train_table
             swapped.set()
             yield
 
-    def copy_during_a_swap(self, state_dict, **kwargs):
-        swapped.wait(timeout=2.0)
-        return copy(self, state_dict, **kwargs)
+    def during_a_swap(copy):  # the first save copies it all, later ones refresh the copy
+        def copy_during_a_swap(self, *args):
+            swapped.wait(timeout=2.0)
+            return copy(self, *args)
+
+        return copy_during_a_swap
 
     monkeypatch.setattr(EMA, "applied", applied_and_told)
-    monkeypatch.setattr(DefaultStager, "_stage", copy_during_a_swap)
+    monkeypatch.setattr(ReusingStager, "_copy_all", during_a_swap(ReusingStager._copy_all))
+    monkeypatch.setattr(ReusingStager, "_copy_into_buffers", during_a_swap(ReusingStager._copy_into_buffers))
 
     def step_2_weights(run: str, preview_every: int) -> dict[str, torch.Tensor]:
         cfg = compose(
