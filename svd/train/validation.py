@@ -6,6 +6,11 @@
 - `Previewer`: a short video sampled with the Euler EDM sampler from the conditioning of the run's first
   training sample, written to `<run_dir>/previews/` as mp4 and gif, to look at what the model learned.
 
+The held-out set is read, encoded and conditioned once, at the first validation, and kept on the device: it
+is the same at every validation (the table version that first one read, from its start, with fixed noise), so
+later ones run only the model, without a loader, its workers, video decoding or the frozen encoders. That
+costs each rank its share of `train.val_samples` latents and their conditioning in memory.
+
 Every rank calls both at the same step: the sharded forward is collective. Neither changes training: the
 EMA swap gives the trained weights back bit for bit (`EMA.applied`), and their random draws come from
 their own seeded generators, never from a global one.
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from svd.config import RunConfig
 from svd.data.loader import ClipLoader
 from svd.data.video_io import encode_gif, encode_mp4, to_uint8_frames
-from svd.diffusion.edm import weighted_denoising_error
+from svd.diffusion.edm import Conditioning, weighted_denoising_error
 from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
 from svd.train.distributed import DistEnv
 from svd.train.ema import EMA
@@ -48,28 +53,17 @@ class Validator:
         self.cfg, self.env, self.task, self.files = cfg, env, task, files
         self.held_out = held_out  # a fresh loader over the held-out rows, at their start
         self.unavailable: str | None = None  # why there is nothing to validate on, once found
+        self._encoded: list[tuple[Tensor, Conditioning, SampleRandoms]] | None = None
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, ema: EMA, step: int) -> dict[str, float]:
-        if self.unavailable is not None:
-            return {}
-        try:
-            loader = self.held_out()
-        except ValueError as e:  # no held-out row (the same on every rank: they read one table version)
-            self.unavailable = str(e)
-            if self.env.is_main:
-                print(f"validation skipped from now on: {e}", flush=True)
+        encoded = self._held_out()
+        if encoded is None:
             return {}
         sigmas = self.cfg.train.val_sigmas
         sums = torch.zeros(len(sigmas) + 1, device=self.env.device)
-        per_step = self.env.world_size * self.cfg.data.micro_batch
-        batches = -(-self.cfg.train.val_samples // per_step)
         with ema.applied(model):
-            for _, batch in zip(range(batches), loader, strict=False):
-                latents = self.task.latents(batch)
-                randoms = self.task.draw(batch, tuple(latents.shape[1:]), self.cfg.train.seed + 1)
-                randoms.dropped.zero_()
-                cond = self.task.conditioning(batch, latents, randoms)
+            for latents, cond, randoms in encoded:
                 for i, sigma in enumerate(sigmas):
                     fixed = torch.full_like(randoms.sigma, sigma)
                     sums[i] += weighted_denoising_error(model, latents, cond, fixed, randoms.eps).sum()
@@ -84,6 +78,30 @@ class Validator:
                 flush=True,
             )
         return losses
+
+    def _held_out(self) -> list[tuple[Tensor, Conditioning, SampleRandoms]] | None:
+        """This rank's held-out batches as latents, conditioning and fixed noise; read at the first call."""
+        if self._encoded is not None or self.unavailable is not None:
+            return self._encoded
+        try:
+            loader = self.held_out()
+        except ValueError as e:  # no held-out row (the same on every rank: they read one table version)
+            self.unavailable = str(e)
+            if self.env.is_main:
+                print(f"validation skipped from now on: {e}", flush=True)
+            return None
+        per_step = self.env.world_size * self.cfg.data.micro_batch
+        batches = iter(loader)
+        self._encoded = []
+        try:
+            for _, batch in zip(range(-(-self.cfg.train.val_samples // per_step)), batches, strict=False):
+                latents = self.task.latents(batch)
+                randoms = self.task.draw(batch, tuple(latents.shape[1:]), self.cfg.train.seed + 1)
+                randoms.dropped.zero_()
+                self._encoded.append((latents, self.task.conditioning(batch, latents, randoms), randoms))
+        finally:
+            batches.close()  # its workers end now, not whenever the generator is collected
+        return self._encoded
 
 
 class Previewer:

@@ -18,8 +18,9 @@ from svd.config import compose
 from svd.launch.local import launch_local
 from svd.train import run
 from svd.train.checkpoint import read_full_state
+from svd.train.ema import EMA
 from svd.train.stop import StopRequest
-from svd.train.trainer import TrainResult
+from svd.train.trainer import Trainer, TrainResult
 
 from ..processes import launched_ranks
 
@@ -137,6 +138,34 @@ def test_a_run_writes_previews_validation_and_its_config(train_table, s3_env, mo
     assert losses["mean"] == pytest.approx(sum(v for k, v in losses.items() if k != "mean") / 5)
     written = fs.cat_file(f"{path}/validation.jsonl").decode().splitlines()
     assert [json.loads(line) for line in written] == [{"step": 2, **losses}]
+
+
+def test_validation_reads_the_held_out_set_once_and_measures_the_same_samples_every_time(
+    train_table, s3_env, monkeypatch
+):
+    """Later validations reuse the first one's encoded batches. With the EMA frozen at the initial weights,
+    every validation measures the same weights, so the losses agree; a read of other samples or other noise
+    would move them by percents."""
+    built = []
+    build = Trainer._build_loader
+
+    def counted(self, state, *, validation=False):
+        built.append(validation)
+        return build(self, state, validation=validation)
+
+    monkeypatch.setattr(Trainer, "_build_loader", counted)
+    monkeypatch.setattr(EMA, "update", lambda self, model: None)
+    result = train(
+        train_table,
+        "validation-once",
+        "train.steps=3",
+        "train.global_batch=2",
+        "train.val_every=1",
+    )
+    assert built.count(True) == 1
+    means = [losses["mean"] for losses in result.validation]
+    assert len(means) == 3
+    assert means == pytest.approx([means[0]] * 3, rel=1e-6)
 
 
 @pytest.mark.slow
