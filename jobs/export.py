@@ -19,16 +19,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from svd.config import parse_settings
 from svd.errors import described
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from svd.config import RunConfig
-    from svd.data.storage import Storage
 
 FORMATS = ("diffusers", "safetensors", "lora")
 
@@ -56,33 +49,28 @@ def parse(argv: list[str]) -> ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     from svd.data.storage import Storage
+    from svd.train.trained import RunError, read_run_config, trained_denoiser
 
     out = Path(cfg.out)
     check_output(out, folder=cfg.format == "diffusers")
     storage = Storage.from_env()
-    run = read_run_config(cfg.run, storage)
-    lora = run.stage.trainable == "lora"
-    if cfg.format == "lora" and not lora:
-        raise ExportError(
-            f"format=lora: run {cfg.run} trained no LoRA (stage.trainable={run.stage.trainable})"
-        )
+    try:
+        run = read_run_config(cfg.run, storage)
+        lora = run.stage.trainable == "lora"
+        if cfg.format == "lora" and not lora:
+            raise ExportError(
+                f"format=lora: run {cfg.run} trained no LoRA (stage.trainable={run.stage.trainable})"
+            )
+        model = trained_denoiser(cfg.run, run, cfg.step, storage)
+    except RunError as e:
+        raise ExportError(str(e)) from e
 
     import torch  # after the checks above: they answer in a second, torch takes several to import
     from safetensors.torch import save_file
 
-    from svd.diffusion.edm import Denoiser
-    from svd.model.autoencoder import build_autoencoder
-    from svd.model.lora import apply_lora, lora_state_dict, merge_lora
-    from svd.model.video_unet import VideoUNet
+    from svd.model.lora import lora_state_dict, merge_lora
     from svd.model.weights import save_diffusers_unet
-    from svd.train.task import autoencoder_config, unet_config
 
-    channels = build_autoencoder(autoencoder_config(run)).latent_channels
-    missing = channels if run.stage.task == "interpolation" else 0
-    model = Denoiser(VideoUNet(unet_config(run, channels)), missing_frame_channels=missing)
-    if lora:
-        apply_lora(model.network, rank=run.stage.lora_rank)
-    load_checkpoint(model, cfg, storage, run.model.cache_dir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if cfg.format == "lora":
@@ -110,68 +98,6 @@ def check_output(out: Path, *, folder: bool) -> None:
         raise ExportError(f"out={out} is a file; format=diffusers writes a folder")
     if existing == out and not folder and out.is_dir():
         raise ExportError(f"out={out} is a folder; this format writes one file")
-
-
-def read_run_config(run: str, storage: Storage) -> RunConfig:
-    """The run's `config.yaml`: what model it trained. An unreachable store is not a missing run."""
-    from svd.config import from_yaml
-    from svd.data.storage import join
-
-    uri = join(run, "config.yaml")
-    try:
-        fs, path = storage.fsspec(uri)
-        found = fs.exists(path)
-        text = fs.cat_file(path).decode() if found else ""
-    except Exception as e:  # any storage client's error: the store cannot be read
-        raise ExportError(f"run={run}: cannot read {uri} ({described(e)})") from e
-    if not found:
-        raise ExportError(f"run={run}: no config.yaml (is this a run directory?)")
-    try:
-        return from_yaml(text)
-    except Exception as e:  # OmegaConf's errors: a file that is not (or no longer) a run configuration
-        raise ExportError(f"{uri} is not a run configuration ({described(e)})") from e
-
-
-def load_checkpoint(model: nn.Module, cfg: ExportConfig, storage: Storage, cache_dir: str) -> None:
-    """The latest checkpoint's (or `step`'s) model and EMA weights into `model`."""
-    from svd.data.storage import join
-    from svd.train.checkpoint import CheckpointError
-    from svd.train.weights import initial_weights
-
-    source = cfg.run
-    if cfg.step is not None:
-        source = join(cfg.run, "checkpoints", f"step-{cfg.step:08d}")
-        saved = saved_steps(cfg.run, storage)
-        if cfg.step not in saved:
-            steps = ", ".join(map(str, saved)) or "none"
-            raise ExportError(f"step={cfg.step}: no checkpoint {source} (saved steps: {steps})")
-    try:
-        weights = initial_weights(source, storage, cache_dir)
-    except CheckpointError as e:  # missing, torn or incomplete: its message names the checkpoint
-        raise ExportError(str(e)) from e
-    except Exception as e:  # any storage client's error
-        raise ExportError(f"{source}: cannot be read ({described(e)})") from e
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:  # torch lists every mismatched key, one per line
-        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        raise ExportError(
-            f"{source} does not fit the model of {cfg.run}/config.yaml: {problems[0] if problems else e} "
-            f"({len(problems)} problems in all)"
-        ) from e
-
-
-def saved_steps(run: str, storage: Storage) -> list[int]:
-    from svd.data.storage import join
-    from svd.train.checkpoint import STEP_FOLDER
-
-    uri = join(run, "checkpoints")
-    try:
-        fs, path = storage.fsspec(uri)
-        names = fs.ls(path, detail=False) if fs.exists(path) else []
-    except Exception as e:  # any storage client's error
-        raise ExportError(f"run={run}: cannot list {uri} ({described(e)})") from e
-    return sorted(int(m[1]) for n in names if (m := STEP_FOLDER.match(n.rstrip("/").rsplit("/", 1)[-1])))
 
 
 def main(argv: list[str] | None = None) -> int:
