@@ -262,7 +262,7 @@ def split_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
         key, value = arg.split("=", 1)
         if key in GROUPS:
             if value not in options(key):
-                hint = _suggest(value, options(key))
+                hint = suggest(value, options(key))
                 raise ConfigError(f"{key}={value!r} is not an option; choose one of {options(key)}{hint}")
             choices[key] = value
         else:
@@ -328,10 +328,10 @@ def _unknown_key_message(e: ConfigKeyError, schema: type) -> str:
     names = [f.name for f in fields(node)] if is_dataclass(node) else []
     if not parent and schema is RunConfig:
         names += list(GROUPS)
-    return f"unknown key {full!r}{_suggest(leaf, names, prefix=f'{parent}.' if parent else '')}"
+    return f"unknown key {full!r}{suggest(leaf, names, prefix=f'{parent}.' if parent else '')}"
 
 
-def _suggest(word: str, candidates: list[str], prefix: str = "") -> str:
+def suggest(word: str, candidates: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"; did you mean {prefix + close[0]!r}?" if close else ""
 

@@ -7,6 +7,7 @@ from the conditioning image need a stronger pull towards it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -63,16 +64,17 @@ class EulerEDMSampler:
         cond: Conditioning,
         uncond: Conditioning | None = None,
         *,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         device: torch.device | str = "cpu",
         progress: bool = False,
     ) -> Tensor:
         """Latents of `shape` (B, T, C, h, w). Guidance applies when `uncond` is given and the scale ≠ 1;
-        the same seed gives the same video."""
-        generator = torch.Generator(device).manual_seed(seed)
+        the same seed gives the same video. With one seed per sample, each sample's starting noise is its
+        own seed's, whatever else is in the batch (an evaluation's results then do not depend on how its
+        conditions were batched)."""
         sigmas = self.sigmas.to(device)
         # Start on the prior: x ~ N(0, (1 + σ_max²)·I), the marginal of a unit-variance signal at σ_max.
-        x = torch.randn(shape, generator=generator, device=device) * math.sqrt(1.0 + self.cfg.sigma_max**2)
+        x = _prior_noise(shape, seed, device) * math.sqrt(1.0 + self.cfg.sigma_max**2)
         guided = uncond is not None and (self.cfg.guidance_min, self.cfg.guidance_max) != (1.0, 1.0)
         both = Conditioning.cat([uncond, cond]) if guided else cond
         scale = frame_guidance_scales(shape[1], self.cfg.guidance_min, self.cfg.guidance_max).to(device)
@@ -84,3 +86,12 @@ class EulerEDMSampler:
                 denoised = denoiser(x, sigma.expand(shape[0]), both)
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
         return x
+
+
+def _prior_noise(shape: tuple[int, ...], seed: int | Sequence[int], device: torch.device | str) -> Tensor:
+    if isinstance(seed, int):
+        return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
+    if len(seed) != shape[0]:
+        raise ValueError(f"{len(seed)} seeds for a batch of {shape[0]} samples")
+    generators = [torch.Generator(device).manual_seed(s) for s in seed]
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generators])

@@ -23,6 +23,7 @@ same whatever the number of ranks, the micro-batch or the step it lands in, whic
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,34 @@ class Task:
             cond.concat = latents
             cond.frame_mask = given & ~randoms.dropped[:, None]
         return cond
+
+    def sampling_conditioning(
+        self, batch: dict[str, Any], latents: Tensor, seeds: Sequence[int]
+    ) -> tuple[Conditioning, Conditioning]:
+        """Conditioning to sample with, and its unconditional twin (everything dropped) for guidance. The
+        conditioning frame is noised at σ_aug = 0.02, as the released sampling script does, with noise drawn
+        from each sample's own seed."""
+        b = latents.shape[0]
+        if len(seeds) != b:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {b} samples")
+        image_cond = "frames" in batch and self.cfg.stage.task in CONDITIONED_ON_IMAGE
+        noise = None
+        if image_cond:
+            frame = batch["frames"][0, 0].shape
+            generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+            noise = torch.stack([torch.randn(frame, generator=g, device=self.device) for g in generators])
+
+        def randoms(dropped: bool) -> SampleRandoms:
+            return SampleRandoms(
+                dropped=torch.full((b,), dropped, device=self.device),
+                sigma=torch.ones(b, device=self.device),
+                eps=torch.zeros_like(latents),
+                cond_sigma=torch.full((b,), 0.02 if image_cond else 0.0, device=self.device),
+                cond_noise=noise,
+            )
+
+        cond = self.conditioning(batch, latents, randoms(False))
+        return cond, self.conditioning(batch, latents, randoms(True))
 
     def text_context(self, captions: list[str]) -> Tensor:
         if self.text_encoder is None:

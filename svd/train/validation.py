@@ -34,7 +34,7 @@ from svd.diffusion.sampling import EulerEDMSampler, SamplerConfig
 from svd.train.distributed import DistEnv
 from svd.train.ema import EMA
 from svd.train.run_files import RunFiles
-from svd.train.task import CONDITIONED_ON_IMAGE, SampleRandoms, Task
+from svd.train.task import SampleRandoms, Task
 
 VALIDATION_FILE = "validation.jsonl"
 
@@ -118,10 +118,7 @@ class Previewer:
     def __call__(self, model: nn.Module, ema: EMA, step: int, batch: dict[str, Any]) -> None:
         one = {k: (v[:1] if isinstance(v, Tensor | list) else v) for k, v in batch.items()}
         latents = self.task.latents(one)
-        cond, uncond = (
-            self.task.conditioning(one, latents, self._randoms(latents, one, dropped))
-            for dropped in (False, True)
-        )
+        cond, uncond = self.task.sampling_conditioning(one, latents, [self.cfg.train.seed])
         with ema.applied(model):
             sample = self.sampler.sample(
                 model, tuple(latents.shape), cond, uncond, seed=self.cfg.train.seed, device=self.env.device
@@ -132,19 +129,3 @@ class Previewer:
             self.files.write(f"previews/step-{step:08d}.mp4", encode_mp4(video, fps))
             self.files.write(f"previews/step-{step:08d}.gif", encode_gif(video, fps))
             print(f"preview at step {step}: {self.files.uri('previews')}", flush=True)
-
-    def _randoms(self, latents: Tensor, batch: dict[str, Any], dropped: bool) -> SampleRandoms:
-        """No dropout (or all, for the unconditional branch); the conditioning frame noised as the released
-        sampling script does, at σ_aug = 0.02."""
-        device = self.env.device
-        g = torch.Generator(device).manual_seed(self.cfg.train.seed)
-        image_cond = "frames" in batch and self.cfg.stage.task in CONDITIONED_ON_IMAGE
-        return SampleRandoms(
-            dropped=torch.tensor([dropped], device=device),
-            sigma=torch.ones(1, device=device),
-            eps=torch.zeros_like(latents),
-            cond_sigma=torch.full((1,), 0.02 if image_cond else 0.0, device=device),
-            cond_noise=torch.randn(batch["frames"][:1, 0].shape, generator=g, device=device)
-            if image_cond
-            else None,
-        )

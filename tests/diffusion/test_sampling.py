@@ -68,6 +68,23 @@ def test_same_seed_same_video_other_seed_other_video():
     assert not torch.allclose(a, sampler.sample(denoiser, SHAPE, c, seed=8))
 
 
+def test_a_seed_per_sample_gives_each_sample_its_own_video_whatever_the_batch():
+    torch.manual_seed(0)
+    model = VideoUNet(preset("tiny", in_channels=3, out_channels=3))
+    denoiser = Denoiser(model.eval())
+    micro = {k: torch.zeros(2) for k in ("fps_id", "motion_bucket_id", "cond_aug")}
+    c = Conditioning(torch.randn(2, 1, 32), micro)
+    sampler = EulerEDMSampler(SamplerConfig(num_steps=2))
+    both = sampler.sample(denoiser, SHAPE, c, seed=[11, 12])
+    for i, seed in enumerate((11, 12)):
+        one = Conditioning(c.context[i : i + 1], {k: v[i : i + 1] for k, v in micro.items()})
+        alone = sampler.sample(denoiser, (1, *SHAPE[1:]), one, seed=[seed])
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(both[0], both[1])
+    with pytest.raises(ValueError, match="3 seeds for a batch of 2 samples"):
+        sampler.sample(denoiser, SHAPE, c, seed=[1, 2, 3])
+
+
 @pytest.mark.parametrize(("field", "value"), [("num_steps", 0), ("sigma_min", -1.0)])
 def test_invalid_sampler_settings_are_named(field, value):
     with pytest.raises(ValueError, match=f"sampler.{field}"):
