@@ -237,6 +237,20 @@ class Storage:
                 os.remove(tmp)
 
 
+def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Readers see the file whole or not at all: an object store's PUT replaces an object in one go; a local
+    file is written beside its place and renamed into it."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
 def _socket_with_user_timeout(user_timeout_ms: int, addr_info: tuple[Any, ...]) -> socket.socket:
     """A client socket whose connection fails once data it sent stays unacknowledged for `user_timeout_ms`,
     a store that stopped reading included (zero-window probes count too): aiohttp has no write timeout."""

@@ -31,3 +31,26 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     for start, end in zip(starts, ends, strict=True):
         ranks[order[start:end]] = (start + end + 1) / 2  # mean of ranks start+1 … end
     return ranks
+
+
+def motion_score(video: np.ndarray, fps: float) -> float:
+    """Curation's motion score of a generated video (frames, height, width, 3) uint8 at `fps`: grey frames at
+    2 fps, 16 px on the short side (INTER_AREA, as the curation scan reads them), Farnebäck flow."""
+    import cv2
+
+    from svd.curate.motion import measure_motion
+
+    motion_fps, side = 2.0, 16
+    times = np.arange(len(video)) / fps
+    picked, next_time = [], 0.0
+    for frame, time in zip(video, times, strict=True):
+        if time + 1e-6 >= next_time:
+            picked.append(frame)
+            next_time += 1.0 / motion_fps
+    h, w = video.shape[1:3]
+    scale = side / min(h, w)
+    size = (max(2, round(w * scale)), max(2, round(h * scale)))
+    grey = [
+        cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for f in picked
+    ]
+    return measure_motion(np.stack(grey), motion_fps).score

@@ -45,7 +45,7 @@ class EvalProtocol:
     feature_network: str = ""  # FVD: URI of the I3D TorchScript file (see the README)
     feature_sha256: str = ""  # its checksum, pinned: another network is refused
     feature_size: int = 224
-    counts: list[int] = field(default_factory=list)  # FVD against these sample counts too
+    counts: list[int] = field(default_factory=list)  # FVD against these sample counts too (≤ samples)
     bootstrap_draws: int = 200
 
 
@@ -95,8 +95,8 @@ def check_protocol(p: EvalProtocol) -> None:
         problems.append(f"eval.frames={p.frames}: interpolation needs at least 3 (two given, one generated)")
     if p.conditions == "prompts" and not (p.prompts and p.references):
         problems.append("eval.prompts and eval.references are required with eval.conditions=prompts")
-    if any(n < 2 or n > p.samples for n in p.counts):
-        problems.append(f"eval.counts={p.counts} must be within 2…eval.samples={p.samples}")
+    if any(n < 2 for n in p.counts):
+        problems.append(f"eval.counts={p.counts} must be ≥ 2 (counts above eval.samples are left out)")
     if p.bootstrap_draws < 10:
         problems.append(f"eval.bootstrap_draws={p.bootstrap_draws} must be ≥ 10")
     if problems:

@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 from svd.config import ParallelConfig
-from svd.data.storage import Storage, join
+from svd.data.storage import Storage, join, write_whole
 from svd.errors import described
 from svd.train.staging import ReusingStager
 
@@ -266,7 +266,7 @@ class Checkpointer:
             "world_size": self._world,
         }
         try:
-            _write_atomically(self._fs, f"{self._path}/{MARKER}", json.dumps(marker).encode())
+            write_whole(self._fs, f"{self._path}/{MARKER}", json.dumps(marker).encode())
         except OSError as e:
             raise CheckpointError(f"writing {join(self.uri, MARKER)} failed: {self._describe(e)}") from e
         log.info("checkpoint %s committed", self._step_uri(step))
@@ -534,15 +534,6 @@ def _read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str
         }
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint marker {uri} is not valid: {_describe_failure(e)}") from e
-
-
-def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """An object store's PUT replaces the object whole; a local file needs a write then a rename."""
-    if _is_local(fs):
-        fs.pipe_file(f"{path}.tmp", data)
-        fs.mv(f"{path}.tmp", path)
-    else:
-        fs.pipe_file(path, data)
 
 
 @contextmanager

@@ -1,0 +1,103 @@
+"""Evaluate a checkpoint of a run under a protocol of jobs/conf/eval/, the way the paper measured models.
+
+    python jobs/evaluate.py run=s3://bucket/runs/i2v eval=motion_adherence
+    python jobs/evaluate.py run=s3://bucket/runs/i2v checkpoint=12000 eval=i2v_holdout \\
+        eval.feature_network=s3://models/i3d_torchscript.pt eval.feature_sha256=<its sha256>
+    python jobs/evaluate.py run=… eval=motion_adherence eval.samples=16 --dry-run    # the plan, nothing run
+
+Protocols: i2v_holdout (FVD), ucf101_zero_shot (FVD), interpolation_holdout (PSNR, SSIM), motion_adherence
+(Spearman ρ of the motion asked for and measured; no downloaded weights). Any protocol setting can be
+overridden as eval.<key>=<value>. Results go to <run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json,
+samples.lance, report.md and the sampled videos.
+
+Preemptible: finished shards are kept, and the same command finishes the rest. Several processes (RANK,
+WORLD_SIZE in the environment, as every launcher sets them) split the shards between them; the result does
+not depend on how many there were.
+
+Exit status: 0 evaluated (or this process's part done); 1 the run, its checkpoint, the store or the feature
+network cannot be used (one line on stderr naming it); 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from svd.config import ConfigError, parse_settings
+from svd.errors import described
+
+
+def parse(argv: list[str]) -> tuple[object, object, bool]:
+    from svd.eval.job import EvaluateSettings
+    from svd.eval.protocol import load_protocol
+
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("eval=")), "")
+    overrides = [a.removeprefix("eval.") for a in argv if a.startswith("eval.")]
+    rest = [a for a in argv if not a.startswith(("eval=", "eval."))]
+    if not name:
+        raise ConfigError("eval=<protocol> is required (see --help)")
+    settings = parse_settings(EvaluateSettings, rest)
+    if not settings.run:
+        raise ConfigError("run=<run directory> is required (see --help)")
+    return settings, load_protocol(name, overrides), dry_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    try:
+        settings, protocol, dry_run = parse(argv)
+    except ConfigError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+
+    from svd.data.storage import Storage
+    from svd.eval.features import FeatureNetworkError
+    from svd.eval.job import Evaluation, rank_and_world
+    from svd.train.distributed import device_and_backend
+    from svd.train.trained import RunError
+
+    rank, world = rank_and_world()
+    try:
+        evaluation = Evaluation(
+            settings,
+            protocol,
+            Storage.from_env(),
+            rank=rank,
+            world_size=world,
+            device=device_and_backend(rank)[0],
+        )
+        step = evaluation.step()
+        every, todo = evaluation.plan(step)
+        if dry_run:
+            print(
+                f"{protocol.name} of {settings.run} at step {step}: {protocol.samples} conditions in "
+                f"{len(every)} shards; {len(todo)} to sample on rank {rank} of {world}; "
+                f"results in {evaluation.folder(step)}"
+            )
+            return 0
+        metrics = evaluation.evaluate(step)
+    except ConfigError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    except (RunError, FeatureNetworkError) as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a store that cannot be read or written
+        print(f"evaluate: {described(e)}", file=sys.stderr)
+        return 1
+    if metrics is None:
+        print(f"{protocol.name} at step {step}: rank {rank}'s shards done; the last rank to finish merges")
+        return 0
+    values = ", ".join(f"{k} {v:.4g}" for k, v in metrics["values"].items() if isinstance(v, float))
+    print(
+        f"{protocol.name} at step {step}: {values} ({metrics['samples']} samples) → {evaluation.folder(step)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

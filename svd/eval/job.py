@@ -1,0 +1,304 @@
+"""The evaluation of one checkpoint of a run under one protocol, preemptible and independent of the
+number of processes:
+
+    <run>/eval/<protocol>/step-00001000/
+        shards/shard-00003.npz     what one shard of conditions gave (samples' scores and features)
+        videos/000017-m127.mp4      condition 17 sampled at motion bucket 127
+        samples.lance               one row per sample: condition, seed, video, scores
+        metrics.json                the protocol's numbers, intervals, counts, feature network, versions
+        report.md
+
+Each process takes the shards k with k mod world = rank (RANK and WORLD_SIZE, as every launcher sets
+them) and skips the shards already written, so a rerun after a preemption finishes only the rest; a shard
+is written whole, after its videos. Whichever process finds every shard written merges them: statistics
+are sums (`FeatureStats`), merged exactly, so the result does not depend on the world size or the order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from svd.config import ConfigError
+from svd.data.storage import Storage, join, write_whole
+from svd.data.video_io import encode_mp4
+from svd.eval.adherence import motion_score, spearman
+from svd.eval.conditions import HeldOutConditions, Shard, shards
+from svd.eval.features import FeatureNetwork
+from svd.eval.frechet import FeatureStats, bootstrap_interval, distance_by_count, frechet_distance
+from svd.eval.generate import VideoSampler, condition_seed
+from svd.eval.protocol import EvalProtocol, check_fits
+from svd.eval.quality import psnr, ssim
+from svd.train.checkpoint import MARKER
+from svd.train.trained import RunError, read_run_config, saved_steps, trained_denoiser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class EvaluateSettings:
+    run: str = ""  # the run directory (any URI)
+    checkpoint: str = "latest"  # latest, or a step number
+    out: str = ""  # where results go; default <run>/eval/<protocol name>
+
+
+class Evaluation:
+    def __init__(
+        self,
+        settings: EvaluateSettings,
+        protocol: EvalProtocol,
+        storage: Storage,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+    ):
+        self.settings, self.protocol, self.storage = settings, protocol, storage
+        self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")
+        self.run_config = read_run_config(settings.run, storage)
+        check_fits(protocol, self.run_config.stage.task, run=settings.run)
+        self.out = settings.out or join(settings.run, "eval", protocol.name)
+
+    def step(self) -> int:
+        """The checkpoint step to evaluate: the one named, or the latest the run's marker names."""
+        if self.settings.checkpoint != "latest":
+            try:
+                return int(self.settings.checkpoint)
+            except ValueError:
+                raise RunError(
+                    f"checkpoint={self.settings.checkpoint!r}: give latest or a step number"
+                ) from None
+        fs, path = self.storage.fsspec(join(self.settings.run, "checkpoints", MARKER))
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            raise RunError(f"run={self.settings.run}: no checkpoint yet (no checkpoints/{MARKER})")
+        return int(json.loads(fs.cat_file(path))["step"])
+
+    def folder(self, step: int) -> str:
+        return join(self.out, f"step-{step:08d}")
+
+    def plan(self, step: int) -> tuple[list[Shard], list[Shard]]:
+        """(every shard, this process's shards not written yet)."""
+        every = shards(self.protocol)
+        mine = [s for s in every if s.index % self.world_size == self.rank]
+        return every, [s for s in mine if not self._exists(self._shard_uri(step, s))]
+
+    def evaluate(self, step: int, *, progress: bool = True) -> dict[str, Any] | None:
+        """Sample and measure this process's missing shards; merge when every shard is written. Returns the
+        metrics when this process merged them."""
+        if step not in saved_steps(self.settings.run, self.storage):
+            raise RunError(f"checkpoint={step}: not a saved step of {self.settings.run}")
+        self._claim_folder(step)
+        every, todo = self.plan(step)
+        if todo:
+            model = trained_denoiser(self.settings.run, self.run_config, step, self.storage)
+            sampler = VideoSampler(self.run_config, model, self.protocol, self.device)
+            conditions = HeldOutConditions(self.run_config, self.protocol, self.storage)
+            network = self._feature_network()
+            for shard in tqdm(todo, desc=f"eval {self.protocol.name} step {step}", disable=not progress):
+                self._evaluate_shard(step, shard, conditions, sampler, network)
+        if all(self._exists(self._shard_uri(step, s)) for s in every):
+            return self.merge(step, every)
+        return None
+
+    def _claim_folder(self, step: int) -> None:
+        """The step folder holds one protocol configuration's results: its settings are written there first,
+        and shards made with other settings are never merged with these (a rerun of a changed command
+        would otherwise skip the shards it finds and report a mixture)."""
+        uri = join(self.folder(step), "protocol.json")
+        mine = asdict(self.protocol)
+        if not self._exists(uri):
+            self._write(uri, json.dumps(mine, indent=2, sort_keys=True).encode())
+            return
+        theirs = json.loads(self._read(uri))
+        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if changed:
+            shown = ", ".join(f"eval.{k}={theirs.get(k)!r} there, {mine.get(k)!r} now" for k in changed[:3])
+            raise ConfigError(
+                f"{self.folder(step)} holds results of other settings ({shown}): "
+                "give another out=, or remove that folder"
+            )
+
+    def _feature_network(self) -> FeatureNetwork | None:
+        p = self.protocol
+        if p.metric != "fvd":
+            return None
+        return FeatureNetwork.load(
+            p.feature_network,
+            sha256=p.feature_sha256,
+            cache_dir=self.run_config.model.cache_dir,
+            storage=self.storage,
+            device=self.device,
+            size=p.feature_size,
+        )
+
+    def _evaluate_shard(
+        self,
+        step: int,
+        shard: Shard,
+        conditions: HeldOutConditions,
+        sampler: VideoSampler,
+        network: FeatureNetwork | None,
+    ) -> None:
+        p = self.protocol
+        batch = conditions.batch(shard)
+        truth = batch["frames"].permute(0, 1, 3, 4, 2).numpy()  # (B, T, H, W, 3) uint8
+        numbers = range(shard.first, shard.first + shard.count)
+        buckets = p.motion_buckets if p.metric == "motion_adherence" else p.motion_buckets[:1]
+        rows, generated = [], []
+        for bucket in buckets:
+            seeds = [condition_seed(p, i, bucket) for i in numbers]
+            videos = sampler(batch, seeds, bucket)
+            for j, (number, seed, video) in enumerate(zip(numbers, seeds, videos, strict=True)):
+                name = f"videos/{number:06d}-m{bucket:03d}.mp4"
+                self._write(join(self.folder(step), name), encode_mp4(video, p.fps))
+                row = {
+                    "condition": number,
+                    "motion_bucket_id": bucket,
+                    "seed": seed,
+                    "clip_id": batch["clip_id"][j],
+                    "caption": batch["caption"][j],
+                    "video": name,
+                }
+                rows.append(row | self._scores(video, truth[j]))
+            if network is not None:
+                generated.append(network(videos))
+        arrays: dict[str, Any] = {"rows": np.array(json.dumps(rows))}
+        if network is not None:
+            arrays["generated"] = np.concatenate(generated)
+            arrays["reference"] = network(truth)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self._write(self._shard_uri(step, shard), buffer.getvalue())  # last: the shard is done
+
+    def _scores(self, video: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        p = self.protocol
+        if p.metric == "motion_adherence":
+            return {"motion_score": motion_score(video, p.fps)}
+        if p.metric == "interpolation":  # the frames between the two given ones
+            generated = video[1:-1].transpose(0, 3, 1, 2) / 255.0
+            true = truth[1:-1].transpose(0, 3, 1, 2) / 255.0
+            return {"psnr": psnr(generated, true), "ssim": ssim(generated, true)}
+        return {}
+
+    def merge(self, step: int, every: list[Shard]) -> dict[str, Any]:
+        """Every shard's results into samples.lance, metrics.json and report.md (idempotent)."""
+        import lance
+
+        p = self.protocol
+        rows, generated, reference = [], [], []
+        for shard in every:
+            with np.load(io.BytesIO(self._read(self._shard_uri(step, shard)))) as f:
+                rows += json.loads(str(f["rows"]))
+                if "generated" in f:
+                    generated.append(f["generated"])
+                    reference.append(f["reference"])
+        rows.sort(key=lambda r: (r["motion_bucket_id"], r["condition"]))
+        values: dict[str, Any] = {}
+        if p.metric == "fvd":
+            features, references = np.concatenate(generated), np.concatenate(reference)
+            ref_stats = FeatureStats.of(references)
+            values["fvd"] = frechet_distance(FeatureStats.of(features), ref_stats)
+            values["fvd_interval_95"] = list(
+                bootstrap_interval(features, ref_stats, draws=p.bootstrap_draws, seed=p.seed)
+            )
+            counts = [n for n in p.counts if n <= len(features)]
+            values["fvd_by_count"] = [[n, d] for n, d in distance_by_count(features, ref_stats, counts)]
+        elif p.metric == "motion_adherence":
+            asked = np.array([r["motion_bucket_id"] for r in rows], dtype=np.float64)
+            measured = np.array([r["motion_score"] for r in rows])
+            values["spearman_rho"] = spearman(asked, measured)
+            values["motion_by_bucket"] = {
+                str(b): float(measured[asked == b].mean()) for b in sorted(set(p.motion_buckets))
+            }
+        else:
+            values["psnr"] = float(np.mean([r["psnr"] for r in rows]))
+            values["ssim"] = float(np.mean([r["ssim"] for r in rows]))
+        metrics = {
+            "protocol": p.name,
+            "metric": p.metric,
+            "run": self.settings.run,
+            "step": step,
+            "samples": len(rows),
+            "conditions": p.samples,
+            "values": values,
+            "feature_network": {"uri": p.feature_network, "sha256": p.feature_sha256}
+            if p.metric == "fvd"
+            else None,
+            "settings": {k: v for k, v in vars(p).items() if k not in ("name", "metric")},
+            "code_version": code_version(),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        folder = self.folder(step)
+        table_uri = join(folder, "samples.lance")
+        lance.write_dataset(
+            pa.Table.from_pylist(rows),
+            table_uri,
+            mode="overwrite",
+            storage_options=self.storage.lance_options(table_uri),
+        )
+        self._write(join(folder, "metrics.json"), json.dumps(metrics, indent=2).encode())
+        self._write(join(folder, "report.md"), report(metrics).encode())
+        return metrics
+
+    def _shard_uri(self, step: int, shard: Shard) -> str:
+        return join(self.folder(step), "shards", f"shard-{shard.index:05d}.npz")
+
+    def _exists(self, uri: str) -> bool:
+        fs, path = self.storage.fsspec(uri)
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        return fs.exists(path)
+
+    def _write(self, uri: str, data: bytes) -> None:
+        fs, path = self.storage.fsspec(uri)
+        write_whole(fs, path, data)
+
+    def _read(self, uri: str) -> bytes:
+        fs, path = self.storage.fsspec(uri)
+        return fs.cat_file(path)
+
+
+def report(metrics: dict[str, Any]) -> str:
+    lines = [
+        f"# {metrics['protocol']} at step {metrics['step']}",
+        "",
+        f"Run `{metrics['run']}`, {metrics['samples']} samples, code {metrics['code_version']}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key, value in metrics["values"].items():
+        lines.append(f"| {key} | {json.dumps(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with `-dirty` for local changes), or `unknown` outside git."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,199 @@
+"""The evaluation job end to end on a trained tiny run (checkpoints in the object store): protocols,
+shards that a rerun finishes, results independent of the number of processes, and its command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lance
+import pytest
+import torch
+
+from svd.config import ConfigError, compose
+from svd.eval.job import EvaluateSettings, Evaluation
+from svd.eval.protocol import load_protocol
+from svd.launch.local import launch_local
+
+from ..settings import production_settings
+from .test_features import TinyI3D
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["samples=4", "shard_size=2", "frames=4", "fps=4", "sampler_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(train_table, moto_s3) -> str:
+    """A text-to-video tiny run of 2 steps with a checkpoint at step 2."""
+    run_dir = f"{train_table['bucket']}/runs/evaluated"
+    settings = production_settings(train_table["table"], run_dir, "stage=video_pretrain", "train.steps=2")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in moto_s3.env.items():
+            patch.setenv(key, value)
+        launch_local(compose([*settings, "train.global_batch=2", "checkpoint.every=2"]))
+    return run_dir
+
+
+def evaluation(run: str, name: str, overrides: list[str], moto_s3, **kwargs) -> Evaluation:
+    return Evaluation(EvaluateSettings(run=run), load_protocol(name, overrides), moto_s3.storage, **kwargs)
+
+
+def flat(values: dict) -> dict[str, float]:
+    """Nested metric values as one level (`motion_by_bucket.16`), for pytest.approx."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def test_motion_adherence_samples_every_condition_at_every_bucket_and_reports_spearman(
+    trained_run, moto_s3, s3_env
+):
+    job = evaluation(trained_run, "motion_adherence", [*SMALL, "motion_buckets=[16,255]"], moto_s3)
+    assert job.step() == 2
+    metrics = job.evaluate(2, progress=False)
+    rho = metrics["values"]["spearman_rho"]
+    assert -1.0 <= rho <= 1.0
+    assert set(metrics["values"]["motion_by_bucket"]) == {"16", "255"}
+    assert metrics["samples"] == 8  # 4 conditions × 2 buckets
+    folder = job.folder(2)
+    table = lance.dataset(f"{folder}/samples.lance", storage_options=moto_s3.storage.lance_options(folder))
+    rows = table.to_table().to_pylist()
+    assert sorted((r["condition"], r["motion_bucket_id"]) for r in rows) == [
+        (c, b) for c in range(4) for b in (16, 255)
+    ]
+    assert len({r["seed"] for r in rows}) == 8  # each sample its own noise
+    fs, path = moto_s3.storage.fsspec(folder)
+    assert json.loads(fs.cat_file(f"{path}/metrics.json"))["values"] == metrics["values"]
+    assert all(fs.exists(f"{path}/{r['video']}") for r in rows)
+    assert "spearman_rho" in fs.cat_file(f"{path}/report.md").decode()
+
+
+def test_two_processes_and_a_rerun_after_a_lost_shard_give_the_single_process_result(
+    trained_run, moto_s3, s3_env, monkeypatch
+):
+    overrides = [*SMALL, "samples=6", "motion_buckets=[0,255]"]
+    single = evaluation(trained_run, "motion_adherence", [*overrides, "seed=3"], moto_s3)
+    single.out = f"{trained_run}/eval/single"
+    expected = single.evaluate(2, progress=False)["values"]
+
+    split = [
+        evaluation(trained_run, "motion_adherence", [*overrides, "seed=3"], moto_s3, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    for job in split:
+        job.out = f"{trained_run}/eval/split"
+    assert split[0].evaluate(2, progress=False) is None  # rank 1's shard is not written yet
+    merged = split[1].evaluate(2, progress=False)["values"]
+    assert flat(merged) == pytest.approx(flat(expected), rel=1e-6)
+
+    # A preempted process lost shard 1 (never written); the rerun samples that shard alone.
+    fs, path = moto_s3.storage.fsspec(f"{split[0].folder(2)}/shards/shard-00001.npz")
+    fs.rm(path)
+    sampled = []
+    original = Evaluation._evaluate_shard
+    monkeypatch.setattr(
+        Evaluation,
+        "_evaluate_shard",
+        lambda self, step, shard, *a: sampled.append(shard.index) or original(self, step, shard, *a),
+    )
+    rerun = evaluation(trained_run, "motion_adherence", [*overrides, "seed=3"], moto_s3)
+    rerun.out = f"{trained_run}/eval/split"
+    assert flat(rerun.evaluate(2, progress=False)["values"]) == pytest.approx(flat(expected), rel=1e-6)
+    assert sampled == [1]
+
+
+def test_fvd_with_a_pinned_feature_network_gives_an_interval_and_a_curve(
+    trained_run, moto_s3, s3_env, tmp_path
+):
+    network = tmp_path / "i3d.pt"
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="torch.jit.script"):  # the format I3D ships in
+        torch.jit.script(TinyI3D()).save(str(network))
+    digest = hashlib.sha256(network.read_bytes()).hexdigest()
+    overrides = [
+        *SMALL,
+        "tasks=[]",  # i2v_holdout's sampling on a text-to-video run: what is measured is the same
+        f"feature_network={network}",
+        f"feature_sha256={digest}",
+        "counts=[2,4]",
+        "bootstrap_draws=20",
+    ]
+    metrics = evaluation(trained_run, "i2v_holdout", overrides, moto_s3).evaluate(2, progress=False)
+    values = metrics["values"]
+    low, high = values["fvd_interval_95"]
+    assert values["fvd"] >= 0
+    assert low < high
+    assert [n for n, _ in values["fvd_by_count"]] == [2, 4]
+    assert values["fvd_by_count"][-1][1] == pytest.approx(values["fvd"])  # all 4 samples
+    assert metrics["feature_network"] == {"uri": str(network), "sha256": digest}
+
+
+def test_results_of_other_settings_in_the_folder_are_refused_not_mixed(trained_run, moto_s3, s3_env):
+    first = evaluation(trained_run, "motion_adherence", [*SMALL, "motion_buckets=[0,9]"], moto_s3)
+    first.out = f"{trained_run}/eval/changed"
+    first.evaluate(2, progress=False)
+    changed = [*SMALL, "motion_buckets=[0,9]", "samples=6"]
+    again = evaluation(trained_run, "motion_adherence", changed, moto_s3)
+    again.out = first.out
+    expected = r"step-00000002 holds results of other settings \(eval.samples=4 there, 6 now\): give another"
+    with pytest.raises(ConfigError, match=expected):
+        again.evaluate(2, progress=False)
+
+
+def test_a_protocol_that_does_not_fit_the_stage_or_lacks_its_network_is_refused_in_one_line(
+    trained_run, moto_s3, s3_env
+):
+    expected = r"eval=i2v_holdout evaluates image_to_video models; .* trained text_to_video"
+    with pytest.raises(ConfigError, match=expected):
+        evaluation(trained_run, "i2v_holdout", SMALL, moto_s3)
+    with pytest.raises(ConfigError, match=r"FVD needs eval\.feature_network"):
+        evaluation(trained_run, "i2v_holdout", [*SMALL, "tasks=[]"], moto_s3)
+    with pytest.raises(ConfigError, match=r"eval.motion_buckets: motion_adherence needs at least 2"):
+        load_protocol("motion_adherence", ["motion_buckets=[5]"])
+    with pytest.raises(ConfigError, match=r"eval=.i2v_hold. is not a protocol.*did you mean 'i2v_holdout'"):
+        load_protocol("i2v_hold")
+
+
+def evaluate_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "evaluate.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_command_line_plans_evaluates_and_names_what_is_wrong(trained_run, moto_s3, s3_env):
+    import os
+
+    env = os.environ | moto_s3.env
+    assert "Protocols:" in evaluate_command("--help", env=env).stdout
+    common = [f"run={trained_run}", "eval=motion_adherence", *(f"eval.{o}" for o in SMALL)]
+    planned = evaluate_command(*common, "out=s3://nowhere-yet/x", "--dry-run", env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout.strip() == (
+        f"motion_adherence of {trained_run} at step 2: 4 conditions in 2 shards; 2 to sample on rank 0 of 1; "
+        "results in s3://nowhere-yet/x/step-00000002"
+    )
+    done = evaluate_command(*common, f"out={trained_run}/eval/cli", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("motion_adherence at step 2: spearman_rho ")
+    for args, code, message in [
+        (["eval=motion_adherence"], 2, "evaluate: run=<run directory> is required (see --help)"),
+        ([f"run={trained_run}", "eval=nope"], 2, "evaluate: eval='nope' is not a protocol;"),
+        ([f"run={trained_run}/missing", "eval=motion_adherence"], 1, "evaluate: run="),
+        ([*common, "checkpoint=7"], 1, "evaluate: checkpoint=7: not a saved step of"),
+    ]:
+        failed = evaluate_command(*args, env=env)
+        assert failed.returncode == code, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+        assert failed.stderr.startswith(message), failed.stderr
