@@ -4,11 +4,16 @@
     python jobs/evaluate.py run=s3://bucket/runs/i2v checkpoint=12000 eval=i2v_holdout \\
         eval.feature_network=s3://models/i3d_torchscript.pt eval.feature_sha256=<its sha256>
     python jobs/evaluate.py run=… eval=motion_adherence eval.samples=16 --dry-run    # the plan, nothing run
+    python jobs/evaluate.py run=… eval=motion_adherence watch=true    # each checkpoint as training saves it
 
 Protocols: i2v_holdout (FVD), ucf101_zero_shot (FVD), interpolation_holdout (PSNR, SSIM), motion_adherence
 (Spearman ρ of the motion asked for and measured; no downloaded weights). Any protocol setting can be
 overridden as eval.<key>=<value>. Results go to <run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json,
 samples.lance, report.md and the sampled videos.
+
+watch=true evaluates every checkpoint of the run as it lands (poll_s=60), beside the training, until its last
+step; each metric is also a Prometheus gauge svd_eval_metric{job, protocol, metric, step} on metrics_port
+(24600, or the next free port). SIGTERM or Ctrl-C stops it after the shard under way.
 
 Preemptible: finished shards are kept, and the same command finishes the rest. Several processes (RANK,
 WORLD_SIZE in the environment, as every launcher sets them) split the shards between them; the result does
@@ -21,6 +26,7 @@ network cannot be used (one line on stderr naming it); 2 bad arguments.
 from __future__ import annotations
 
 import sys
+import time
 
 from svd.config import ConfigError, parse_settings
 from svd.errors import described
@@ -62,14 +68,27 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world = rank_and_world()
     try:
-        evaluation = Evaluation(
-            settings,
-            protocol,
-            Storage.from_env(),
-            rank=rank,
-            world_size=world,
-            device=device_and_backend(rank)[0],
-        )
+        evaluation = None
+        while evaluation is None:
+            try:
+                evaluation = Evaluation(
+                    settings,
+                    protocol,
+                    Storage.from_env(),
+                    rank=rank,
+                    world_size=world,
+                    device=device_and_backend(rank)[0],
+                )
+            except RunError as e:  # a watch submitted with the training may start before it
+                if not (settings.watch and "no config.yaml" in str(e)):
+                    raise
+                print(f"watch: waiting for the run to start ({e})", flush=True)
+                time.sleep(settings.poll_s)
+        if settings.watch and not dry_run:
+            from svd.eval.watch import watch
+
+            watch(evaluation, poll_s=settings.poll_s, metrics_port=settings.metrics_port)
+            return 0
         step = evaluation.step()
         every, todo = evaluation.plan(step)
         if dry_run:

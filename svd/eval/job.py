@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from svd.config import ConfigError
+from svd.config import METRICS_PORT, ConfigError
 from svd.data.storage import Storage, join, write_whole
 from svd.data.video_io import encode_mp4
 from svd.eval.adherence import motion_score, spearman
@@ -41,7 +41,8 @@ from svd.eval.generate import VideoSampler, condition_seed
 from svd.eval.protocol import EvalProtocol, check_fits
 from svd.eval.quality import psnr, ssim
 from svd.train.checkpoint import MARKER
-from svd.train.trained import RunError, read_run_config, saved_steps, trained_denoiser
+from svd.train.stop import StopRequest
+from svd.train.trained import RunError, committed_steps, read_run_config, trained_denoiser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +52,9 @@ class EvaluateSettings:
     run: str = ""  # the run directory (any URI)
     checkpoint: str = "latest"  # latest, or a step number
     out: str = ""  # where results go; default <run>/eval/<protocol name>
+    watch: bool = False  # evaluate each checkpoint as it lands, until the run's last step (svd/eval/watch.py)
+    poll_s: float = 60.0  # watch: seconds between looks for new checkpoints
+    metrics_port: int = METRICS_PORT  # watch: Prometheus endpoint (or the next free port); 0: none
 
 
 class Evaluation:
@@ -70,6 +74,7 @@ class Evaluation:
         self.run_config = read_run_config(settings.run, storage)
         check_fits(protocol, self.run_config.stage.task, run=settings.run)
         self.out = settings.out or join(settings.run, "eval", protocol.name)
+        self._skipped: set[int] = set()
 
     def step(self) -> int:
         """The checkpoint step to evaluate: the one named, or the latest the run's marker names."""
@@ -95,10 +100,19 @@ class Evaluation:
         mine = [s for s in every if s.index % self.world_size == self.rank]
         return every, [s for s in mine if not self._exists(self._shard_uri(step, s))]
 
-    def evaluate(self, step: int, *, progress: bool = True) -> dict[str, Any] | None:
-        """Sample and measure this process's missing shards; merge when every shard is written. Returns the
-        metrics when this process merged them."""
-        if step not in saved_steps(self.settings.run, self.storage):
+    def done(self, step: int) -> bool:
+        """Whether `step` has its metrics (or was skipped: its checkpoint was pruned before its turn)."""
+        return self._exists(join(self.folder(step), "metrics.json")) or step in self._skipped
+
+    def skip(self, step: int) -> None:
+        self._skipped.add(step)
+
+    def evaluate(
+        self, step: int, *, progress: bool = True, stop: StopRequest | None = None
+    ) -> dict[str, Any] | None:
+        """Sample and measure this process's missing shards (until `stop` is set: the shard under way is
+        finished); merge when every shard is written. Returns the metrics when this process merged them."""
+        if step not in committed_steps(self.settings.run, self.storage):
             raise RunError(f"checkpoint={step}: not a saved step of {self.settings.run}")
         self._claim_folder(step)
         every, todo = self.plan(step)
@@ -108,6 +122,8 @@ class Evaluation:
             conditions = HeldOutConditions(self.run_config, self.protocol, self.storage)
             network = self._feature_network()
             for shard in tqdm(todo, desc=f"eval {self.protocol.name} step {step}", disable=not progress):
+                if stop is not None and stop.is_set():
+                    return None
                 self._evaluate_shard(step, shard, conditions, sampler, network)
         if all(self._exists(self._shard_uri(step, s)) for s in every):
             return self.merge(step, every)

@@ -158,14 +158,11 @@ def latest_multiprocess_dir(job: str) -> Path | None:
 
 
 class MetricsServer:
-    """The node's HTTP endpoint, serving every rank's files; `close()` stops it and frees the port."""
+    """An HTTP endpoint serving one registry; `close()` stops it and frees the port."""
 
-    def __init__(self, port: int, multiproc_dir: Path, addr: str) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.multiprocess import MultiProcessCollector
+    def __init__(self, port: int, registry: Any, addr: str) -> None:
+        from prometheus_client import start_http_server
 
-        registry = CollectorRegistry()  # fresh: only the files, never this process's own registry twice
-        MultiProcessCollector(registry, path=str(multiproc_dir))
         self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
         self.port = port
 
@@ -181,19 +178,22 @@ class MetricsServer:
         self.close()
 
 
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def serve_node_metrics(
     port: int,
     multiproc_dir: str | Path | None,
     addr: str = "0.0.0.0",
     tries: int = PORT_TRIES,
-    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    warn: Callable[[str], None] = _warn,
 ) -> MetricsServer | None:
     """Serve all ranks of this node (call on local rank 0 only) on `port`, else on the first free one of the
-    next `tries - 1` ports; then announce the port served where a launcher asked (Prometheus file_sd).
+    next `tries - 1` ports (`serve_metrics`).
 
     None when `port` is 0, or when no endpoint could start: it never raises, because this runs on one rank
-    of the node only, and a rank that stopped here would leave the others waiting in their first collective.
-    Anything but the configured port is said once, in one line through `warn`."""
+    of the node only, and a rank that stopped here would leave the others waiting in a collective."""
     if port == 0:
         return None
     if multiproc_dir is None or not Path(multiproc_dir).is_dir():
@@ -202,15 +202,35 @@ def serve_node_metrics(
             f"a metrics endpoint on this node"
         )
         return None
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()  # fresh: only the files, never this process's own registry twice
+    MultiProcessCollector(registry, path=str(multiproc_dir))
+    return serve_metrics(port, registry, addr, tries, warn, what="training")
+
+
+def serve_metrics(
+    port: int,
+    registry: Any,
+    addr: str = "0.0.0.0",
+    tries: int = PORT_TRIES,
+    warn: Callable[[str], None] = _warn,
+    *,
+    what: str = "training",
+) -> MetricsServer | None:
+    """Serve `registry` on `port` or the first free one of the next `tries - 1`, then announce the port
+    where a launcher asked (Prometheus file_sd). Never raises: `what` goes on without an endpoint, and
+    anything but the configured port is said once, in one line through `warn`."""
     last = min(port + tries - 1, 65535)
     for candidate in range(port, last + 1):
         try:
-            server = MetricsServer(candidate, Path(multiproc_dir), addr)
+            server = MetricsServer(candidate, registry, addr)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 continue
             warn(
-                f"metrics: cannot serve on {addr}:{candidate} ({e.strerror or e}); training goes on without "
+                f"metrics: cannot serve on {addr}:{candidate} ({e.strerror or e}); {what} goes on without "
                 f"a metrics endpoint on this node"
             )
             return None
@@ -222,7 +242,7 @@ def serve_node_metrics(
             warn(f"metrics: serving on {candidate}, but cannot announce it to Prometheus: {e}")
         return server
     warn(
-        f"metrics: ports {port}-{last} are all taken; training goes on without a metrics endpoint on this "
+        f"metrics: ports {port}-{last} are all taken; {what} goes on without a metrics endpoint on this "
         f"node (set metrics.port to a free range)"
     )
     return None

@@ -10,6 +10,7 @@ not an unreachable store, and an unknown step lists the saved ones.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from svd.config import from_yaml
@@ -53,6 +54,21 @@ def saved_steps(run: str, storage: Storage) -> list[int]:
     except Exception as e:  # any storage client's error
         raise RunError(f"run={run}: cannot list {uri} ({described(e)})") from e
     return sorted(int(m[1]) for n in names if (m := STEP_FOLDER.match(n.rstrip("/").rsplit("/", 1)[-1])))
+
+
+def committed_steps(run: str, storage: Storage) -> list[int]:
+    """The saved steps up to the one the run's `latest` marker names: complete checkpoints only. A step
+    folder appears while its save is in flight, and the marker moves to it once every rank's data is in."""
+    from svd.train.checkpoint import MARKER
+
+    uri = join(run, "checkpoints", MARKER)
+    try:
+        fs, path = storage.fsspec(uri)
+        fs.invalidate_cache(path)
+        latest = json.loads(fs.cat_file(path))["step"] if fs.exists(path) else None
+    except Exception as e:  # any storage client's error, or a marker that is not JSON
+        raise RunError(f"run={run}: cannot read {uri} ({described(e)})") from e
+    return [] if latest is None else [s for s in saved_steps(run, storage) if s <= latest]
 
 
 def checkpoint_source(run: str, step: int | None, storage: Storage) -> str:

@@ -197,3 +197,41 @@ def test_the_command_line_plans_evaluates_and_names_what_is_wrong(trained_run, m
         assert failed.returncode == code, failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
         assert failed.stderr.startswith(message), failed.stderr
+
+
+@pytest.mark.slow
+def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_metric(
+    train_table, moto_s3, s3_env, launched, production
+):
+    """Training (6 steps, a checkpoint every 2) and the watch side by side, as a second job would run it."""
+    import os
+    import urllib.request
+
+    from svd.data.local_s3 import free_port
+    from svd.eval.watch import EvalGauges, watch
+
+    env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = launched(production(train_table, "watched", "train.steps=6", "checkpoint.every=2"), env)
+    run.wait_for(r"step 1/6 ")
+    job = evaluation(
+        f"{train_table['bucket']}/runs/watched", "motion_adherence", [*SMALL, "samples=2"], moto_s3
+    )
+    port, served = free_port(), []
+    observe = EvalGauges.observe
+
+    def observed_and_scraped(self, metrics):
+        observe(self, metrics)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            served.append(page.read().decode())
+
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EvalGauges, "observe", observed_and_scraped)
+        merged = watch(job, poll_s=0.5, metrics_port=port, say=lines.append)
+    assert run.finish() == 0, run.output()
+    assert merged == [2, 4, 6], lines
+    assert lines[-1] == "watch: the run's last step 6 is evaluated"
+    assert [line.split(":")[0] for line in lines[:3]] == [f"motion_adherence at step {s}" for s in (2, 4, 6)]
+    for step, page in zip((2, 4, 6), served, strict=True):  # the job label is the run's job_name
+        labels = f'job="video_pretrain",metric="spearman_rho",protocol="motion_adherence",step="{step}"'
+        assert f"svd_eval_metric{{{labels}}}" in page
