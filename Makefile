@@ -47,6 +47,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) bench/curate.py
 	$(PY) bench/train.py
 	$(PY) bench/row_index.py
+	$(PY) bench/eval.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
