@@ -5,6 +5,7 @@
         eval.feature_network=s3://models/i3d_torchscript.pt eval.feature_sha256=<its sha256>
     python jobs/evaluate.py run=… eval=motion_adherence eval.samples=16 --dry-run    # the plan, nothing run
     python jobs/evaluate.py run=… eval=motion_adherence watch=true    # each checkpoint as training saves it
+    python jobs/evaluate.py compare=s3://b/runs/lvd_f,s3://b/runs/unfiltered eval=i2v_holdout  # table, plot
 
 Protocols: i2v_holdout (FVD), ucf101_zero_shot (FVD), interpolation_holdout (PSNR, SSIM), motion_adherence
 (Spearman ρ of the motion asked for and measured; no downloaded weights). Any protocol setting can be
@@ -27,8 +28,12 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from svd.config import ConfigError, parse_settings
+
+if TYPE_CHECKING:
+    from svd.eval.job import EvaluateSettings
 from svd.errors import described
 
 
@@ -44,7 +49,7 @@ def parse(argv: list[str]) -> tuple[object, object, bool]:
     if not name:
         raise ConfigError("eval=<protocol> is required (see --help)")
     settings = parse_settings(EvaluateSettings, rest)
-    if not settings.run:
+    if not settings.run and not settings.compare:
         raise ConfigError("run=<run directory> is required (see --help)")
     return settings, load_protocol(name, overrides), dry_run
 
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from svd.train.distributed import device_and_backend
     from svd.train.trained import RunError
 
+    if settings.compare:
+        return compare(settings, protocol.name)
     rank, world = rank_and_world()
     try:
         evaluation = None
@@ -115,6 +122,28 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{protocol.name} at step {step}: {values} ({metrics['samples']} samples) → {evaluation.folder(step)}"
     )
+    return 0
+
+
+def compare(settings: EvaluateSettings, protocol: str) -> int:
+    """Print the protocol's evaluations of each run; plot them to out= (default compare-<protocol>.png)."""
+    from pathlib import Path
+
+    from svd.data.storage import Storage
+    from svd.eval.compare import evaluated, plot, table
+    from svd.train.trained import RunError
+
+    storage = Storage.from_env()
+    runs = [r for r in settings.compare.split(",") if r]
+    try:
+        results = {run: evaluated(run, protocol, storage) for run in runs}
+    except RunError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 1
+    print(table(results))
+    out = Path(settings.out or f"compare-{protocol}.png")
+    out.write_bytes(plot(results, protocol))
+    print(f"plot: {out}")
     return 0
 
 

@@ -55,6 +55,7 @@ class EvaluateSettings:
     watch: bool = False  # evaluate each checkpoint as it lands, until the run's last step (svd/eval/watch.py)
     poll_s: float = 60.0  # watch: seconds between looks for new checkpoints
     metrics_port: int = METRICS_PORT  # watch: Prometheus endpoint (or the next free port); 0: none
+    compare: str = ""  # run,run,…: print and plot the protocol's evaluations of these runs instead
 
 
 class Evaluation:

@@ -235,3 +235,41 @@ def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_me
     for step, page in zip((2, 4, 6), served, strict=True):  # the job label is the run's job_name
         labels = f'job="video_pretrain",metric="spearman_rho",protocol="motion_adherence",step="{step}"'
         assert f"svd_eval_metric{{{labels}}}" in page
+
+
+@pytest.mark.slow
+def test_interpolation_is_measured_on_the_generated_frames_between_the_given_ones(
+    train_table, moto_s3, s3_env
+):
+    run_dir = f"{train_table['bucket']}/runs/interpolated"
+    settings = production_settings(
+        train_table["table"], run_dir, "stage=interpolation", "data.frames=5", "train.steps=2"
+    )
+    launch_local(compose([*settings, "train.global_batch=2", "checkpoint.every=2"]))
+    job = evaluation(
+        run_dir, "interpolation_holdout", ["samples=2", "shard_size=2", "sampler_steps=2"], moto_s3
+    )
+    values = job.evaluate(2, progress=False)["values"]
+    assert 0 < values["psnr"] < 100  # generated frames, not the given ones (identical frames: infinite)
+    assert -1 <= values["ssim"] < 1
+
+
+def test_compare_prints_and_plots_each_runs_evaluations_of_a_protocol(trained_run, moto_s3, s3_env, tmp_path):
+    import os
+
+    expected = evaluation(trained_run, "motion_adherence", [*SMALL, "motion_buckets=[16,255]"], moto_s3)
+    rho = expected.evaluate(2, progress=False)["values"]["spearman_rho"]
+    env = os.environ | moto_s3.env
+    plot = tmp_path / "compare.png"
+    missing = f"{trained_run}-never-evaluated"
+    done = evaluate_command(
+        f"compare={trained_run},{missing}", "eval=motion_adherence", f"out={plot}", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split() == ["run", "step", "spearman_rho"]  # the scalar metrics
+    assert lines[1].split() == [trained_run, "2", f"{rho:.4g}"]
+    assert lines[2].split()[0] == missing
+    assert "(no evaluation of this protocol)" in lines[2]
+    assert lines[-1] == f"plot: {plot}"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
