@@ -44,13 +44,17 @@ class HeldOutConditions:
     protocol's frame rate as `fps_id`."""
 
     def __init__(self, run: RunConfig, protocol: EvalProtocol, storage: Storage):
-        self.protocol = protocol
         d = run.data
         where = [f"({d.filter})"] if d.filter else []
         where.append(f"split = '{d.val_split}'")
+        self._open(run, protocol, storage, d.table, " AND ".join(where))
+
+    def _open(self, run: RunConfig, protocol: EvalProtocol, storage: Storage, table: str, where: str) -> None:
+        self.protocol = protocol
+        d = run.data
         self.loader = ClipLoader(
             LoaderConfig(
-                table=d.table,
+                table=table,
                 buckets=(
                     Bucket(
                         protocol.height or d.height,
@@ -60,8 +64,8 @@ class HeldOutConditions:
                         fps=protocol.fps,
                     ),
                 ),
-                filter=" AND ".join(where),
-                version=int(d.version) if d.version and d.version.isdigit() else d.version,
+                filter=where or None,
+                version=int(d.version) if table == d.table and d.version and d.version.isdigit() else None,
                 seed=protocol.seed,
                 num_workers=0,  # a shard is one batch: workers would cost more to start than they save
                 serve="frames",  # references and conditioning frames are pixels
@@ -91,3 +95,29 @@ class HeldOutConditions:
         batch = {k: v[: shard.count] if isinstance(v, SEQUENCES) else v for k, v in batch.items()}
         batch["fps_id"] = batch["fps_id"].new_full((shard.count,), fps_id(self.protocol.fps))
         return batch
+
+
+class PromptConditions(HeldOutConditions):
+    """Prompts (one per line of `eval.prompts`, taken in turn: condition i is line i mod their count) for a
+    text-to-video model, and the clips of `eval.references` (a clip table, e.g. UCF-101's) in the loader's
+    seeded order as the reference videos; their frames only give the samples' shape."""
+
+    def __init__(self, run: RunConfig, protocol: EvalProtocol, storage: Storage):
+        fs, path = storage.fsspec(protocol.prompts)
+        lines = [line.strip() for line in fs.cat_file(path).decode().splitlines()]
+        self.prompts = [line for line in lines if line]
+        if not self.prompts:
+            raise ValueError(f"eval.prompts={protocol.prompts} has no prompt (one per line)")
+        self._open(run, protocol, storage, protocol.references, "")
+
+    def batch(self, shard: Shard) -> dict[str, Any]:
+        batch = super().batch(shard)
+        numbers = range(shard.first, shard.first + shard.count)
+        batch["caption"] = [self.prompts[i % len(self.prompts)] for i in numbers]
+        return batch
+
+
+def conditions_of(run: RunConfig, protocol: EvalProtocol, storage: Storage) -> HeldOutConditions:
+    if protocol.conditions == "prompts":
+        return PromptConditions(run, protocol, storage)
+    return HeldOutConditions(run, protocol, storage)

@@ -34,7 +34,7 @@ from svd.config import METRICS_PORT, ConfigError
 from svd.data.storage import Storage, join, write_whole
 from svd.data.video_io import encode_mp4
 from svd.eval.adherence import motion_score, spearman
-from svd.eval.conditions import HeldOutConditions, Shard, shards
+from svd.eval.conditions import HeldOutConditions, Shard, conditions_of, shards
 from svd.eval.features import FeatureNetwork
 from svd.eval.frechet import FeatureStats, bootstrap_interval, distance_by_count, frechet_distance
 from svd.eval.generate import VideoSampler, condition_seed
@@ -120,7 +120,7 @@ class Evaluation:
         if todo:
             model = trained_denoiser(self.settings.run, self.run_config, step, self.storage)
             sampler = VideoSampler(self.run_config, model, self.protocol, self.device)
-            conditions = HeldOutConditions(self.run_config, self.protocol, self.storage)
+            conditions = conditions_of(self.run_config, self.protocol, self.storage)
             network = self._feature_network()
             for shard in tqdm(todo, desc=f"eval {self.protocol.name} step {step}", disable=not progress):
                 if stop is not None and stop.is_set():

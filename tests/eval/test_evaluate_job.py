@@ -273,3 +273,29 @@ def test_compare_prints_and_plots_each_runs_evaluations_of_a_protocol(trained_ru
     assert "(no evaluation of this protocol)" in lines[2]
     assert lines[-1] == f"plot: {plot}"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_zero_shot_prompts_take_turns_and_the_reference_table_gives_the_reference_videos(
+    trained_run, train_table, moto_s3, s3_env, tmp_path
+):
+    network = tmp_path / "i3d.pt"
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="torch.jit.script"):
+        torch.jit.script(TinyI3D()).save(str(network))
+    prompts = tmp_path / "classes.txt"
+    prompts.write_text("ApplyEyeMakeup\n\nBaby Crawling\nYoYo\n")  # blank lines are not prompts
+    overrides = [
+        *SMALL,
+        f"prompts={prompts}",
+        f"references={train_table['table']}",
+        f"feature_network={network}",
+        f"feature_sha256={hashlib.sha256(network.read_bytes()).hexdigest()}",
+        "bootstrap_draws=10",
+    ]
+    job = evaluation(trained_run, "ucf101_zero_shot", overrides, moto_s3)
+    metrics = job.evaluate(2, progress=False)
+    assert metrics["values"]["fvd"] >= 0
+    folder = job.folder(2)
+    rows = lance.dataset(f"{folder}/samples.lance", storage_options=moto_s3.storage.lance_options(folder))
+    captions = [r["caption"] for r in sorted(rows.to_table().to_pylist(), key=lambda r: r["condition"])]
+    assert captions == ["ApplyEyeMakeup", "Baby Crawling", "YoYo", "ApplyEyeMakeup"]
