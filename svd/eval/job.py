@@ -40,6 +40,7 @@ from svd.eval.frechet import FeatureStats, bootstrap_interval, distance_by_count
 from svd.eval.generate import VideoSampler, condition_seed
 from svd.eval.protocol import EvalProtocol, check_fits
 from svd.eval.quality import psnr, ssim
+from svd.eval.report import CONTACT_SHEET_CONDITIONS, contact_sheet, line_plot, report, thumbnail
 from svd.train.checkpoint import MARKER
 from svd.train.stop import StopRequest
 from svd.train.trained import RunError, committed_steps, read_run_config, trained_denoiser
@@ -174,7 +175,7 @@ class Evaluation:
         truth = batch["frames"].permute(0, 1, 3, 4, 2).numpy()  # (B, T, H, W, 3) uint8
         numbers = range(shard.first, shard.first + shard.count)
         buckets = p.motion_buckets if p.metric == "motion_adherence" else p.motion_buckets[:1]
-        rows, generated = [], []
+        rows, generated, thumbs = [], [], []
         for bucket in buckets:
             seeds = [condition_seed(p, i, bucket) for i in numbers]
             videos = sampler(batch, seeds, bucket)
@@ -192,7 +193,13 @@ class Evaluation:
                 rows.append(row | self._scores(video, truth[j]))
             if network is not None:
                 generated.append(network(videos))
+            if bucket == buckets[0]:
+                shown = [j for j, n in enumerate(numbers) if n < CONTACT_SHEET_CONDITIONS]
+                thumbs += [(thumbnail(videos[j]), thumbnail(truth[j])) for j in shown]
         arrays: dict[str, Any] = {"rows": np.array(json.dumps(rows))}
+        if thumbs:
+            arrays["sample_thumbnails"] = np.stack([t[0] for t in thumbs])
+            arrays["reference_thumbnails"] = np.stack([t[1] for t in thumbs])
         if network is not None:
             arrays["generated"] = np.concatenate(generated)
             arrays["reference"] = network(truth)
@@ -215,13 +222,16 @@ class Evaluation:
         import lance
 
         p = self.protocol
-        rows, generated, reference = [], [], []
+        rows, generated, reference, samples_shown, references_shown = [], [], [], [], []
         for shard in every:
             with np.load(io.BytesIO(self._read(self._shard_uri(step, shard)))) as f:
                 rows += json.loads(str(f["rows"]))
                 if "generated" in f:
                     generated.append(f["generated"])
                     reference.append(f["reference"])
+                if "sample_thumbnails" in f:
+                    samples_shown += list(f["sample_thumbnails"])
+                    references_shown += list(f["reference_thumbnails"])
         rows.sort(key=lambda r: (r["motion_bucket_id"], r["condition"]))
         values: dict[str, Any] = {}
         if p.metric == "fvd":
@@ -267,8 +277,28 @@ class Evaluation:
             storage_options=self.storage.lance_options(table_uri),
         )
         self._write(join(folder, "metrics.json"), json.dumps(metrics, indent=2).encode())
-        self._write(join(folder, "report.md"), report(metrics).encode())
+        pictures = []
+        if samples_shown:
+            self._write(join(folder, "contact_sheet.png"), contact_sheet(samples_shown, references_shown))
+            pictures.append(("Samples (top) and references (bottom), middle frames", "contact_sheet.png"))
+        if values.get("fvd_by_count"):
+            curve = {"FVD": [tuple(point) for point in values["fvd_by_count"]]}
+            self._write(join(folder, "fvd_by_count.png"), line_plot(curve, "FVD by sample count", "samples"))
+            pictures.append(("FVD against the number of samples", "fvd_by_count.png"))
+        for name, points in self._by_step(step, values).items():
+            self._write(join(folder, f"{name}_by_step.png"), line_plot({name: points}, name, "step"))
+            pictures.append((f"{name} at every evaluated step", f"{name}_by_step.png"))
+        self._write(join(folder, "report.md"), report(metrics, pictures).encode())
         return metrics
+
+    def _by_step(self, step: int, values: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+        """Each scalar metric at every step evaluated so far into this folder, this one included."""
+        fs, path = self.storage.fsspec(self.out)
+        fs.invalidate_cache(path)
+        earlier = [json.loads(fs.cat_file(f)) for f in fs.glob(f"{path}/step-*/metrics.json")]
+        by_step = {m["step"]: m["values"] for m in earlier} | {step: values}
+        names = [k for k, v in values.items() if isinstance(v, float)]
+        return {n: [(s, v[n]) for s, v in by_step.items() if isinstance(v.get(n), float)] for n in names}
 
     def _shard_uri(self, step: int, shard: Shard) -> str:
         return join(self.folder(step), "shards", f"shard-{shard.index:05d}.npz")
@@ -285,20 +315,6 @@ class Evaluation:
     def _read(self, uri: str) -> bytes:
         fs, path = self.storage.fsspec(uri)
         return fs.cat_file(path)
-
-
-def report(metrics: dict[str, Any]) -> str:
-    lines = [
-        f"# {metrics['protocol']} at step {metrics['step']}",
-        "",
-        f"Run `{metrics['run']}`, {metrics['samples']} samples, code {metrics['code_version']}.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for key, value in metrics["values"].items():
-        lines.append(f"| {key} | {json.dumps(value)} |")
-    return "\n".join(lines) + "\n"
 
 
 def code_version() -> str:

@@ -72,7 +72,11 @@ def test_motion_adherence_samples_every_condition_at_every_bucket_and_reports_sp
     fs, path = moto_s3.storage.fsspec(folder)
     assert json.loads(fs.cat_file(f"{path}/metrics.json"))["values"] == metrics["values"]
     assert all(fs.exists(f"{path}/{r['video']}") for r in rows)
-    assert "spearman_rho" in fs.cat_file(f"{path}/report.md").decode()
+    report = fs.cat_file(f"{path}/report.md").decode()
+    assert "spearman_rho" in report
+    for picture in ("contact_sheet.png", "spearman_rho_by_step.png"):
+        assert f"]({picture})" in report
+        assert fs.cat_file(f"{path}/{picture}")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_processes_and_a_rerun_after_a_lost_shard_give_the_single_process_result(
@@ -133,6 +137,8 @@ def test_fvd_with_a_pinned_feature_network_gives_an_interval_and_a_curve(
     assert [n for n, _ in values["fvd_by_count"]] == [2, 4]
     assert values["fvd_by_count"][-1][1] == pytest.approx(values["fvd"])  # all 4 samples
     assert metrics["feature_network"] == {"uri": str(network), "sha256": digest}
+    fs, path = moto_s3.storage.fsspec(f"{trained_run}/eval/i2v_holdout/step-00000002")
+    assert "](fvd_by_count.png)" in fs.cat_file(f"{path}/report.md").decode()
 
 
 def test_results_of_other_settings_in_the_folder_are_refused_not_mixed(trained_run, moto_s3, s3_env):
