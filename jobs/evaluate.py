@@ -16,9 +16,9 @@ watch=true evaluates every checkpoint of the run as it lands (poll_s=60), beside
 step; each metric is also a Prometheus gauge svd_eval_metric{job, protocol, metric, step} on metrics_port
 (24600, or the next free port). SIGTERM or Ctrl-C stops it after the shard under way.
 
-Preemptible: finished shards are kept, and the same command finishes the rest. Several processes (RANK,
-WORLD_SIZE in the environment, as every launcher sets them) split the shards between them; the result does
-not depend on how many there were.
+Preemptible: finished shards are kept, and the same command finishes the rest. Several processes split the
+shards between them (RANK and WORLD_SIZE as torch's launchers set them, or Slurm's SLURM_PROCID and
+SLURM_NTASKS: `srun -n 8 python jobs/evaluate.py …`); the result does not depend on how many there were.
 
 Exit status: 0 evaluated (or this process's part done); 1 the run, its checkpoint, the store or the feature
 network cannot be used (one line on stderr naming it); 2 bad arguments.
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if settings.compare:
         return compare(settings, protocol.name)
-    rank, world = rank_and_world()
+    rank, world, local_rank = rank_and_world()
     try:
         evaluation = None
         while evaluation is None:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     Storage.from_env(),
                     rank=rank,
                     world_size=world,
-                    device=device_and_backend(rank)[0],
+                    device=device_and_backend(local_rank)[0],
                 )
             except RunError as e:  # a watch submitted with the training may start before it
                 if not (settings.watch and "no config.yaml" in str(e)):

@@ -333,5 +333,15 @@ def code_version() -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
-def rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def rank_and_world(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's variables: torch's (RANK, WORLD_SIZE, LOCAL_RANK),
+    else Slurm's (`srun -n 8 python jobs/evaluate.py …`: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), else one
+    process. The evaluation needs no process group: only which shards are this process's."""
+    env = os.environ if env is None else env
+    for rank, world, local in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        if rank in env and world in env:
+            return int(env[rank]), int(env[world]), int(env.get(local, 0))
+    return 0, 1, 0

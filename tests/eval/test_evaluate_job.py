@@ -305,3 +305,13 @@ def test_zero_shot_prompts_take_turns_and_the_reference_table_gives_the_referenc
     rows = lance.dataset(f"{folder}/samples.lance", storage_options=moto_s3.storage.lance_options(folder))
     captions = [r["caption"] for r in sorted(rows.to_table().to_pylist(), key=lambda r: r["condition"])]
     assert captions == ["ApplyEyeMakeup", "Baby Crawling", "YoYo", "ApplyEyeMakeup"]
+
+
+def test_the_process_share_comes_from_torchs_or_slurms_variables():
+    from svd.eval.job import rank_and_world
+
+    assert rank_and_world({}) == (0, 1, 0)
+    assert rank_and_world({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}
+    assert rank_and_world(slurm) == (5, 16, 5)
+    assert rank_and_world(slurm | {"RANK": "0", "WORLD_SIZE": "2"}) == (0, 2, 0)  # a launcher's own first
