@@ -28,7 +28,7 @@ SMALL = ["samples=4", "shard_size=2", "frames=4", "fps=4", "sampler_steps=2"]
 @pytest.fixture(scope="module")
 def trained_run(train_table, moto_s3) -> str:
     """A text-to-video tiny run of 2 steps with a checkpoint at step 2."""
-    run_dir = f"{train_table['bucket']}/runs/evaluated"
+    run_dir = f"{train_table['bucket']}/runs/eval-trained"
     settings = production_settings(train_table["table"], run_dir, "stage=video_pretrain", "train.steps=2")
     with pytest.MonkeyPatch.context() as patch:
         for key, value in moto_s3.env.items():
@@ -217,10 +217,10 @@ def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_me
     from svd.eval.watch import EvalGauges, watch
 
     env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = launched(production(train_table, "watched", "train.steps=6", "checkpoint.every=2"), env)
+    run = launched(production(train_table, "eval-watched", "train.steps=6", "checkpoint.every=2"), env)
     run.wait_for(r"step 1/6 ")
     job = evaluation(
-        f"{train_table['bucket']}/runs/watched", "motion_adherence", [*SMALL, "samples=2"], moto_s3
+        f"{train_table['bucket']}/runs/eval-watched", "motion_adherence", [*SMALL, "samples=2"], moto_s3
     )
     port, served = free_port(), []
     observe = EvalGauges.observe
@@ -247,7 +247,7 @@ def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_me
 def test_interpolation_is_measured_on_the_generated_frames_between_the_given_ones(
     train_table, moto_s3, s3_env
 ):
-    run_dir = f"{train_table['bucket']}/runs/interpolated"
+    run_dir = f"{train_table['bucket']}/runs/eval-interpolated"
     settings = production_settings(
         train_table["table"], run_dir, "stage=interpolation", "data.frames=5", "train.steps=2"
     )
