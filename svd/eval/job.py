@@ -60,6 +60,9 @@ class EvaluateSettings:
 
 
 class Evaluation:
+    """One run under one protocol, in this process's share: `step()` to choose the checkpoint, `plan(step)`
+    to see the shards, `evaluate(step)` to sample, measure and (last process) merge."""
+
     def __init__(
         self,
         settings: EvaluateSettings,
