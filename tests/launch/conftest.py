@@ -183,11 +183,14 @@ def radosgw_job_env(radosgw, job_env, monkeypatch) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def radosgw_train_table(train_table, moto_s3, radosgw) -> dict:
     """train_table copied to radosgw, object by object into a bucket of the same name, so that the URIs its
-    rows hold (videos, images) name the copies."""
+    rows hold (videos, images) name the copies. The table and its raw media only: the runs other tests
+    trained into that bucket (checkpoints of tens of MB each) are not the table's, and copying them all
+    filled radosgw's memstore once the evaluation tests had trained a few runs there."""
     bucket = train_table["bucket"]
     create_bucket(radosgw.storage, bucket.removeprefix("s3://"))
     source, root = moto_s3.storage.fsspec(bucket)
     target, _ = radosgw.storage.fsspec(bucket)
-    for path in source.find(root):
-        target.pipe_file(path, source.cat_file(path))
+    for part in ("clips.lance", "raw"):
+        for path in source.find(f"{root}/{part}"):
+            target.pipe_file(path, source.cat_file(path))
     return train_table
