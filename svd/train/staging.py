@@ -67,7 +67,8 @@ class ReusingStager(AsyncStager):
             torch._foreach_copy_(self._buffers, sources, non_blocking=True)
             done = self._stream.record_event()
         for source in sources:  # the allocator must not reuse a temporary's memory before the copy read it
-            source.record_stream(self._stream)
+            if source.device.type != "cpu":  # AdamW's step counters, among others, stay on the CPU
+                source.record_stream(self._stream)
         return self._thread.submit(_when_done, done, staged)
 
     def close(self) -> None:
