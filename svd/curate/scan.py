@@ -28,7 +28,7 @@ class Scan:
     motion_times: np.ndarray  # (M,) seconds
 
 
-def _size(
+def scaled_size(
     width: int, height: int, short_side: int | None = None, new_width: int | None = None
 ) -> tuple[int, int]:
     if new_width is not None:
@@ -54,7 +54,7 @@ def scan(
                 thumbnails.append(_thumbnail(frame, analysis_width))
                 times.append(frame.time)
                 if frame.time + 1e-6 >= next_motion:
-                    w, h = _size(frame.width, frame.height, short_side=motion_side)
+                    w, h = scaled_size(frame.width, frame.height, short_side=motion_side)
                     motion_frames.append(
                         frame.reformat(width=w, height=h, format="gray", interpolation="AREA").to_ndarray()
                     )
@@ -85,7 +85,7 @@ def _thumbnail(frame: av.VideoFrame, width: int) -> np.ndarray:
     frame, which costs a copy of a few kilobytes; other formats go through swscale."""
     stride = max(2, frame.width // width) // 2 * 2
     if frame.format.name not in _PLANAR_420:
-        w, h = _size(frame.width, frame.height, new_width=frame.width // stride)
+        w, h = scaled_size(frame.width, frame.height, new_width=frame.width // stride)
         return frame.reformat(width=w, height=h, format="yuv444p").to_ndarray().transpose(1, 2, 0).copy()
     planes = [_plane(frame, 0, frame.height, frame.width, stride)]
     planes += [_plane(frame, i, frame.height // 2, frame.width // 2, stride // 2) for i in (1, 2)]
@@ -118,6 +118,6 @@ def grab_frames(
                     current = frame
             if current is None:
                 raise RejectionError("unreadable", f"no frame at {t:.2f} s")
-            w, h = _size(current.width, current.height, short_side=short_side)
+            w, h = scaled_size(current.width, current.height, short_side=short_side)
             frames.append(current.reformat(width=w, height=h, format="rgb24").to_ndarray())
     return frames

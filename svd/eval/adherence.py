@@ -39,6 +39,7 @@ def motion_score(video: np.ndarray, fps: float) -> float:
     import cv2
 
     from svd.curate.motion import measure_motion
+    from svd.curate.scan import scaled_size
 
     motion_fps, side = 2.0, 16
     times = np.arange(len(video)) / fps
@@ -47,9 +48,7 @@ def motion_score(video: np.ndarray, fps: float) -> float:
         if time + 1e-6 >= next_time:
             picked.append(frame)
             next_time += 1.0 / motion_fps
-    h, w = video.shape[1:3]
-    scale = side / min(h, w)
-    size = (max(2, round(w * scale)), max(2, round(h * scale)))
+    size = scaled_size(video.shape[2], video.shape[1], short_side=side)  # (width, height), as curation's
     grey = [
         cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for f in picked
     ]

@@ -3,17 +3,21 @@ curation ablation is this comparison: same budget, different recipes)."""
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 from svd.data.storage import Storage, join
+from svd.eval.report import line_plots
 from svd.train.trained import RunError
 
 
 def evaluated(run: str, protocol: str, storage: Storage) -> list[dict[str, Any]]:
     """Every `metrics.json` of `protocol` in `run`, by step."""
-    folder = join(run, "eval", protocol)
+    return evaluated_in(join(run, "eval", protocol), storage)
+
+
+def evaluated_in(folder: str, storage: Storage) -> list[dict[str, Any]]:
+    """Every `metrics.json` of the step folders in `folder` (a protocol's results), by step."""
     try:
         fs, path = storage.fsspec(folder)
         fs.invalidate_cache(path)
@@ -41,25 +45,20 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
 
 def plot(results: dict[str, list[dict[str, Any]]], protocol: str) -> bytes:
     """PNG: each scalar metric against the step, a line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = sorted({k for ms in results.values() for m in ms for k, v in m["values"].items() if _scalar(v)})
-    figure, axes = plt.subplots(1, max(1, len(names)), figsize=(5 * max(1, len(names)), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=False):
-        for run, metrics in results.items():
-            points = [(m["step"], m["values"][name]) for m in metrics if _scalar(m["values"].get(name))]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=run.rstrip("/").rsplit("/", 1)[-1])
-        ax.set(title=f"{protocol}: {name}", xlabel="step")
-        ax.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    panels = [
+        (
+            f"{protocol}: {name}",
+            {
+                run.rstrip("/").rsplit("/", 1)[-1]: [
+                    (m["step"], m["values"][name]) for m in metrics if _scalar(m["values"].get(name))
+                ]
+                for run, metrics in results.items()
+            },
+        )
+        for name in names
+    ]
+    return line_plots(panels, "step")
 
 
 def _scalar(value: Any) -> bool:

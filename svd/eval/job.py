@@ -34,6 +34,7 @@ from svd.config import METRICS_PORT, ConfigError
 from svd.data.storage import Storage, join, write_whole
 from svd.data.video_io import encode_mp4
 from svd.eval.adherence import motion_score, spearman
+from svd.eval.compare import evaluated_in
 from svd.eval.conditions import HeldOutConditions, Shard, conditions_of, shards
 from svd.eval.features import FeatureNetwork
 from svd.eval.frechet import FeatureStats, bootstrap_interval, distance_by_count, frechet_distance
@@ -90,11 +91,10 @@ class Evaluation:
                 raise RunError(
                     f"checkpoint={self.settings.checkpoint!r}: give latest or a step number"
                 ) from None
-        fs, path = self.storage.fsspec(join(self.settings.run, "checkpoints", MARKER))
-        fs.invalidate_cache(path)
-        if not fs.exists(path):
+        committed = committed_steps(self.settings.run, self.storage)  # up to the step the marker names
+        if not committed:
             raise RunError(f"run={self.settings.run}: no checkpoint yet (no checkpoints/{MARKER})")
-        return int(json.loads(fs.cat_file(path))["step"])
+        return committed[-1]
 
     def folder(self, step: int) -> str:
         return join(self.out, f"step-{step:08d}")
@@ -102,8 +102,8 @@ class Evaluation:
     def plan(self, step: int) -> tuple[list[Shard], list[Shard]]:
         """(every shard, this process's shards not written yet)."""
         every = shards(self.protocol)
-        mine = [s for s in every if s.index % self.world_size == self.rank]
-        return every, [s for s in mine if not self._exists(self._shard_uri(step, s))]
+        written = self._written(step)
+        return every, [s for s in every if s.index % self.world_size == self.rank and s not in written]
 
     def done(self, step: int) -> bool:
         """Whether `step` has its metrics (or was skipped: its checkpoint was pruned before its turn)."""
@@ -130,7 +130,7 @@ class Evaluation:
                 if stop is not None and stop.is_set():
                     return None
                 self._evaluate_shard(step, shard, conditions, sampler, network)
-        if all(self._exists(self._shard_uri(step, s)) for s in every):
+        if self._written(step) == set(every):
             return self.merge(step, every)
         return None
 
@@ -296,15 +296,19 @@ class Evaluation:
 
     def _by_step(self, step: int, values: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
         """Each scalar metric at every step evaluated so far into this folder, this one included."""
-        fs, path = self.storage.fsspec(self.out)
-        fs.invalidate_cache(path)
-        earlier = [json.loads(fs.cat_file(f)) for f in fs.glob(f"{path}/step-*/metrics.json")]
-        by_step = {m["step"]: m["values"] for m in earlier} | {step: values}
+        by_step = {m["step"]: m["values"] for m in evaluated_in(self.out, self.storage)} | {step: values}
         names = [k for k, v in values.items() if isinstance(v, float)]
         return {n: [(s, v[n]) for s, v in by_step.items() if isinstance(v.get(n), float)] for n in names}
 
     def _shard_uri(self, step: int, shard: Shard) -> str:
         return join(self.folder(step), "shards", f"shard-{shard.index:05d}.npz")
+
+    def _written(self, step: int) -> set[Shard]:
+        """The shards whose results are written: one listing of the shards folder, not a request per shard."""
+        fs, path = self.storage.fsspec(join(self.folder(step), "shards"))
+        fs.invalidate_cache(path)
+        names = {name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)} if fs.exists(path) else set()
+        return {s for s in shards(self.protocol) if self._shard_uri(step, s).rsplit("/", 1)[-1] in names}
 
     def _exists(self, uri: str) -> bool:
         fs, path = self.storage.fsspec(uri)

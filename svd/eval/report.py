@@ -40,18 +40,25 @@ def contact_sheet(samples: list[np.ndarray], references: list[np.ndarray]) -> by
 
 def line_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str) -> bytes:
     """PNG: one line per series of (x, y) points."""
+    return line_plots([(title, series)], xlabel)
+
+
+def line_plots(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], xlabel: str) -> bytes:
+    """PNG: the panels side by side, each (title, series) drawn as one line per series of (x, y) points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(5, 3.5))
-    for label, points in series.items():
-        if points:
-            ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
-    ax.set(title=title, xlabel=xlabel)
-    if len(series) > 1:
-        ax.legend(fontsize="small")
+    count = max(1, len(panels))
+    figure, axes = plt.subplots(1, count, figsize=(5 * count, 3.5), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels, strict=False):
+        for label, points in series.items():
+            if points:
+                ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
+        ax.set(title=title, xlabel=xlabel)
+        if len(series) > 1:
+            ax.legend(fontsize="small")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
