@@ -101,6 +101,8 @@ class DataConfig:
     caption_weights: list[float] | None = None
     elevation_deg: float = 10.0  # multiview: orbit elevation when the table gives none
     cache_dir: str = str(Path.home() / ".cache" / "svd" / "row_index")
+    # takedown: a Lance table or file of clip_ids / video URIs that no later step reads (data/exclusion.py)
+    exclude: str | None = None
 
 
 @dataclass
@@ -412,6 +414,7 @@ NOT_EMPTY = (  # names and paths that something is written under or read from
 NOT_EMPTY_WHEN_SET = (  # None has a meaning (see the comments above); an empty string has none
     "model.autoencoder_path",
     "data.version",
+    "data.exclude",
     "metrics.gpu",
 )
 
@@ -545,7 +548,11 @@ def _check_uris(cfg: RunConfig) -> None:
     from svd.data.storage import Storage
 
     storage = Storage.from_env()
-    readable = [("data.table", cfg.data.table), ("stage.init_from", cfg.stage.init_from)]
+    readable = [
+        ("data.table", cfg.data.table),
+        ("stage.init_from", cfg.stage.init_from),
+        ("data.exclude", cfg.data.exclude),
+    ]
     readable += [
         (f"model.{k}", getattr(cfg.model, k)) for k in ("autoencoder_path", "text_encoder", "image_encoder")
     ]

@@ -60,6 +60,7 @@ from svd.collectives import decided_by_rank0
 from svd.data import buckets as bucketing
 from svd.data import row_index, schema
 from svd.data.buckets import Bucket
+from svd.data.exclusion import Exclusion, read_exclusion
 from svd.data.order import rank_positions, stream_indices
 from svd.data.row_index import RowIndex
 from svd.data.storage import Storage, join, scheme, strip_scheme
@@ -98,6 +99,9 @@ class LoaderConfig:
     motion_score_scale: float = 1.0  # motion_score that maps to motion bucket 255 (see motion_bucket_id)
     caption_weights: tuple[float, ...] | None = None  # per caption slot, e.g. (0.5, 0.25, 0.25); None: equal
     max_replacements: int = 16  # consecutive undecodable clips tolerated before the loader gives up
+    exclude: str | None = (
+        None  # URI of a takedown list (svd/data/exclusion.py): replaced like undecodable clips
+    )
     # Longest wait for one batch from a worker (worker start-up included); the storage clients' own
     # timeouts normally fail a read sooner. In process (num_workers=0) only those apply.
     batch_timeout_s: float = 600.0
@@ -226,6 +230,26 @@ class ClipSampler(torch.utils.data.Sampler):
             self.state = dataclasses.replace(self.state, consumed=tuple(after))
             yield BatchRequest(bucket, positions, step, self.state)
 
+    def schedule(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket, first stream position) of each of the next `steps` steps, and the state after them:
+        what `__iter__` would yield, for provenance to replay a run. With one bucket holding rows the choice
+        is always that bucket, so the positions are computed at once instead of step by step."""
+        filled = [b for b, size in enumerate(self.sizes) if size]
+        if len(filled) == 1:
+            b = filled[0]
+            width = self.buckets[b].batch_size * self.world_size
+            starts = self.state.consumed[b] + width * np.arange(steps, dtype=np.int64)
+            after = list(self.state.consumed)
+            after[b] += width * steps
+            self.state = dataclasses.replace(self.state, consumed=tuple(after))
+            return np.full(steps, b, np.int64), starts
+        chosen, starts = np.empty(steps, np.int64), np.empty(steps, np.int64)
+        requests = iter(self)
+        for i in range(steps):
+            request = next(requests)
+            chosen[i], starts[i] = request.bucket, request.step[0]
+        return chosen, starts
+
     # Stateful protocol, so torchdata's StatefulDataLoader snapshots the sampler with each batch it delivers.
     def state_dict(self) -> dict[str, Any]:
         return self.state.to_dict()
@@ -264,8 +288,10 @@ class ClipDataset(torch.utils.data.Dataset):
         serve: str,
         clip_bytes: bool,
         storage: Storage,
+        exclusion: Exclusion | None = None,
     ):
         self.cfg, self.table_version, self.index_path, self.storage = cfg, table_version, index_path, storage
+        self.exclusion = exclusion
         self.serve = serve
         self.clip_bytes = clip_bytes  # the table stores clips as their own files (a blob column)
         self._table: lance.LanceDataset | None = None
@@ -301,16 +327,24 @@ class ClipDataset(torch.utils.data.Dataset):
         rows = self._rows(b, request.positions)
         metas = self._metadata(rows)  # one `take` for the whole batch: one round trip to storage
         skipped: Counter[str] = Counter()
-        samples = []
+        samples, replaced = [], []
         for position, row, meta in zip(request.positions.tolist(), rows.tolist(), metas, strict=True):
             try:
                 samples.append(self._sample(row, meta, bucket, position, where))
             except DecodeError as e:
                 skipped[e.reason] += 1
-                samples.append(self._replacement(request, position, skipped, e, where))
+                by, sample = self._replacement(request, position, skipped, e, where)
+                samples.append(sample)
+                replaced.append((position, by, e.reason))
         batch = _collate(samples, self.serve)
         positions = torch.from_numpy(request.positions)  # the stream positions this batch stands for
-        return batch | {"position": positions, "bucket": b, "skipped": dict(skipped), "state": request.state}
+        return batch | {
+            "position": positions,
+            "bucket": b,
+            "skipped": dict(skipped),
+            "replaced": replaced,  # (position, the position read in its place, why): the run's lineage
+            "state": request.state,
+        }
 
     def _indices(self, b: int, positions: np.ndarray) -> np.ndarray:
         return stream_indices(positions, self.index.size(b), self.cfg.seed + b)
@@ -343,9 +377,9 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def _replacement(
         self, request: BatchRequest, position: int, skipped: Counter, error: DecodeError, where: str
-    ) -> dict:
-        """A sample that cannot be decoded is replaced by the first decodable one of its replacement
-        positions (see `_replacement_positions`)."""
+    ) -> tuple[int, dict]:
+        """A sample that cannot be decoded (or is excluded) is replaced by the first decodable one of its
+        replacement positions (see `_replacement_positions`); returns that position and its sample."""
         b, bucket = request.bucket, self.cfg.buckets[request.bucket]
         attempts = 0
         for p in self._replacement_positions(request, position):
@@ -354,7 +388,7 @@ class ClipDataset(torch.utils.data.Dataset):
             attempts += 1
             row = int(self._rows(b, np.array([p]))[0])
             try:
-                return self._sample(row, self._metadata(np.array([row]))[0], bucket, p, where)
+                return p, self._sample(row, self._metadata(np.array([row]))[0], bucket, p, where)
             except DecodeError as e:
                 skipped[e.reason] += 1
                 error = e
@@ -366,6 +400,8 @@ class ClipDataset(torch.utils.data.Dataset):
     def _sample(
         self, row: int, meta: dict[str, Any], bucket: Bucket, position: int, where: str
     ) -> dict[str, Any]:
+        if self.exclusion and self.exclusion.excludes(meta["clip_id"], meta["video_uri"]):
+            raise DecodeError("excluded", f"row {row} ({meta['clip_id']}) is in data.exclude")
         try:
             return self._decode(row, meta, bucket, position)
         except (DecodeError, LoaderError):
@@ -601,7 +637,10 @@ class ClipLoader:
             )
         if self.serve == "latents":
             self._check_latents(table)
+        self.exclusion = read_exclusion(cfg.exclude, self.storage) if cfg.exclude else None
         self.skipped: Counter[str] = Counter()
+        # (bucket, position, replacement position, reason) of the batches delivered since `take_replaced`
+        self.replaced: list[tuple[int, int, int, str]] = []
 
     def _check_latents(self, table: lance.LanceDataset) -> None:
         """Refuse buckets whose frames, size or rate differ from those the stored latents were encoded at:
@@ -676,7 +715,13 @@ class ClipLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         sampler = ClipSampler(self.sizes, self.cfg.buckets, self.rank, self.world_size, self.state)
         dataset = ClipDataset(
-            self.cfg, self.table_version, self.index.path, self.serve, self.clip_bytes, self.storage
+            self.cfg,
+            self.table_version,
+            self.index.path,
+            self.serve,
+            self.clip_bytes,
+            self.storage,
+            self.exclusion,
         )
         workers = self.cfg.num_workers
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 noise
@@ -700,6 +745,7 @@ class ClipLoader:
                 batch = self._next(batches)
                 self.state = batch.pop("state")
                 self.skipped.update(batch["skipped"])
+                self.replaced.extend((batch["bucket"], *r) for r in batch["replaced"])
                 yield batch
         finally:  # closing (or dropping) this generator shuts its workers down
             _shut_down(batches)
@@ -727,6 +773,19 @@ class ClipLoader:
         restored = LoaderState.from_dict(state)
         self._check_state(restored)
         self.state = restored
+
+    def take_replaced(self) -> list[tuple[int, int, int, str]]:
+        """The replacements of the batches delivered since the last call (a checkpoint records them)."""
+        replaced, self.replaced = self.replaced, []
+        return replaced
+
+    def sampler(self, world_size: int, batch_sizes: tuple[int, ...], state: LoaderState) -> ClipSampler:
+        """The sampler of a run on `world_size` ranks with these per-rank batch sizes, from `state`: what
+        every rank of that run iterated (rank 0's positions; `schedule` gives the whole steps)."""
+        buckets = tuple(
+            dataclasses.replace(b, batch_size=s) for b, s in zip(self.cfg.buckets, batch_sizes, strict=True)
+        )
+        return ClipSampler(self.sizes, buckets, 0, world_size, state)
 
 
 def ensure_row_index(

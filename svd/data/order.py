@@ -44,6 +44,13 @@ class EpochPermutation:
             left, right = right, left ^ (_mix64(right ^ key) & self.mask)
         return (left << h) | right
 
+    def _feistel_inverse(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half_bits)
+        left, right = x >> h, x & self.mask
+        for key in reversed(self.keys):
+            left, right = right ^ (_mix64(left ^ key) & self.mask), left
+        return (left << h) | right
+
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.uint64)
         if positions.size and int(positions.max()) >= self.n:
@@ -52,6 +59,19 @@ class EpochPermutation:
         outside = out >= self.n
         while outside.any():  # cycle-walking: at most a few rounds, the domain is < 4n
             out[outside] = self._feistel(out[outside])
+            outside = out >= self.n
+        return out.astype(np.int64)
+
+    def inverse(self, indices: np.ndarray) -> np.ndarray:
+        """The positions that map to `indices`: where in the epoch each index is read. Provenance asks which
+        step read a clip; walking the cycle backwards answers it without evaluating the whole epoch."""
+        indices = np.asarray(indices, dtype=np.uint64)
+        if indices.size and int(indices.max()) >= self.n:
+            raise IndexError(f"index {int(indices.max())} outside [0, {self.n})")
+        out = self._feistel_inverse(indices)
+        outside = out >= self.n
+        while outside.any():
+            out[outside] = self._feistel_inverse(out[outside])
             outside = out >= self.n
         return out.astype(np.int64)
 

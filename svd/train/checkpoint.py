@@ -381,6 +381,17 @@ def read_full_state(uri: str, prefix: str, storage: Storage | None = None) -> di
     return {key.removeprefix(f"{prefix}."): tensor for key, tensor in state.items()}
 
 
+def read_part(folder: str, name: str, storage: Storage | None = None) -> dict[str, Any]:
+    """A tensor-free part (`"data"`: the loader state and lineage) of a step folder, in this process."""
+    fs, path = (storage or Storage.from_env()).fsspec(folder)
+    reader = _open_reader(fs, path, folder)
+    if name not in reader.read_metadata().state_dict_metadata:
+        raise CheckpointError(f"{folder} has no part {name!r}")
+    state: dict[str, Any] = {name: ""}
+    _load(state, reader, folder, no_dist=True)
+    return json.loads(state[name])
+
+
 def read_state(folder: str, state: dict[str, torch.Tensor], storage: Storage | None = None) -> None:
     """Fill `state` in place from a step folder (`checkpoint_folder`): keys are the checkpoint's, values
     plain tensors or DTensors sharded like a model's (`torch.empty_like` of its state dict). With a process

@@ -91,6 +91,7 @@ POLICY: dict[str, Decision] = {
     "data.index_timeout_s": APPLIED,
     "data.caption_weights": APPLIED,
     "data.cache_dir": APPLIED,
+    "data.exclude": APPLIED,  # a takedown list applies from the resumed step on; the lineage records it
     # the optimizer and its schedule (apply_train_settings), the EMA, the length of the run
     "train.steps": APPLIED,
     "train.global_batch": APPLIED,

@@ -37,8 +37,8 @@ from svd.data.loader import ClipLoader, LoaderConfig, LoaderError, open_table, s
 from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
-from svd.train import parallel
-from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
+from svd.train import lineage, parallel, served
+from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, checkpoint_folder
 from svd.train.distributed import DistEnv, init_distributed
 from svd.train.ema import EMA
 from svd.train.lease import RunDirOwner, hold_run_dir
@@ -106,6 +106,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train, cfg.steps)
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.loader: ClipLoader | None = None  # built by `_restore`, at its checkpointed state
+        self.lineage: dict[str, Any] = {}  # begun by `_restore`, saved with the loader state (lineage.py)
+        self.served = served.log_from_env(env.rank)  # tests only: every sample served, to check provenance
         self.checkpointer = Checkpointer(
             cfg.checkpoint.run_dir,
             self.storage,
@@ -181,6 +183,7 @@ class Trainer:
             cache_dir=d.cache_dir,
             batch_timeout_s=d.batch_timeout_s,
             index_timeout_s=d.index_timeout_s,
+            exclude=d.exclude,
         )
 
     def _build_loader(self, state: dict[str, Any] | None, *, validation: bool = False) -> ClipLoader:
@@ -223,6 +226,7 @@ class Trainer:
         parts = self._parts(0, data={})
         resume = check_resume(self.cfg, self.storage, self.checkpointer)  # or refuse, before any write
         step = self.checkpointer.load(parts)
+        previous = parts["data"].pop("lineage", None) if step is not None else None
         if resume is not None:
             apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)  # not the checkpoint's lr
             if self.env.is_main:
@@ -235,7 +239,34 @@ class Trainer:
             self.ema = EMA(self.model, self.cfg.train.ema_decay)  # the average starts from the loaded weights
             if self.env.is_main:
                 print(f"init_from {self.cfg.stage.init_from}: {report.summary()}", flush=True)
+        self.lineage = lineage.begin(
+            previous,
+            step=step or 0,
+            loader=self.loader,
+            world_size=self.env.world_size,
+            accumulation=self.cfg.grad_accumulation,
+            config_yaml=to_yaml(self.cfg),
+            init_from=self._init_from_source() if step is None else None,
+            curation=lineage.curation_provenance(
+                open_table(self.loader.cfg.table, self.storage, self.loader.table_version)
+            ),
+        )
         return step
+
+    def _init_from_source(self) -> dict[str, Any] | None:
+        """The checkpoint folder `stage.init_from` names (its lineage continues this one's), as rank 0 saw
+        it; None for a fresh stage; no folder for diffusers weights."""
+        uri = self.cfg.stage.init_from
+        if not uri:
+            return None
+
+        def folder() -> str | None:
+            try:
+                return checkpoint_folder(uri, self.storage)
+            except CheckpointError:  # a diffusers folder: weights without a training history here
+                return None
+
+        return {"uri": uri, "folder": decided_by_rank0(folder)}
 
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -283,6 +314,8 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - waited
+            if self.served:
+                self.served(self.scheduler.last_epoch + 1, micro, batch)
             self.preview_batch = self.preview_batch or batch
             latents, cond, randoms = self.task.prepare(batch, self.cfg.train.seed)
             if hasattr(self.model, "set_requires_gradient_sync"):
@@ -363,8 +396,12 @@ class Trainer:
         self._check_finite_weights(step)
         self.owner.confirm()
         committed = self.metrics.observe_checkpoint_committed if self.metrics else None
+        replaced = [None] * self.env.world_size
+        dist.all_gather_object(replaced, self.loader.take_replaced())  # per rank: what its workers decoded
+        self.lineage = lineage.with_replaced(self.lineage, [r for rank in replaced for r in rank])
+        data = self.loader.state_dict() | {"lineage": self.lineage}
         try:
-            blocked = self.checkpointer.save(step, self._parts(step, self.loader.state_dict()), committed)
+            blocked = self.checkpointer.save(step, self._parts(step, data), committed)
         except CheckpointError:
             if self.metrics:
                 self.metrics.observe_checkpoint_failure()

@@ -49,3 +49,11 @@ def test_ranks_take_consecutive_slices_of_the_step():
 def test_positions_outside_the_epoch_are_refused():
     with pytest.raises(IndexError):
         EpochPermutation(10, 0, 0)(np.array([10]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1000, 4097, 65_537])
+def test_the_inverse_finds_where_each_index_is_read(n):
+    perm = EpochPermutation(n, seed=11, epoch=3)
+    positions = np.arange(n)
+    assert np.array_equal(perm.inverse(perm(positions)), positions)
+    assert np.array_equal(perm(perm.inverse(positions)), positions)
