@@ -166,6 +166,11 @@ class LoaderState:
         )
 
 
+def bucket_seed(seed: int, bucket: int) -> int:
+    """The seed of a bucket's own permutation: buckets are shuffled independently."""
+    return seed + bucket
+
+
 def motion_bucket_id(motion_score: np.ndarray, scale: float) -> np.ndarray:
     """The model's motion conditioning (0..255) from a clip's motion_score: linear, 255 at `scale`.
 
@@ -347,7 +352,7 @@ class ClipDataset(torch.utils.data.Dataset):
         }
 
     def _indices(self, b: int, positions: np.ndarray) -> np.ndarray:
-        return stream_indices(positions, self.index.size(b), self.cfg.seed + b)
+        return stream_indices(positions, self.index.size(b), bucket_seed(self.cfg.seed, b))
 
     def _rows(self, b: int, positions: np.ndarray) -> np.ndarray:
         return self.index.rows(b, self._indices(b, positions))

@@ -85,6 +85,33 @@ class StepOutcome:
     applied: bool  # False: the gradient was not finite and the step changed no weight
 
 
+def loader_config(cfg: RunConfig, *, validation: bool) -> LoaderConfig:
+    """The clip loader of a run's training (or validation) split: what decides which rows its stream
+    reads. Provenance derives it again from a checkpoint's recorded config."""
+    d = cfg.data
+    parts = [f"({d.filter})"] if d.filter else []
+    parts.append(f"split = '{d.val_split}'" if validation else f"(split IS NULL OR split != '{d.val_split}')")
+    if cfg.stage.camera_motion and not validation:
+        parts.append(f"camera_motion = '{cfg.stage.camera_motion}'")
+    needs_pixels = cfg.stage.task in ("image_to_video", "multiview")
+    return LoaderConfig(
+        table=d.table,
+        buckets=(Bucket(d.height, d.width, d.frames, d.micro_batch, fps=d.fps),),
+        filter=" AND ".join(parts),
+        version=int(d.version) if d.version and d.version.isdigit() else d.version,
+        seed=cfg.train.seed,
+        # Validation reads a few batches per call: workers would cost more to start than they save.
+        num_workers=0 if validation else d.num_workers,
+        serve="frames" if needs_pixels else d.serve,
+        motion_score_scale=d.motion_score_scale,
+        caption_weights=tuple(d.caption_weights) if d.caption_weights else None,
+        cache_dir=d.cache_dir,
+        batch_timeout_s=d.batch_timeout_s,
+        index_timeout_s=d.index_timeout_s,
+        exclude=d.exclude,
+    )
+
+
 class Trainer:
     def __init__(
         self,
@@ -160,36 +187,10 @@ class Trainer:
             for _, p in model.network.temporal_parameters():  # Stage I: the temporal layers stay untouched
                 p.requires_grad_(False)
 
-    def _loader_config(self, *, validation: bool) -> LoaderConfig:
-        d, cfg = self.cfg.data, self.cfg
-        parts = [f"({d.filter})"] if d.filter else []
-        parts.append(
-            f"split = '{d.val_split}'" if validation else f"(split IS NULL OR split != '{d.val_split}')"
-        )
-        if cfg.stage.camera_motion and not validation:
-            parts.append(f"camera_motion = '{cfg.stage.camera_motion}'")
-        needs_pixels = cfg.stage.task in ("image_to_video", "multiview")
-        return LoaderConfig(
-            table=d.table,
-            buckets=(Bucket(d.height, d.width, d.frames, d.micro_batch, fps=d.fps),),
-            filter=" AND ".join(parts),
-            version=int(d.version) if d.version and d.version.isdigit() else d.version,
-            seed=cfg.train.seed,
-            # Validation reads a few batches per call: workers would cost more to start than they save.
-            num_workers=0 if validation else d.num_workers,
-            serve="frames" if needs_pixels else d.serve,
-            motion_score_scale=d.motion_score_scale,
-            caption_weights=tuple(d.caption_weights) if d.caption_weights else None,
-            cache_dir=d.cache_dir,
-            batch_timeout_s=d.batch_timeout_s,
-            index_timeout_s=d.index_timeout_s,
-            exclude=d.exclude,
-        )
-
     def _build_loader(self, state: dict[str, Any] | None, *, validation: bool = False) -> ClipLoader:
         """Every rank reads the same table version (rank 0 resolves it: a curation commit may land while the
         ranks start); rank 0 builds the row index once for the run, the others wait for it, then open it."""
-        config = self._loader_config(validation=validation)
+        config = loader_config(self.cfg, validation=validation)
         if state is None:
             version = decided_by_rank0(
                 lambda: open_table(config.table, self.storage, config.version).version,
