@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from svd.config import from_yaml
 from svd.data.buckets import Bucket
+from svd.data.exclusion import Exclusion
 from svd.data.loader import ClipLoader, LoaderConfig, LoaderState, bucket_seed, open_table
 from svd.data.order import EpochPermutation, stream_indices
 from svd.data.storage import Storage, join
@@ -411,3 +412,123 @@ def checkpoint_replay(run: str, step: int | None, storage: Storage) -> Replay:
             f"{run} has no committed checkpoint at step {step} (committed: {steps or 'none'})"
         )
     return Replay(join(run, "checkpoints", f"step-{step:08d}"), storage)
+
+
+def checkpoint_clips(run: str, step: int | None, storage: Storage) -> Iterator[pa.RecordBatch]:
+    """The clips checkpoint `step` of `run` trained on, through every stage it descends from (`run` and
+    `checkpoint` columns say which stage's checkpoint read them). Every lineage of the chain is checked
+    before the first batch."""
+    chain = checkpoint_replay(run, step, storage).chain()
+    return (batch for replay in chain for batch in replay.clips())
+
+
+READ_SCHEMA = pa.schema(
+    [
+        ("run", pa.string()),
+        ("step", pa.int64()),
+        ("rank", pa.int64()),
+        ("micro", pa.int64()),
+        ("position", pa.int64()),
+        ("clip_id", pa.string()),
+        ("video_uri", pa.string()),
+        ("in_place_of_another", pa.bool_()),  # read where an undecodable or excluded clip was
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ClipAnswer:
+    reads: pa.Table  # READ_SCHEMA, by run (nearest stage first) and step
+    checkpoints: dict[str, list[int]]  # committed checkpoints that trained on the clips, per run
+    matched: int  # clips of the tables whose clip_id or video_uri was asked for
+
+
+def clip_reads(
+    run: str, step: int | None, storage: Storage, *, clip_ids: frozenset[str], video_uris: frozenset[str]
+) -> ClipAnswer:
+    """Every step and rank that read the named clips, up to checkpoint `step` (the latest when None), in
+    this run and the stages it descends from; and the committed checkpoints that trained on them: a
+    run's checkpoints from the first read on, and every checkpoint of the stages that descend from a
+    checkpoint that had."""
+    chain = checkpoint_replay(run, step, storage).chain()
+    batches, checkpoints, matched, inherited = [], {}, 0, False
+    for replay in reversed(chain):  # the oldest stage first: a descendant inherits what it trained on
+        table = open_table(replay.lineage["table"], replay.storage, replay.state.table_version)
+        first = None
+        for bucket, clips in replay.find(clip_ids=clip_ids, video_uris=video_uris).items():
+            matched += clips.size
+            reads = replay.reads_of(bucket, clips)
+            if not reads.index.size:
+                continue
+            steps, ranks, micros = replay.schedule.locate(bucket, reads.position)
+            rows = replay.loader.index.rows(bucket, reads.index)
+            names = table.take(rows.tolist(), columns=["clip_id", "video_uri"])
+            batches.append(
+                pa.table(
+                    {
+                        "run": pa.array([replay.run] * rows.size, pa.string()),
+                        "step": steps,
+                        "rank": ranks,
+                        "micro": micros,
+                        "position": reads.position,
+                        "clip_id": names.column("clip_id"),
+                        "video_uri": names.column("video_uri"),
+                        "in_place_of_another": reads.replaced,
+                    },
+                    schema=READ_SCHEMA,
+                )
+            )
+            first = int(steps.min()) if first is None else min(first, int(steps.min()))
+        since = 0 if inherited else first
+        if since is not None:
+            checkpoints[replay.run] = [s for s in committed_steps(replay.run, storage) if s >= since]
+            inherited = True
+    reads = pa.concat_tables(batches) if batches else READ_SCHEMA.empty_table()
+    return ClipAnswer(reads.sort_by([("step", "ascending"), ("rank", "ascending")]), checkpoints, matched)
+
+
+@dataclass(frozen=True)
+class ExcludeCheck:
+    passed: bool
+    lines: list[str]  # the proof, or what breaks it
+
+
+def exclude_check(run: str, step: int | None, exclusion: Exclusion, storage: Storage) -> ExcludeCheck:
+    """Whether, by the lineage of checkpoint `step` (the latest when None), no step while `exclusion` was in
+    force read one of its clips. In force: from the step after each lineage entry with its digest until the
+    next entry that names another list."""
+    replay = checkpoint_replay(run, step, storage)
+    entries = replay.lineage["exclusions"]
+    spans = [
+        (entry["step"], entries[i + 1]["step"] if i + 1 < len(entries) else replay.step)
+        for i, entry in enumerate(entries)
+        if entry["digest"] == exclusion.digest
+    ]
+    if not spans:
+        recorded = ", ".join(f"{e['uri']} from step {e['step']}" for e in entries) or "none"
+        return ExcludeCheck(
+            False,
+            [
+                f"{exclusion.uri} (sha256 {exclusion.digest[:12]}) was never in force in the lineage of "
+                f"{replay.folder} "
+                f"(exclusions recorded: {recorded})"
+            ],
+        )
+    answer = clip_reads(run, replay.step, storage, clip_ids=exclusion.names, video_uris=exclusion.names)
+    ours = answer.reads.filter(pc.equal(answer.reads.column("run"), replay.run))
+    steps = ours.column("step").to_numpy()
+    bad = np.zeros(steps.size, bool)
+    for after, until in spans:
+        bad |= (steps > after) & (steps <= until)
+    in_force = ", ".join(f"steps {a + 1}–{u}" for a, u in spans)
+    replaced = sum(1 for entry in replay.lineage["replaced"] if entry[3] == "excluded")
+    lines = [
+        f"{exclusion.uri}: {len(exclusion.names)} names, {answer.matched} clips of {replay.lineage['table']} "
+        f"(version {replay.state.table_version}); in force in {replay.run} for {in_force} "
+        f"(lineage of checkpoint {replay.step})",
+        f"{int(bad.sum())} reads of them in those steps; {steps.size - int(bad.sum())} outside them; "
+        f"{replaced} positions replaced because their clip was excluded",
+    ]
+    for row in ours.filter(pa.array(bad)).to_pylist()[:20]:
+        lines.append(f"read: step {row['step']} rank {row['rank']} {row['clip_id']} ({row['video_uri']})")
+    return ExcludeCheck(not bad.any(), lines)
