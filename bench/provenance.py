@@ -1,5 +1,5 @@
 """Provenance of a checkpoint at scale: which of a 10M-row table's clips a run of 1M steps at global batch
-1536 (1.5·10⁹ samples, ~150 epochs) trained on, answered by `jobs/provenance.py` from the checkpoint's lineage.
+1536 (1.5·10⁹ samples, ~150 epochs) trained on, answered by `jobs/provenance.py` from its lineage.
 
     python bench/provenance.py                                   # 10M rows, 1M steps (minutes to set up)
     python bench/provenance.py --rows 20000 --steps 300 --global-batch 192       # seconds
