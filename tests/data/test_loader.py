@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from svd.data.buckets import Bucket
+from svd.data.exclusion import ExclusionError, read_exclusion
 from svd.data.loader import ClipLoader, LoaderConfig, LoaderError, motion_bucket_id
 from svd.data.schema import LATENTS_KEY
 from svd.data.storage import Storage
@@ -539,3 +540,59 @@ def test_a_batch_from_an_endpoint_that_never_answers_fails_after_the_batch_timeo
         )
         with pytest.raises(LoaderError, match=r"timed out after 15 seconds \(data.batch_timeout_s=15"):
             next(iter(ClipLoader(config, storage=storage, rank=0, world_size=1)))
+
+
+def test_an_excluded_clip_is_replaced_like_an_undecodable_one_and_no_other_position_reads_another_row(
+    corpus, moto_s3
+):
+    rows = corpus["rows"]
+    takedown = f"{corpus['bucket']}/takedown.txt"
+    fs, path = moto_s3.storage.fsspec(takedown)
+    fs.pipe_file(path, f"# a takedown request\n{rows[3]['clip_id']}\n{rows[6]['video_uri']}\n".encode())
+    excluded = {
+        r["clip_id"]
+        for r in rows
+        if r["clip_id"] == rows[3]["clip_id"] or r["video_uri"] == rows[6]["video_uri"]
+    }
+    assert len(excluded) == 4  # one clip, and the three clips of one video
+
+    plain = iter(loader(corpus, moto_s3))
+    taken_down = loader(corpus, moto_s3, exclude=takedown, num_workers=2)  # the list reaches the workers
+    batches = iter(taken_down)
+    replaced = []
+    for _ in range(10):  # 20 positions: more than an epoch of 15 clips
+        before, after = next(plain), next(batches)
+        assert before["position"].tolist() == after["position"].tolist()
+        for position, clip, row, new_clip, new_row in zip(
+            before["position"].tolist(),
+            before["clip_id"],
+            before["row"].tolist(),
+            after["clip_id"],
+            after["row"].tolist(),
+            strict=True,
+        ):
+            assert new_clip not in excluded
+            if clip in excluded:
+                replaced.append(position)
+            else:
+                assert new_row == row, position
+    assert len(replaced) >= 4
+    assert [(b, p, reason) for b, p, _, reason in taken_down.take_replaced()] == [
+        (0, p, "excluded") for p in replaced
+    ]
+    assert taken_down.skipped["excluded"] >= len(replaced)
+    assert taken_down.take_replaced() == []
+
+
+def test_takedown_lists_are_tables_or_files_and_bad_ones_are_named_in_one_line(corpus, moto_s3, tmp_path):
+    listed = f"{corpus['bucket']}/takedown.lance"
+    write_clip_table(listed, corpus["rows"][:2], moto_s3.storage)
+    exclusion = read_exclusion(listed, moto_s3.storage)
+    assert exclusion.names == {r["clip_id"] for r in corpus["rows"][:2]} | {corpus["rows"][0]["video_uri"]}
+    assert exclusion.excludes("other", corpus["rows"][0]["video_uri"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n\n")
+    with pytest.raises(ExclusionError, match="lists no clip_id or video_uri"):
+        read_exclusion(str(empty), moto_s3.storage)
+    with pytest.raises(ExclusionError, match=r"data.exclude=.*missing.txt: cannot read it"):
+        read_exclusion(str(tmp_path / "missing.txt"), moto_s3.storage)
