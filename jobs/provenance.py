@@ -77,10 +77,14 @@ def write(batches, schema, out: str | None) -> None:
             for batch in reader:
                 writer.write_batch(batch)
         return
-    sink = pa.OSFile(out, "wb") if out else pa.PythonFile(sys.stdout.buffer)
-    with sink, pyarrow.csv.CSVWriter(sink, schema) as writer:
+    sink = pa.OSFile(out, "wb") if out else pa.PythonFile(sys.stdout.buffer, mode="w")
+    with pyarrow.csv.CSVWriter(sink, schema) as writer:
         for batch in reader:
             writer.write_batch(batch)
+    if out:
+        sink.close()
+    else:
+        sys.stdout.buffer.flush()  # stdout stays open: this may run inside a caller's process
 
 
 def answer(cfg: ProvenanceConfig) -> int:
@@ -114,7 +118,10 @@ def answer(cfg: ProvenanceConfig) -> int:
         if not found.checkpoints:
             print("no checkpoint trained on it", file=sys.stderr)
         return 0
-    write(provenance.checkpoint_clips(cfg.run, cfg.checkpoint, storage), provenance.CLIP_SCHEMA, cfg.out)
+    chain = provenance.checkpoint_replay(cfg.run, cfg.checkpoint, storage).chain()  # all checked first
+    for replay in chain:
+        print(*replay.summary(), sep="\n", file=sys.stderr)
+    write((batch for replay in chain for batch in replay.clips()), provenance.CLIP_SCHEMA, cfg.out)
     return 0
 
 

@@ -21,6 +21,7 @@ config.yaml) raises ProvenanceError naming the disagreement: an answer from it w
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Iterator
@@ -385,6 +386,25 @@ class Replay:
             )
             found[b] = at[hit].astype(np.int64)
         return found
+
+    def summary(self) -> list[str]:
+        """The lineage in a few lines: what the answer was recomputed from."""
+        lineage = self.lineage
+        segments = "; ".join(
+            f"from step {s['step'] + 1}: {s['world_size']} rank(s) × {s['batch_sizes']} × {s['accumulation']}"
+            for s in lineage["segments"]
+        )
+        lines = [
+            f"{self.folder}: {lineage['table']} version {lineage['table_version']}, "
+            f"filter {lineage['filter']!r}, seed {lineage['seed']}; {segments}"
+        ]
+        for e in lineage["exclusions"]:
+            listed = f"{e['uri']} ({e['names']} names, sha256 {e['digest'][:12]})" if e["uri"] else "none"
+            lines.append(f"  takedown list from step {e['step'] + 1}: {listed}, set {e['time']}")
+        reasons = collections.Counter(reason for *_, reason in lineage["replaced"])
+        if reasons:
+            lines.append("  positions replaced: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+        return lines
 
     def parent(self) -> Replay | None:
         """The checkpoint this stage started from (`stage.init_from`), when it was a run of ours."""

@@ -38,7 +38,13 @@ from svd.data.storage import Storage, join
 from svd.diffusion.edm import Denoiser, weighted_denoising_error
 from svd.model.video_unet import VideoUNet
 from svd.train import lineage, parallel, served
-from svd.train.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, checkpoint_folder
+from svd.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    ModelOptimizerState,
+    checkpoint_folder,
+    read_part,
+)
 from svd.train.distributed import DistEnv, init_distributed
 from svd.train.ema import EMA
 from svd.train.lease import RunDirOwner, hold_run_dir
@@ -134,6 +140,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.loader: ClipLoader | None = None  # built by `_restore`, at its checkpointed state
         self.lineage: dict[str, Any] = {}  # begun by `_restore`, saved with the loader state (lineage.py)
+        self.exclude = cfg.data.exclude  # the takedown list in force: `_restore` carries an earlier one on
         self.served = served.log_from_env(env.rank)  # tests only: every sample served, to check provenance
         self.checkpointer = Checkpointer(
             cfg.checkpoint.run_dir,
@@ -190,7 +197,7 @@ class Trainer:
     def _build_loader(self, state: dict[str, Any] | None, *, validation: bool = False) -> ClipLoader:
         """Every rank reads the same table version (rank 0 resolves it: a curation commit may land while the
         ranks start); rank 0 builds the row index once for the run, the others wait for it, then open it."""
-        config = loader_config(self.cfg, validation=validation)
+        config = dataclasses.replace(loader_config(self.cfg, validation=validation), exclude=self.exclude)
         if state is None:
             version = decided_by_rank0(
                 lambda: open_table(config.table, self.storage, config.version).version,
@@ -228,6 +235,8 @@ class Trainer:
         resume = check_resume(self.cfg, self.storage, self.checkpointer)  # or refuse, before any write
         step = self.checkpointer.load(parts)
         previous = parts["data"].pop("lineage", None) if step is not None else None
+        init_from = self._init_from_source() if step is None else None
+        self._carry_exclusion(previous if step is not None else self._lineage_of(init_from))
         if resume is not None:
             apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)  # not the checkpoint's lr
             if self.env.is_main:
@@ -247,7 +256,7 @@ class Trainer:
             world_size=self.env.world_size,
             accumulation=self.cfg.grad_accumulation,
             config_yaml=to_yaml(self.cfg),
-            init_from=self._init_from_source() if step is None else None,
+            init_from=init_from,
             curation=lineage.curation_provenance(
                 open_table(self.loader.cfg.table, self.storage, self.loader.table_version)
             ),
@@ -268,6 +277,25 @@ class Trainer:
                 return None
 
         return {"uri": uri, "folder": decided_by_rank0(folder)}
+
+    def _lineage_of(self, init_from: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The lineage of the checkpoint this stage starts from (None for diffusers weights, or none)."""
+        folder = (init_from or {}).get("folder")
+        if folder is None:
+            return None
+        return decided_by_rank0(lambda: read_part(folder, "data", self.storage).get("lineage"))
+
+    def _carry_exclusion(self, earlier: dict[str, Any] | None) -> None:
+        """A takedown stays in force: a resumed run, or a stage started from a run, that names no list of
+        its own goes on excluding the list in force before it (give another list to change it)."""
+        exclusions = (earlier or {}).get("exclusions") or []
+        if self.exclude or not exclusions or not exclusions[-1]["uri"]:
+            return
+        self.exclude = exclusions[-1]["uri"]
+        if self.env.is_main:
+            print(
+                f"data.exclude={self.exclude}: still in force (the run's lineage), give a list to change it"
+            )
 
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
