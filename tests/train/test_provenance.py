@@ -18,11 +18,12 @@ import pyarrow as pa
 import pytest
 
 from svd.data.buckets import Bucket
+from svd.data.exclusion import read_exclusion
 from svd.data.loader import ClipLoader, ClipSampler, LoaderState, bucket_seed
 from svd.data.order import stream_indices
 from svd.data.storage import Storage
 from svd.train.checkpoint import Checkpointer
-from svd.train.provenance import ProvenanceError, checkpoint_replay, clip_reads
+from svd.train.provenance import ProvenanceError, checkpoint_replay, clip_reads, exclude_check
 
 ROOT = Path(__file__).resolve().parents[2]
 bench = runpy.run_path(str(ROOT / "bench" / "provenance.py"))
@@ -223,3 +224,27 @@ def test_the_benchmark_runs_tiny(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "5,760 reads" in done.stdout
     assert "peak RSS" in done.stdout
+
+
+def test_exclude_check_fails_when_a_listed_clip_was_read_while_the_list_was_in_force(synthetic, tmp_path):
+    served, _ = served_by_the_sampler(synthetic)
+    late = next(f"clip-{row}" for step, _, _, row in served if step > 120)
+    listed = tmp_path / "takedown.txt"
+    listed.write_text(f"{late}\n")
+    exclusion = read_exclusion(str(listed), Storage())
+    data = json.loads(json.dumps(synthetic["data"]))
+    # a lineage that says the list was in force from step 120, but no position was replaced for it
+    entry = {"step": 120, "uri": str(listed), "digest": exclusion.digest, "names": 1, "time": "t"}
+    data["lineage"]["exclusions"] = [entry]
+    run = resave(synthetic["run"], data, tmp_path)
+    check = exclude_check(run, None, exclusion, Storage())
+    reads_after = sum(1 for step, _, _, row in served if f"clip-{row}" == late and step > 120)
+    assert not check.passed
+    assert f"{reads_after} reads of them in those steps" in check.lines[1]
+    assert check.lines[2].startswith("read: step ")
+
+    other = tmp_path / "other.txt"
+    other.write_text("clip-0\n")
+    never = exclude_check(run, None, read_exclusion(str(other), Storage()), Storage())
+    assert not never.passed
+    assert "was never in force" in never.lines[0]
