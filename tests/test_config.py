@@ -163,6 +163,7 @@ RUN_ACCEPTS: dict[str, frozenset[str]] = {
     "data.caption_weights": REFUSED,  # null: equal weights; [] and an all-zero list weigh nothing
     "data.elevation_deg": frozenset({ZERO, NEGATIVE}),  # an orbit at or below the horizon
     "data.cache_dir": REFUSED,
+    "data.exclude": REFUSED,  # null: no takedown list; "" names none
     "train.steps": REFUSED,
     "train.global_batch": REFUSED,
     "train.lr": REFUSED,

@@ -146,7 +146,7 @@ def test_provenance_of_every_checkpoint_equals_what_the_ranks_were_served(runs, 
 
 @pytest.mark.slow
 def test_the_takedown_removes_the_listed_clips_and_no_other_position_reads_another_row(
-    runs, monkeypatch, moto_s3
+    runs, monkeypatch, moto_s3, job
 ):
     for key, value in runs["env"].items():
         monkeypatch.setenv(key, value)
@@ -174,6 +174,13 @@ def test_the_takedown_removes_the_listed_clips_and_no_other_position_reads_anoth
     assert done.stdout.startswith("exclude-check passed:")
     assert f"in force in {runs['a']} for steps 5–8" in done.stdout
     assert "0 reads of them in those steps" in done.stdout
+
+    other = f"{runs['takedown']}.other"
+    fs, path = moto_s3.storage.fsspec(other)
+    fs.pipe_file(path, b"video_0001_000\n")
+    done = job(f"run={runs['a']}", f"exclude-check={other}")
+    assert done.returncode == 1
+    assert "was never in force" in done.stdout
 
 
 @pytest.mark.slow
