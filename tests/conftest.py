@@ -48,6 +48,7 @@ WORKER_GROUPS = {
     "launch/test_slurm_cluster.py": "slurm",
     "launch/test_ray_launcher.py": "ray",
     "monitoring/test_scrape.py": "ray",
+    "train/test_provenance_run.py": "provenance-run",  # one run sequence (3 launches) for all its tests
 }
 
 
