@@ -43,7 +43,8 @@ class ProvenanceConfig:
     out: str | None = None  # .lance, .arrow or .csv; none: CSV on stdout
 
 
-def parse(argv: list[str]) -> tuple[ProvenanceConfig, bool]:
+def parse(argv: list[str]) -> ProvenanceConfig:
+    """`--csv` (CSV on stdout) is what no out= means too; it is accepted to say so."""
     csv = "--csv" in argv
     argv = [a.replace("exclude-check=", "exclude_check=", 1) for a in argv if a != "--csv"]
     cfg = parse_settings(ProvenanceConfig, argv)
@@ -58,7 +59,7 @@ def parse(argv: list[str]) -> tuple[ProvenanceConfig, bool]:
         raise ValueError(f"out={cfg.out}: name a {', '.join(OUTPUTS)} file")
     if csv and cfg.out:
         raise ValueError("--csv writes to stdout: leave out out=")
-    return cfg, csv
+    return cfg
 
 
 def write(batches, schema, out: str | None) -> None:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     try:
-        cfg, _ = parse(argv)
+        cfg = parse(argv)
     except ValueError as e:  # ConfigError is one
         print(f"provenance: {e}", file=sys.stderr)
         return 2
