@@ -168,8 +168,14 @@ class Replay:
         """Every loader step from the lineage's segments, by the loader's sampler; the consumed counts each
         segment recorded at its start, and the loader state at the end, must be what the replay reaches."""
         segments = self.lineage["segments"]
+        if not segments or segments[0]["step"] != 0 or any(segments[0]["consumed"]):
+            begins = segments[0]["step"] if segments else self.step
+            raise ProvenanceError(
+                f"{self.folder}: its lineage begins after step {begins} (the run resumed from a checkpoint "
+                "saved without one): the samples of the steps before it cannot be recomputed"
+            )
         ends = [s["step"] for s in segments[1:]] + [self.step]
-        consumed = tuple(segments[0]["consumed"]) if segments else self.state.consumed
+        consumed = tuple(segments[0]["consumed"])
         pieces = []
         for segment, end in zip(segments, ends, strict=True):
             if tuple(segment["consumed"]) != consumed:
@@ -194,8 +200,8 @@ class Replay:
                 f"the replay of its segments consumes {list(consumed)} samples, the loader state says "
                 f"{list(self.state.consumed)}"
             )
-        columns = [np.concatenate(c) if c else np.zeros(0, np.int64) for c in zip(*pieces, strict=True)]
-        return Schedule(*columns) if pieces else Schedule(*[np.zeros(0, np.int64)] * 6)
+        columns = [np.concatenate(c) for c in zip(*pieces, strict=True)]
+        return Schedule(*columns)
 
     def _check_configs(self) -> None:
         """Each segment's recorded config derives the same order inputs; and the run's config.yaml, for its

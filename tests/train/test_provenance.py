@@ -163,8 +163,9 @@ def resave(run: str, data: dict, tmp_path: Path) -> str:
             "the config recorded at step 90 says train.seed: 4 there, 3 trained",
         ),
         (lambda d: d["lineage"]["replaced"].append([0, 10**9, 1, "corrupt"]), "was never consumed"),
+        (lambda d: d["lineage"]["segments"].pop(0), "its lineage begins after step 50"),
     ],
-    ids=["seed", "world_size", "config", "replaced"],
+    ids=["seed", "world_size", "config", "replaced", "begins_late"],
 )
 def test_a_lineage_that_disagrees_with_its_checkpoint_is_reported(synthetic, tmp_path, tamper, reported):
     data = json.loads(json.dumps(synthetic["data"]))
