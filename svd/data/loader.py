@@ -99,9 +99,8 @@ class LoaderConfig:
     motion_score_scale: float = 1.0  # motion_score that maps to motion bucket 255 (see motion_bucket_id)
     caption_weights: tuple[float, ...] | None = None  # per caption slot, e.g. (0.5, 0.25, 0.25); None: equal
     max_replacements: int = 16  # consecutive undecodable clips tolerated before the loader gives up
-    exclude: str | None = (
-        None  # URI of a takedown list (svd/data/exclusion.py): replaced like undecodable clips
-    )
+    # URI of a takedown list (svd/data/exclusion.py): its clips are replaced like undecodable ones
+    exclude: str | None = None
     # Longest wait for one batch from a worker (worker start-up included); the storage clients' own
     # timeouts normally fail a read sooner. In process (num_workers=0) only those apply.
     batch_timeout_s: float = 600.0
@@ -236,9 +235,9 @@ class ClipSampler(torch.utils.data.Sampler):
             yield BatchRequest(bucket, positions, step, self.state)
 
     def schedule(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """(bucket, first stream position) of each of the next `steps` steps, and the state after them:
-        what `__iter__` would yield, for provenance to replay a run. With one bucket holding rows the choice
-        is always that bucket, so the positions are computed at once instead of step by step."""
+        """(bucket, first stream position) of each of the next `steps` steps, advancing the state as
+        `__iter__` would: provenance replays a run with it. With one bucket holding rows the choice is always
+        that bucket, so the positions are computed at once instead of step by step."""
         filled = [b for b, size in enumerate(self.sizes) if size]
         if len(filled) == 1:
             b = filled[0]
