@@ -98,6 +98,13 @@ def with_replaced(lineage: dict[str, Any], replaced: list[list[Any]]) -> dict[st
     return lineage
 
 
+def exclusion_in_force(earlier: dict[str, Any] | None) -> str | None:
+    """The takedown list a run (or the stage it started from) last had in force. A takedown stays in force:
+    a resumed run, or a later stage, that names no list of its own goes on excluding it."""
+    exclusions = (earlier or {}).get("exclusions") or []
+    return exclusions[-1]["uri"] if exclusions else None
+
+
 def curation_provenance(table: lance.LanceDataset) -> dict[str, Any]:
     """The `svd.*` schema metadata a curated table carries (recipe, config hash, scoring models' checksums,
     when written, latents' encoding), JSON-decoded where it is JSON; the schema version is left out."""

@@ -286,15 +286,12 @@ class Trainer:
         return decided_by_rank0(lambda: read_part(folder, "data", self.storage).get("lineage"))
 
     def _carry_exclusion(self, earlier: dict[str, Any] | None) -> None:
-        """A takedown stays in force: a resumed run, or a stage started from a run, that names no list of
-        its own goes on excluding the list in force before it (give another list to change it)."""
-        exclusions = (earlier or {}).get("exclusions") or []
-        if self.exclude or not exclusions or not exclusions[-1]["uri"]:
+        if self.exclude or (carried := lineage.exclusion_in_force(earlier)) is None:
             return
-        self.exclude = exclusions[-1]["uri"]
+        self.exclude = carried
         if self.env.is_main:
             print(
-                f"data.exclude={self.exclude}: still in force (the run's lineage), give a list to change it"
+                f"data.exclude={carried}: still in force (the run's lineage); name another list to change it"
             )
 
     # ---- loop --------------------------------------------------------------------------------------

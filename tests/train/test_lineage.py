@@ -57,6 +57,9 @@ def test_each_start_is_a_segment_and_each_change_of_takedown_list_an_entry():
         (10, None, None, 0),
     ]
     assert history["segments"][0]["code"]["svd"]
+    assert lineage.exclusion_in_force(history) is None  # the last entry names no list
+    assert lineage.exclusion_in_force(begin(None, 0, 0, first)) == first.uri  # carried on by the trainer
+    assert lineage.exclusion_in_force(None) is None
 
 
 def test_replacements_from_all_ranks_are_kept_in_one_order():
