@@ -175,16 +175,16 @@ def test_a_lineage_that_disagrees_with_its_checkpoint_is_reported(synthetic, tmp
         checkpoint_replay(run, None, Storage())
 
 
-def test_an_edited_config_yaml_or_a_recreated_table_is_reported_by_the_job(synthetic, tmp_path):
+def test_an_edited_config_yaml_or_a_recreated_table_is_reported_by_the_job(synthetic, tmp_path, capsys):
     run = resave(synthetic["run"], synthetic["data"], tmp_path)
-    job = [sys.executable, str(ROOT / "jobs" / "provenance.py"), f"run={run}", "checkpoint=145"]
+    job = runpy.run_path(str(ROOT / "jobs" / "provenance.py"))["main"]  # in process: no second torch import
     config = Path(run, "config.yaml")
     original = config.read_text()
     config.write_text(original.replace("seed: 3", "seed: 5"))
-    done = subprocess.run(job, capture_output=True, text=True, env=ENV)
-    assert done.returncode == 1
-    assert "config.yaml says train.seed: 5 there, 3 trained" in done.stderr
-    assert done.stdout == ""
+    assert job([f"run={run}", "checkpoint=145"]) == 1
+    out, err = capsys.readouterr()
+    assert "config.yaml says train.seed: 5 there, 3 trained" in err
+    assert out == ""
     config.write_text(original)
 
     # the table re-created at its URI: the same version number, other rows
@@ -194,9 +194,8 @@ def test_an_edited_config_yaml_or_a_recreated_table_is_reported_by_the_job(synth
     shutil.move(table, moved)
     try:
         lance.write_dataset(kept.slice(1), table)
-        done = subprocess.run(job, capture_output=True, text=True, env=ENV)
-        assert done.returncode == 1
-        assert "holds other rows than when the state was saved" in done.stderr, done.stderr
+        assert job([f"run={run}", "checkpoint=145"]) == 1
+        assert "holds other rows than when the state was saved" in capsys.readouterr().err
     finally:
         shutil.rmtree(table)
         shutil.move(moved, table)
