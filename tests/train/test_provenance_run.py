@@ -59,7 +59,8 @@ def served(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(moto_s3, tmp_path_factory) -> dict:
-    """The run sequence: A on 2 ranks (steps 1–4), A resumed on 1 rank with a takedown (steps 5–8), B from
+    """The run sequence: A on 2 ranks (steps 1–4), A resumed on 1 rank with a takedown (steps 5–8), then on 3
+    ranks with another global batch and no list named (steps 9–10: the takedown stays in force), B from
     A's last checkpoint (steps 1–2); what each launch served, by launch."""
     monkeypatch = pytest.MonkeyPatch()
     for key, value in moto_s3.env.items():
@@ -84,6 +85,7 @@ def runs(moto_s3, tmp_path_factory) -> dict:
     launches = [
         ("a1", a, ("gpus_per_node=2", "train.steps=4")),
         ("a2", a, ("gpus_per_node=1", "train.steps=8", f"data.exclude={takedown}")),
+        ("a3", a, ("gpus_per_node=3", "train.steps=10", "train.global_batch=3")),
         ("b", b, ("gpus_per_node=1", "train.steps=2", f"stage.init_from={a}")),
     ]
     for name, run, extra in launches:
@@ -113,17 +115,18 @@ def test_provenance_of_every_checkpoint_equals_what_the_ranks_were_served(runs, 
     for key, value in runs["env"].items():
         monkeypatch.setenv(key, value)
     storage = moto_s3.storage
-    a_served = runs["served"]["a1"] + runs["served"]["a2"]
+    a_served = runs["served"]["a1"] + runs["served"]["a2"] + runs["served"]["a3"]
     assert {s["rank"] for s in runs["served"]["a1"]} == {0, 1}
+    assert {s["rank"] for s in runs["served"]["a3"]} == {0, 1, 2}
 
-    for step in (2, 4, 6, 8):
+    for step in (2, 4, 6, 8, 10):
         table = pa.Table.from_batches(list(checkpoint_clips(runs["a"], step, storage)))
         got = {r["clip_id"]: (r["times_seen"], r["first_step"], r["last_step"]) for r in table.to_pylist()}
         assert got == counts([s for s in a_served if s["step"] <= step]), step
 
     # every read of every clip: the multiset of (step, rank, micro-batch, position)
     names = frozenset(s["clip_id"] for s in a_served) | {"broken_000", "broken_001"} | runs["excluded"]
-    answer = clip_reads(runs["a"], 8, storage, clip_ids=names, video_uris=frozenset())
+    answer = clip_reads(runs["a"], 10, storage, clip_ids=names, video_uris=frozenset())
     got = sorted(
         zip(
             *(answer.reads.column(c).to_pylist() for c in ("step", "rank", "micro", "position", "clip_id")),
@@ -132,11 +135,13 @@ def test_provenance_of_every_checkpoint_equals_what_the_ranks_were_served(runs, 
     )
     assert got == sorted((s["step"], s["rank"], s["micro"], s["position"], s["clip_id"]) for s in a_served)
 
-    lineage = checkpoint_replay(runs["a"], 8, storage).lineage
+    lineage = checkpoint_replay(runs["a"], 10, storage).lineage
     assert [(s["step"], s["world_size"], s["accumulation"]) for s in lineage["segments"]] == [
         (0, 2, 2),
         (4, 1, 4),
+        (8, 3, 1),
     ]
+    # one entry: the third launch named no list, and the one in force stayed (the same digest)
     assert [(e["step"], e["uri"], e["names"]) for e in lineage["exclusions"]] == [
         (TAKEDOWN_AFTER, runs["takedown"], 2)
     ]
@@ -151,28 +156,30 @@ def test_the_takedown_removes_the_listed_clips_and_no_other_position_reads_anoth
     for key, value in runs["env"].items():
         monkeypatch.setenv(key, value)
     storage = moto_s3.storage
-    replay = checkpoint_replay(runs["a"], 8, storage)
+    replay = checkpoint_replay(runs["a"], 10, storage)
     reasons = collections.Counter(reason for *_, reason in replay.lineage["replaced"])
     assert reasons["corrupt"] > 0  # the broken video's clips, before and after the takedown
     assert reasons["excluded"] > 0  # the listed clips' positions after it
     before = [s for s in runs["served"]["a1"] if s["clip_id"] in runs["excluded"]]
     assert before  # the listed clips were trained on before the takedown
     # not after it, in this run nor in the stage started from it (which named no list: it stays in force)
-    assert not [s for s in runs["served"]["a2"] + runs["served"]["b"] if s["clip_id"] in runs["excluded"]]
-    assert not [s for s in runs["served"]["a1"] + runs["served"]["a2"] if s["clip_id"].startswith("broken")]
+    later = runs["served"]["a2"] + runs["served"]["a3"] + runs["served"]["b"]
+    assert not [s for s in later if s["clip_id"] in runs["excluded"]]
+    a_served = runs["served"]["a1"] + runs["served"]["a2"] + runs["served"]["a3"]
+    assert not [s for s in a_served if s["clip_id"].startswith("broken")]
 
     # every position that was not replaced read the row the order gives it, takedown or not
     replaced = {position for _, position, _, _ in replay.lineage["replaced"]}
-    ordinary = [s for s in runs["served"]["a1"] + runs["served"]["a2"] if s["position"] not in replaced]
+    ordinary = [s for s in a_served if s["position"] not in replaced]
     positions = np.array([s["position"] for s in ordinary])
     rows = replay.loader.index.rows(0, replay.indices(0, positions))
     assert rows.tolist() == [s["row"] for s in ordinary]
-    assert len(ordinary) + len(replaced) == 8 * 4
+    assert len(ordinary) + len(replaced) == 8 * 4 + 2 * 3
 
     done = job(f"run={runs['a']}", f"exclude-check={runs['takedown']}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("exclude-check passed:")
-    assert f"in force in {runs['a']} for steps 5–8" in done.stdout
+    assert f"in force in {runs['a']} for steps 5–10" in done.stdout
     assert "0 reads of them in those steps" in done.stdout
 
     other = f"{runs['takedown']}.other"
@@ -196,21 +203,21 @@ def test_a_stage_started_from_another_reports_both_stages_clips(runs, monkeypatc
             row["first_step"],
             row["last_step"],
         )
-    assert set(by_run) == {(runs["b"], 2), (runs["a"], 8)}
+    assert set(by_run) == {(runs["b"], 2), (runs["a"], 10)}
     b_lineage = checkpoint_replay(runs["b"], 2, storage).lineage
-    assert b_lineage["init_from"] == {"uri": runs["a"], "folder": f"{runs['a']}/checkpoints/step-00000008"}
+    assert b_lineage["init_from"] == {"uri": runs["a"], "folder": f"{runs['a']}/checkpoints/step-00000010"}
     assert [(e["step"], e["uri"]) for e in b_lineage["exclusions"]] == [(0, runs["takedown"])]
     assert by_run[(runs["b"], 2)] == counts(runs["served"]["b"])
-    assert by_run[(runs["a"], 8)] == counts(runs["served"]["a1"] + runs["served"]["a2"])
+    assert by_run[(runs["a"], 10)] == counts(
+        runs["served"]["a1"] + runs["served"]["a2"] + runs["served"]["a3"]
+    )
 
     clip = runs["served"]["a1"][0]["clip_id"]
     done = job(f"run={runs['b']}", f"clip={clip}", "--csv")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith('"run","step","rank"')
-    expected = [
-        s for s in runs["served"]["a1"] + runs["served"]["a2"] + runs["served"]["b"] if s["clip_id"] == clip
-    ]
+    expected = [s for name in ("a1", "a2", "a3", "b") for s in runs["served"][name] if s["clip_id"] == clip]
     assert len(lines) - 1 == len(expected)
     assert f"checkpoints of {runs['a']} that trained on it: [" in done.stderr
     assert f"checkpoints of {runs['b']} that trained on it: [2]" in done.stderr
