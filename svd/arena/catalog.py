@@ -92,9 +92,10 @@ class Catalog:
         return hashlib.sha256(f"{self.salt}|{key}".encode()).hexdigest()[:20]
 
 
-def create(arena_dir: str, models: dict[str, str], storage: Storage) -> str:
-    """Write `<arena_dir>/arena.json` for these models ({name: samples folder}) with a new secret salt;
-    refuses to replace an arena that exists (its votes name pairs by ids made from its salt)."""
+def create(arena_dir: str, models: dict[str, str], storage: Storage, *, salt: str | None = None) -> str:
+    """Write `<arena_dir>/arena.json` for these models ({name: samples folder}) with a secret salt (a new
+    random one unless given: tests fix it); refuses to replace an arena that exists (its votes name pairs by
+    ids made from its salt)."""
     if len(models) < 2:
         raise ConfigError(f"an arena needs at least 2 models, got {len(models)}")
     for name in models:
@@ -109,7 +110,9 @@ def create(arena_dir: str, models: dict[str, str], storage: Storage) -> str:
             f"{arena_dir} is an arena of other models ({sorted(spec['models'])}): choose another"
         )
     Catalog(list(models), list(models.values()), "check", storage)  # every folder readable, conditions shared
-    write_whole(fs, path, json.dumps({"models": models, "salt": secrets.token_hex(16)}, indent=2).encode())
+    write_whole(
+        fs, path, json.dumps({"models": models, "salt": salt or secrets.token_hex(16)}, indent=2).encode()
+    )
     return join(arena_dir, ARENA_FILE)
 
 
