@@ -175,14 +175,19 @@ class Ablation:
     def run(self) -> dict[str, Any]:
         """Train, evaluate, compare and build the arena; what is done already is reused."""
         planned = self.plan()
-        configs = {
-            p.name: self.config(p) for p in planned
-        }  # every recipe's settings checked before any starts
+        configs = {p.name: self.config(p) for p in planned}  # all checked before any training starts
+        unfinished = []
         for p in planned:
             print(
-                f"recipe {p.name}: {p.kept} of {p.total} clips (table version {p.table_version})", flush=True
+                f"recipe {p.name}: {p.kept} of {p.total} clips, table version {p.table_version}", flush=True
             )
-            self.train(configs[p.name])
+            if not self.train(configs[p.name]):
+                unfinished.append(p.name)
+        if unfinished:  # every recipe was launched first: submitted jobs train side by side
+            raise AblationError(
+                f"training of {', '.join(unfinished)} not finished (see above); the same command resumes it "
+                "(after submitted jobs have ended)"
+            )
         metrics, folders = {}, {}
         for p in planned:
             metrics[p.name], folders[p.name] = self.evaluate(p.name)
@@ -192,20 +197,20 @@ class Ablation:
         create(join(self.out, "arena"), folders, self.storage)
         return self.summary(planned, metrics)
 
-    def train(self, cfg: RunConfig) -> None:
-        """Launch the recipe's training unless its last step is saved (a stopped run resumes)."""
+    def train(self, cfg: RunConfig) -> bool:
+        """Launch the recipe's training unless its last step is saved (a stopped run resumes); whether it
+        has its last step now (not yet for a job submitted without waiting, or a failed one)."""
         from svd.launch import launcher_module
 
         run = cfg.checkpoint.run_dir
         if self._trained(run):
             print(f"{run}: trained already ({self.settings.steps} steps), reused", flush=True)
-            return
+            return True
         status = launcher_module(cfg.launcher.name).launch(cfg)
-        if not self._trained(run):
-            raise AblationError(
-                f"{run}: training not finished (launcher status {status}); the same command resumes it"
-                + (" once the submitted job ends" if status == 0 else "")
-            )
+        if self._trained(run):
+            return True
+        print(f"{run}: not trained to step {self.settings.steps} (launcher status {status})", flush=True)
+        return False
 
     def _trained(self, run: str) -> bool:
         from svd.train.trained import committed_steps

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from svd.ablation import AblateSettings, Ablation, recipes_of, sweep_recipes
+from svd.ablation import AblateSettings, Ablation, AblationError, recipes_of, sweep_recipes
 from svd.arena.catalog import Catalog
 from svd.config import ConfigError
 from svd.curate.recipes import PercentileRule
@@ -146,3 +146,34 @@ def test_an_ablation_of_another_table_in_the_same_folder_is_refused(tmp_path, lo
     (tmp_path / "plan.json").write_text(json.dumps({"table": "s3://other/clips.lance", "recipes": {}}))
     with pytest.raises(ConfigError, match=r"is an ablation of s3://other/clips\.lance"):
         Ablation(settings, [], [], Storage()).plan()
+
+
+def test_every_recipe_is_launched_before_unfinished_trainings_are_reported(
+    tmp_path, local_table, monkeypatch
+):
+    """A launcher that submits without waiting (Slurm, launcher.wait=false) trains the recipes side by side:
+    the ablation launches all of them, then says which are not finished, instead of stopping at the first."""
+    import types
+
+    import svd.launch
+
+    launched = []
+    submit_only = types.SimpleNamespace(launch=lambda cfg: launched.append(cfg.checkpoint.run_dir) or 0)
+    monkeypatch.setattr(svd.launch, "launcher_module", lambda name: submit_only)
+    card = tmp_path / "first_half.yaml"
+    card.write_text("name: first_half\nrecipe:\n  where: ['start_s < 1']\n")
+    settings = AblateSettings(
+        table=local_table,
+        recipes=["unfiltered", str(card)],
+        steps=2,
+        eval="motion_adherence",
+        out=str(tmp_path),
+    )
+    ablation = Ablation(settings, ["model=tiny"], [], Storage())
+    with pytest.raises(AblationError, match="training of unfiltered, first_half not finished"):
+        ablation.run()
+    assert launched == [f"{tmp_path}/runs/unfiltered", f"{tmp_path}/runs/first_half"]
+    plan = json.loads((tmp_path / "plan.json").read_text())["recipes"]
+    assert plan["unfiltered"]["filter"] == "true"
+    assert plan["first_half"]["filter"] == "(start_s < 1)"
+    assert plan["first_half"]["kept"] < plan["unfiltered"]["kept"] == plan["unfiltered"]["total"]
