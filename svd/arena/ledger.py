@@ -118,6 +118,13 @@ class Table:
                 table, self.uri, mode=mode, storage_options=self.storage.lance_options(self.uri)
             )
 
+    def compact(self) -> None:
+        """One fragment for the many that one-row appends leave (a server start reads the whole table)."""
+        dataset = self._dataset()
+        if dataset is not None and len(dataset.get_fragments()) > 1:
+            with self._lock:
+                dataset.optimize.compact_files()
+
     def _dataset(self):
         import lance
 

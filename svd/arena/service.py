@@ -47,6 +47,8 @@ class Arena:
 
     def _resume(self) -> None:
         """The schedule as the tables left it (a restart continues where the last server stopped)."""
+        self.shown.compact()
+        self.votes.compact()
         for row in self.shown.rows():
             if row["pair"] in self.catalog.pairs:
                 self.schedule.given(row["rater"], row["pair"], row["left"], row["time"])

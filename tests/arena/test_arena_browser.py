@@ -6,11 +6,13 @@ is shown a pair twice."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,19 @@ def vote_in_page(driver, by_keyboard: bool, sides: list[str]) -> str:
     return pair
 
 
+def pending(port: int, token: str) -> list[dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/next", headers={"X-Arena-Token": token})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.load(reply)["pairs"]
+
+
+def requested(driver) -> str:
+    """Every URL the page has fetched, one per line."""
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).join('\\n')"
+    )
+
+
 def open_as(driver, port: int, token: str) -> str:
     """Load the page as this rater (a fresh load each time: the query differs); returns the pair on screen."""
     driver.get(f"http://127.0.0.1:{port}/?visit={next(VISITS)}#token={token}")
@@ -129,6 +144,14 @@ def test_two_raters_vote_20_pairs_each_in_a_browser_across_a_killed_server(brows
                 assert {name: open_as(browser, port, token) for name, token in tokens.items()} == before
             for r, (name, token) in enumerate(tokens.items()):
                 open_as(browser, port, token)  # the raters take turns in one browser
+                if round_ == 0:  # while the first pair is on screen, the next one's videos have loaded
+                    upcoming = pending(port, token)[1]
+                    wait_for(
+                        browser,
+                        lambda s, u=upcoming: all(
+                            f"api/video/{u[k]}" in requested(browser) for k in ("left", "right")
+                        ),
+                    )
                 sides = [cycle[(round_ + r + k) % 3] for k in range(len(QUESTIONS))]
                 voted[name].append(vote_in_page(browser, by_keyboard=(round_ + r) % 2 == 0, sides=sides))
     finally:

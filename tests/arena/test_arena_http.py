@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lance
 import pytest
 
 from svd.arena.app import create_app
@@ -181,6 +182,10 @@ def test_a_new_server_resumes_the_schedule_and_gives_no_rater_a_pair_twice(arena
     assert sorted(r["pair"] for r in shown) == sorted(given)  # each given once, across the restarts
     assert len({r["vote"] for r in votes}) == 24
     assert len(votes) == 24 * len(QUESTIONS)
+    server(arena_dir)  # a start compacts the tables that one-row appends fragmented
+    for table in (shown_table(arena_dir, Storage()), votes_table(arena_dir, Storage())):
+        assert len(lance.dataset(table.uri).get_fragments()) == 1
+    assert rows(arena_dir) == (shown, votes)
 
 
 def test_a_folder_that_is_not_an_arena_is_named(tmp_path):
