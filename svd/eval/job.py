@@ -82,9 +82,9 @@ class Evaluation:
         self.settings, self.protocol, self.storage = settings, protocol, storage
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")
-        self.run_config = read_run_config(settings.run, storage)
         if settings.held_out not in HELD_OUT:
             raise ConfigError(f"held_out={settings.held_out!r}: choose one of {list(HELD_OUT)}")
+        self.run_config = read_run_config(settings.run, storage)
         if settings.held_out == "table":  # the filter only chooses the conditions here, never the model
             self.run_config = replace(self.run_config, data=replace(self.run_config.data, filter=None))
         check_fits(protocol, self.run_config.stage.task, run=settings.run)
