@@ -177,3 +177,11 @@ def test_every_recipe_is_launched_before_unfinished_trainings_are_reported(
     assert plan["unfiltered"]["filter"] == "true"
     assert plan["first_half"]["filter"] == "(start_s < 1)"
     assert plan["first_half"]["kept"] < plan["unfiltered"]["kept"] == plan["unfiltered"]["total"]
+
+
+def test_help_describes_the_ablation_and_its_arena(capsys):
+    main = runpy.run_path(str(ROOT / "jobs" / "ablate.py"))["main"]
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep=<score>:<shares>" in out
+    assert "jobs/arena.py" in out

@@ -79,9 +79,11 @@ class Catalog:
             raise ConfigError(f"{arena_dir}: not an arena (no {ARENA_FILE}; create one with `new`)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{join(arena_dir, ARENA_FILE)}: not JSON ({e})") from None
-        models = spec.get("models")
-        if not isinstance(models, dict) or len(models) < 2:
-            raise ConfigError(f"{join(arena_dir, ARENA_FILE)}: 'models' must name at least 2 sample folders")
+        models = spec.get("models") if isinstance(spec, dict) else None
+        if not isinstance(models, dict) or len(models) < 2 or not spec.get("salt"):
+            raise ConfigError(
+                f"{join(arena_dir, ARENA_FILE)}: needs 'models' (at least 2 sample folders) and 'salt'"
+            )
         return Catalog(list(models), list(models.values()), str(spec["salt"]), storage)
 
     def video_of(self, model: int, condition: Condition) -> str:

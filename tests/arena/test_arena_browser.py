@@ -135,23 +135,32 @@ def test_two_raters_vote_20_pairs_each_in_a_browser_across_a_killed_server(brows
     server = Server(arena_dir, port)
     voted: dict[str, list[str]] = {name: [] for name in tokens}
     cycle = list(KEYS)
+    tabs = {}  # each rater votes in a tab of their own, going from pair to pair without reloading
     try:
+        for name, token in tokens.items():
+            if tabs:
+                browser.switch_to.new_window("tab")
+            tabs[name] = browser.current_window_handle
+            open_as(browser, port, token)
+            upcoming = pending(port, token)[
+                1
+            ]  # while the first pair is on screen, the next one's videos load
+            wait_for(
+                browser,
+                lambda s, u=upcoming: all(
+                    f"api/video/{u[k]}" in requested(browser) for k in ("left", "right")
+                ),
+            )
         for round_ in range(PAIRS_EACH):
-            if round_ == 7:  # between votes, without warning; the raters' pages reload on the new server
-                before = {name: open_as(browser, port, token) for name, token in tokens.items()}
+            if round_ == 7:  # between votes, without warning; the raters reload their pages on the new server
                 server.kill()
                 server = Server(arena_dir, port)
-                assert {name: open_as(browser, port, token) for name, token in tokens.items()} == before
-            for r, (name, token) in enumerate(tokens.items()):
-                open_as(browser, port, token)  # the raters take turns in one browser
-                if round_ == 0:  # while the first pair is on screen, the next one's videos have loaded
-                    upcoming = pending(port, token)[1]
-                    wait_for(
-                        browser,
-                        lambda s, u=upcoming: all(
-                            f"api/video/{u[k]}" in requested(browser) for k in ("left", "right")
-                        ),
-                    )
+                for name, token in tokens.items():
+                    browser.switch_to.window(tabs[name])
+                    on_screen = state(browser)["pair"]
+                    assert open_as(browser, port, token) == on_screen  # the schedule resumed
+            for r, name in enumerate(tokens):
+                browser.switch_to.window(tabs[name])
                 sides = [cycle[(round_ + r + k) % 3] for k in range(len(QUESTIONS))]
                 voted[name].append(vote_in_page(browser, by_keyboard=(round_ + r) % 2 == 0, sides=sides))
     finally:

@@ -96,3 +96,11 @@ def test_behind_a_reverse_proxy_prefix_the_page_and_its_requests_work(arena_dir,
         "load_ms": 1,
     }
     assert client.post("/team/arena/api/vote", headers=headers, json=body).json["voted"] == 1
+
+
+def test_help_names_every_command(arena_main, capsys):
+    assert arena_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("new", "add-rater", "leaderboard", "host=127.0.0.1"):
+        assert command in out
+    assert arena_main([]) == 2  # nothing given: the help, and a failing status
