@@ -1,7 +1,7 @@
 """The arena in a real headless browser (Debian's chromium, driven by selenium) against a real server process:
 two raters vote through 20 pairs each, one with the keyboard and one with the mouse (alternating), while the
-server is killed (SIGKILL) and restarted between votes. Every acknowledged vote is in the table, and no rater
-is shown a pair twice."""
+server is killed (SIGKILL) and restarted between votes. Every acknowledged vote is in the table, no rater
+is shown a pair twice, and the leaderboard of those votes equals an independent Bradley–Terry fit."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from svd.arena.leaderboard import leaderboard
 from svd.arena.ledger import shown_table, votes_table
 from svd.arena.service import QUESTIONS
 from svd.data.local_s3 import free_port
 from svd.data.storage import Storage
+
+from .test_leaderboard import independent_bradley_terry
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -130,7 +133,9 @@ def open_as(driver, port: int, token: str) -> str:
 
 
 @pytest.mark.slow
-def test_two_raters_vote_20_pairs_each_in_a_browser_across_a_killed_server(browser, arena_dir, tokens):
+def test_two_raters_vote_20_pairs_each_in_a_browser_across_a_killed_server(
+    browser, arena_dir, tokens, sample_folders
+):
     port = free_port()
     server = Server(arena_dir, port)
     voted: dict[str, list[str]] = {name: [] for name in tokens}
@@ -178,3 +183,10 @@ def test_two_raters_vote_20_pairs_each_in_a_browser_across_a_killed_server(brows
     assert len(votes) == 2 * PAIRS_EACH * len(QUESTIONS)
     assert {r["side"] for r in votes} == set(KEYS)
     assert all(r["load_ms"] > 0 for r in votes)
+    board = leaderboard(votes, list(sample_folders), draws=20)
+    for question in QUESTIONS:
+        expected = independent_bradley_terry(
+            [r for r in votes if r["question"] == question], list(sample_folders)
+        )
+        got = {e["model"]: e["bradley_terry"] for e in board["questions"][question]["ranking"]}
+        assert [got[m] for m in sample_folders] == pytest.approx(list(expected), abs=1e-3)
