@@ -55,6 +55,7 @@ class Catalog:
                 "the models' samples share no condition (same condition, motion bucket and seed): "
                 "evaluate them with the same protocol"
             )
+        _check_same_inputs(models, samples, shared)
         self.conditions: list[Condition] = shared
         self.videos: dict[str, Video] = {}
         self._video_of: dict[tuple[int, Condition], str] = {}
@@ -118,6 +119,20 @@ def create(arena_dir: str, models: dict[str, str], storage: Storage, *, salt: st
     return join(arena_dir, ARENA_FILE)
 
 
+def _check_same_inputs(
+    models: list[str], samples: list[dict[Condition, dict]], shared: list[Condition]
+) -> None:
+    """A condition number names the same input in every model's samples only if they come from the same
+    clips: runs evaluated on their own held-out clips (each run's filter applied) are refused."""
+    for c in shared:
+        clips = [s[c].get("clip_id") for s in samples]
+        if len(set(clips)) > 1:
+            raise ConfigError(
+                f"condition {c[0]} is clip {clips[0]!r} in {models[0]}'s samples but {clips[1:]!r} in the "
+                "others': evaluate the models on the same held-out clips (jobs/evaluate.py held_out=table)"
+            )
+
+
 def _samples(folder: str, storage: Storage) -> dict[Condition, dict]:
     import lance
 
@@ -131,4 +146,8 @@ def _samples(folder: str, storage: Storage) -> dict[Condition, dict]:
     missing = {"condition", "motion_bucket_id", "seed", "video"} - set(table.column_names)
     if missing:
         raise ConfigError(f"{uri}: not a samples table of the evaluation job (no {sorted(missing)})")
-    return {(r["condition"], r["motion_bucket_id"], r["seed"]): r for r in table.to_pylist()}
+    rows = table.to_pylist()
+    for r in rows:  # the table's paths are joined to the folder: none may leave it
+        if r["video"].startswith("/") or ".." in r["video"].split("/") or "://" in r["video"]:
+            raise ConfigError(f"{uri}: video {r['video']!r} is not a path inside its folder")
+    return {(r["condition"], r["motion_bucket_id"], r["seed"]): r for r in rows}

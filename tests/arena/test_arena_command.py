@@ -8,6 +8,8 @@ import re
 import runpy
 from pathlib import Path
 
+import lance
+import pyarrow as pa
 import pytest
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import Client
@@ -15,6 +17,8 @@ from werkzeug.test import Client
 from svd.arena.app import PAGE, create_app
 from svd.arena.service import Arena
 from svd.data.storage import Storage
+
+from .conftest import write_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,3 +108,29 @@ def test_help_names_every_command(arena_main, capsys):
     for command in ("new", "add-rater", "leaderboard", "host=127.0.0.1"):
         assert command in out
     assert arena_main([]) == 2  # nothing given: the help, and a failing status
+
+
+def _rewrite(folder: Path, column: str, value) -> None:
+    """The samples table of `folder` with `column` of condition 0 set to `value`."""
+    rows = lance.dataset(str(folder / "samples.lance")).to_table().to_pylist()
+    rows[0][column] = value
+    lance.write_dataset(pa.Table.from_pylist(rows), str(folder / "samples.lance"), mode="overwrite")
+
+
+def test_samples_of_different_clips_or_with_paths_outside_their_folder_are_refused(tmp_path):
+    from svd.arena.catalog import create
+    from svd.config import ConfigError
+
+    for name in ("a", "b"):
+        write_samples(tmp_path / name, ("a", "b").index(name), 2)
+    models = {name: str(tmp_path / name) for name in ("a", "b")}
+    _rewrite(tmp_path / "b", "clip_id", "another clip")
+    with pytest.raises(
+        ConfigError, match=r"condition 0 is clip 'clip0' in a's samples but \['another clip'\]"
+    ):
+        create(str(tmp_path / "arena"), models, Storage())
+    _rewrite(tmp_path / "b", "clip_id", "clip0")
+    _rewrite(tmp_path / "b", "video", "../a/videos/000000-m127.mp4")
+    with pytest.raises(ConfigError, match=r"video '\.\./a/videos/000000-m127\.mp4' is not a path inside"):
+        create(str(tmp_path / "arena"), models, Storage())
+    assert not (tmp_path / "arena").exists()
