@@ -20,17 +20,22 @@ CPU rank it says once that it needs CUDA.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from svd.config import ProfileConfig
+from svd.config import ProfileConfig, RunConfig, validate
 from svd.train.distributed import DistEnv
 from svd.train.run_files import RunFiles
 
+# `jobs/launch.py --profile` traces these steps unless profile.steps says otherwise: not the first, which pays
+# for warm-up (the loader's workers starting, first allocations, FSDP's lazy initialisation)
+CHECK_STEPS = (2, 4)
 TOP_OPERATORS = 15
 MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept (a ring): the last ones before an OOM
 
@@ -125,3 +130,19 @@ class StepProfiler:
         relative = f"profiles/rank{self.env.rank:03d}.{name}"
         self.files.write(relative, data)
         return self.files.uri(relative)
+
+
+def profile_check(cfg: RunConfig) -> RunConfig:
+    """What `jobs/launch.py --profile` runs: the configured job for a few steps, traced, in a run directory of
+    its own (`<run_dir>-profile-<time>`: the job's own run is neither resumed nor written), untracked."""
+    first, last = cfg.profile.steps or CHECK_STEPS
+    run_dir = f"{cfg.checkpoint.run_dir.rstrip('/')}-profile-{time.strftime('%Y%m%d-%H%M%S')}"
+    checked = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, steps=last),
+        checkpoint=dataclasses.replace(cfg.checkpoint, run_dir=run_dir),
+        profile=dataclasses.replace(cfg.profile, steps=[first, last]),
+        tracking=[],
+    )
+    validate(checked)
+    return checked

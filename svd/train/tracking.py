@@ -3,7 +3,7 @@
     tracker = Tracker.for_run(cfg, files, table_version, metrics)   # rank 0; None when `tracking` is empty
     tracker.log(Record("train", step, {"loss": …, "grad_norm": …}))  # returns at once
     tracker.log(Record("validation", step, losses))
-    tracker.log(Record("preview", step, video=gif_bytes, fps=fps))
+    tracker.log(Record("preview", step, video=gif_bytes))
     tracker.close()                                                   # waits tracker.close_timeout_s at most
 
 Prometheus tells an operator whether a job is healthy; these tell a researcher how a run compares with
@@ -59,7 +59,6 @@ class Record:
     step: int
     scalars: Mapping[str, float] = field(default_factory=dict)
     video: bytes | None = None  # an animated GIF: every backend shows it as a video
-    fps: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -373,7 +372,7 @@ class WandbBackend:
         values: dict[str, Any] = {scalar_name(record, k): v for k, v in record.scalars.items()}
         if record.video is not None:
             path = write_preview(self.run, record)
-            values[f"{record.kind}/video"] = wandb.Video(str(path), fps=round(record.fps), format="gif")
+            values[f"{record.kind}/video"] = wandb.Video(str(path), format="gif")  # the GIF has its rate
         self.wandb_run.log(values, step=record.step)
 
     def close(self) -> None:

@@ -393,7 +393,7 @@ class Trainer:
         if preview:
             gif = self.previewer(self.model, self.ema, step, self.preview_batch)
             if self.tracker and gif:
-                self.tracker.log(Record("preview", step, video=gif, fps=self.cfg.data.fps))
+                self.tracker.log(Record("preview", step, video=gif))
 
     def _save(self, step: int) -> float:
         """Checkpoint `step`; returns the seconds the loop was held (async: until the copy is under way)."""
