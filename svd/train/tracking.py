@@ -269,8 +269,10 @@ class Tracker:
 
 
 def first_line(error: Exception) -> str:
+    """The error in one line; for a client that is not installed, how to install it."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    return f"{line}; pip install 'svd[tracking]'" if isinstance(error, ImportError) else line
 
 
 def new_run_id(job_name: str) -> str:
