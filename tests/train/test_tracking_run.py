@@ -50,7 +50,7 @@ def wandb_history(run_file: Path) -> list[dict[str, object]]:
 
 @pytest.mark.slow
 def test_a_tracked_run_resumed_on_another_world_size_logs_every_value_once_in_every_backend(
-    local_table, launched, tmp_path
+    local_table, launched, tmp_path, monkeypatch
 ):
     run_dir, tracking = tmp_path / "run", tmp_path / "tracking"
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -104,7 +104,7 @@ def test_a_tracked_run_resumed_on_another_world_size_logs_every_value_once_in_ev
     assert by_step[6]["preview/video._type"] == "video-file"
 
     # MLflow's file store: one run, found again by its tracking id, the same history, config and lineage
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in for reading a file store
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=(tracking / "mlflow").as_uri())
