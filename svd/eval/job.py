@@ -19,10 +19,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,8 +43,8 @@ from svd.eval.report import CONTACT_SHEET_CONDITIONS, contact_sheet, line_plot, 
 from svd.train.checkpoint import MARKER
 from svd.train.stop import StopRequest
 from svd.train.trained import RunError, committed_steps, read_run_config, trained_denoiser
+from svd.version import code_version
 
-ROOT = Path(__file__).resolve().parents[2]
 HELD_OUT = ("run", "table")
 
 
@@ -331,22 +329,6 @@ class Evaluation:
     def _read(self, uri: str) -> bytes:
         fs, path = self.storage.fsspec(uri)
         return fs.cat_file(path)
-
-
-def code_version() -> str:
-    """The git commit of this checkout (with `-dirty` for local changes), or `unknown` outside git."""
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def rank_and_world(env: dict[str, str] | None = None) -> tuple[int, int, int]:
