@@ -315,3 +315,12 @@ def test_the_process_share_comes_from_torchs_or_slurms_variables():
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}
     assert rank_and_world(slurm) == (5, 16, 5)
     assert rank_and_world(slurm | {"RANK": "0", "WORLD_SIZE": "2"}) == (0, 2, 0)  # a launcher's own first
+
+
+def test_an_unknown_held_out_choice_is_named_before_the_run_is_read(moto_s3):
+    with pytest.raises(ConfigError, match=r"held_out='clips': choose one of \['run', 'table'\]"):
+        Evaluation(
+            EvaluateSettings(run="s3://no-such-bucket/run", held_out="clips"),
+            load_protocol("motion_adherence"),
+            moto_s3.storage,
+        )
