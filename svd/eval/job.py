@@ -58,6 +58,21 @@ class EvaluateSettings:
     poll_s: float = 60.0  # watch: seconds between looks for new checkpoints
     metrics_port: int = METRICS_PORT  # watch: Prometheus endpoint (or the next free port); 0: none
     compare: str = ""  # run,run,…: print and plot the protocol's evaluations of these runs instead
+    # where the processes run (svd/launch/evaluation.py): local (this one, or as many as torchrun or srun
+    # started: RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS), slurm (one job of nodes × ranks_per_node
+    # tasks) or ray (as many Ray tasks)
+    launcher: str = "local"
+    nodes: int = 1  # slurm, ray
+    ranks_per_node: int = 1  # slurm, ray: processes per node (one GPU each where the cluster has GPUs)
+    cluster: str = "default"  # slurm, ray: the site settings of jobs/conf/cluster/<name>.yaml
+    cpus_per_rank: int = 0  # slurm, ray: 0 takes the cluster's cpus_per_task
+    folder: str = "outputs/launch/evaluate"  # slurm: submitit's logs and pickles
+    wait: bool = True  # slurm: stay until the job ends and report its result (ray always waits)
+    ray_address: str = ""  # ray: the cluster; empty: $RAY_ADDRESS, else a local Ray on this host
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.ranks_per_node
 
 
 class Evaluation:
@@ -108,6 +123,10 @@ class Evaluation:
     def done(self, step: int) -> bool:
         """Whether `step` has its metrics (or was skipped: its checkpoint was pruned before its turn)."""
         return self._exists(join(self.folder(step), "metrics.json")) or step in self._skipped
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The merged metrics of `step` (its metrics.json)."""
+        return json.loads(self._read(join(self.folder(step), "metrics.json")))
 
     def skip(self, step: int) -> None:
         self._skipped.add(step)
@@ -221,9 +240,8 @@ class Evaluation:
         return {}
 
     def merge(self, step: int, every: list[Shard]) -> dict[str, Any]:
-        """Every shard's results into samples.lance, metrics.json and report.md (idempotent)."""
-        import lance
-
+        """Every shard's results into samples.lance, metrics.json and report.md (idempotent, and safe when
+        several processes merge at once)."""
         p = self.protocol
         rows, generated, reference, samples_shown, references_shown = [], [], [], [], []
         for shard in every:
@@ -272,13 +290,7 @@ class Evaluation:
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         folder = self.folder(step)
-        table_uri = join(folder, "samples.lance")
-        lance.write_dataset(
-            pa.Table.from_pylist(rows),
-            table_uri,
-            mode="overwrite",
-            storage_options=self.storage.lance_options(table_uri),
-        )
+        self._write_samples(join(folder, "samples.lance"), rows)
         self._write(join(folder, "metrics.json"), json.dumps(metrics, indent=2).encode())
         pictures = []
         if samples_shown:
@@ -293,6 +305,25 @@ class Evaluation:
             pictures.append((f"{name} at every evaluated step", f"{name}_by_step.png"))
         self._write(join(folder, "report.md"), report(metrics, pictures).encode())
         return metrics
+
+    def _write_samples(self, uri: str, rows: list[dict[str, Any]]) -> None:
+        """samples.lance, safe when two processes merge at once (the last two ranks can both find every shard
+        written): they merge the same shards into the same rows, so a commit that another merge won (Lance:
+        "Dataset already exists", or a conflicting overwrite) leaves the table as this one would have written
+        it, which is checked, not assumed."""
+        import lance
+
+        table = pa.Table.from_pylist(rows)
+        options = self.storage.lance_options(uri)
+        try:
+            lance.write_dataset(table, uri, mode="overwrite", storage_options=options)
+        except OSError:
+            try:
+                written = lance.dataset(uri, storage_options=options).to_table()
+            except (OSError, ValueError):
+                written = None
+            if written is None or written.to_pylist() != table.to_pylist():
+                raise
 
     def _by_step(self, step: int, values: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
         """Each scalar metric at every step evaluated so far into this folder, this one included."""

@@ -25,18 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["samples=4", "shard_size=2", "frames=4", "fps=4", "sampler_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def trained_run(train_table, moto_s3) -> str:
-    """A text-to-video tiny run of 2 steps with a checkpoint at step 2."""
-    run_dir = f"{train_table['bucket']}/runs/eval-trained"
-    settings = production_settings(train_table["table"], run_dir, "stage=video_pretrain", "train.steps=2")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in moto_s3.env.items():
-            patch.setenv(key, value)
-        launch_local(compose([*settings, "train.global_batch=2", "checkpoint.every=2"]))
-    return run_dir
-
-
 def evaluation(run: str, name: str, overrides: list[str], moto_s3, **kwargs) -> Evaluation:
     return Evaluation(EvaluateSettings(run=run), load_protocol(name, overrides), moto_s3.storage, **kwargs)
 
@@ -79,17 +67,20 @@ def test_motion_adherence_samples_every_condition_at_every_bucket_and_reports_sp
         assert fs.cat_file(f"{path}/{picture}")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_two_processes_and_a_rerun_after_a_lost_shard_give_the_single_process_result(
+def test_two_processes_a_killed_process_and_a_rerun_give_the_single_process_result(
     trained_run, moto_s3, s3_env, monkeypatch
 ):
-    overrides = [*SMALL, "samples=6", "motion_buckets=[0,255]"]
-    single = evaluation(trained_run, "motion_adherence", [*overrides, "seed=3"], moto_s3)
+    import os
+    import signal
+    import time
+
+    overrides = [*SMALL, "samples=6", "motion_buckets=[0,255]", "seed=3"]
+    single = evaluation(trained_run, "motion_adherence", overrides, moto_s3)
     single.out = f"{trained_run}/eval/single"
     expected = single.evaluate(2, progress=False)["values"]
 
     split = [
-        evaluation(trained_run, "motion_adherence", [*overrides, "seed=3"], moto_s3, rank=r, world_size=2)
-        for r in (0, 1)
+        evaluation(trained_run, "motion_adherence", overrides, moto_s3, rank=r, world_size=2) for r in (0, 1)
     ]
     for job in split:
         job.out = f"{trained_run}/eval/split"
@@ -97,9 +88,31 @@ def test_two_processes_and_a_rerun_after_a_lost_shard_give_the_single_process_re
     merged = split[1].evaluate(2, progress=False)["values"]
     assert flat(merged) == pytest.approx(flat(expected), rel=1e-6)
 
-    # A preempted process lost shard 1 (never written); the rerun samples that shard alone.
-    fs, path = moto_s3.storage.fsspec(f"{split[0].folder(2)}/shards/shard-00001.npz")
-    fs.rm(path)
+    # The command killed (SIGKILL: nothing of it runs after) once it wrote its first shard of three; the
+    # rerun samples only the shards it had not written.
+    killed = f"{trained_run}/eval/killed"
+    fs, shards = moto_s3.storage.fsspec(f"{killed}/step-00000002/shards")
+    args = [f"run={trained_run}", "eval=motion_adherence", *(f"eval.{o}" for o in overrides), f"out={killed}"]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "evaluate.py"), *args],
+        cwd=ROOT,
+        env=os.environ | moto_s3.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (fs.invalidate_cache(shards) or fs.exists(shards)) or not fs.ls(shards):
+            assert process.poll() is None, "the evaluation ended before it was killed"
+            assert time.monotonic() < deadline, "no shard written in 300 s"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    kept = {name.rsplit("/", 1)[-1] for name in fs.ls(shards, detail=False)}
+    assert 1 <= len(kept) < 3
+    assert not fs.exists(f"{shards.rsplit('/', 1)[0]}/metrics.json")
     sampled = []
     original = Evaluation._evaluate_shard
     monkeypatch.setattr(
@@ -107,10 +120,43 @@ def test_two_processes_and_a_rerun_after_a_lost_shard_give_the_single_process_re
         "_evaluate_shard",
         lambda self, step, shard, *a: sampled.append(shard.index) or original(self, step, shard, *a),
     )
-    rerun = evaluation(trained_run, "motion_adherence", [*overrides, "seed=3"], moto_s3)
-    rerun.out = f"{trained_run}/eval/split"
+    rerun = evaluation(trained_run, "motion_adherence", overrides, moto_s3)
+    rerun.out = killed
     assert flat(rerun.evaluate(2, progress=False)["values"]) == pytest.approx(flat(expected), rel=1e-6)
-    assert sampled == [1]
+    assert sorted(f"shard-{i:05d}.npz" for i in sampled) == sorted(
+        {f"shard-{i:05d}.npz" for i in range(3)} - kept
+    )
+
+
+def test_a_merge_whose_samples_commit_another_merge_won_finishes_with_the_same_table(
+    trained_run, moto_s3, s3_env, monkeypatch, tmp_path
+):
+    """The last two ranks can both find every shard written and merge at once. Their samples.lance commits
+    then race, and the loser's fails as Lance fails it (on local disk, or a store with conditional writes:
+    "Dataset already exists", seen with two threads merging): the loser finishes, since the winner wrote
+    the same rows, which it checks rather than assumes."""
+    import lance
+
+    job = evaluation(trained_run, "motion_adherence", [*SMALL, "motion_buckets=[0,255]"], moto_s3)
+    job.out = str(tmp_path / "raced")
+    with monkeypatch.context() as patch:
+        patch.setattr(Evaluation, "merge", lambda self, step, every: None)
+        job.evaluate(2, progress=False)  # every shard written, nothing merged
+    every = job.plan(2)[0]
+    first = job.merge(2, every)
+    write = lance.write_dataset
+    uri = f"{job.folder(2)}/samples.lance"
+
+    def lost_the_commit(*args, **kwargs):
+        raise OSError(f"Dataset already exists: {uri}")
+
+    monkeypatch.setattr(lance, "write_dataset", lost_the_commit)
+    assert job.merge(2, every)["values"] == first["values"]
+    assert lance.dataset(uri).count_rows() == 8  # 4 conditions × 2 buckets, once
+
+    write(lance.dataset(uri).to_table().slice(0, 3), uri, mode="overwrite")  # not what this merge writes
+    with pytest.raises(OSError, match="Dataset already exists"):
+        job.merge(2, every)
 
 
 def test_fvd_with_a_pinned_feature_network_gives_an_interval_and_a_curve(
