@@ -93,17 +93,18 @@ def evaluation_task(
 @contextmanager
 def announced_watch(settings: EvaluateSettings, protocol: EvalProtocol, rank: int) -> Iterator[None]:
     """Under Slurm, a watch's endpoint is announced to Prometheus (file_sd, as training's nodes are) once it
-    serves, with the port it bound, and the announcement goes when the watch ends. Labels: the run's job name
-    comes with the gauge itself; the target says which evaluation job and task serve it."""
+    serves, with the port it bound, and the announcement goes when the watch ends. The target's `job` is the
+    evaluation's (`eval-<protocol>`: what `up` reports); the gauge's own series carry the run's job name,
+    which Prometheus keeps (honor_labels)."""
     if not (settings.watch and settings.metrics_port and "SLURM_JOB_ID" in os.environ):
         yield
         return
     from svd.train.file_sd import ANNOUNCE_ENV, Announcement, targets_dir
 
     job_id, node = os.environ["SLURM_JOB_ID"], os.environ.get("SLURMD_NODENAME", "localhost")
-    name = f"eval-{protocol.name}-{job_id}-{rank}"
-    labels = {"slurm_job_id": job_id, "node": node, "eval_rank": str(rank)}
-    announcement = Announcement(name, node, labels, str(targets_dir()))
+    job = f"eval-{protocol.name}"
+    labels = {"job": job, "slurm_job_id": job_id, "node": node, "eval_rank": str(rank)}
+    announcement = Announcement(f"{job}-{job_id}-{rank}", node, labels, str(targets_dir()))
     os.environ[ANNOUNCE_ENV] = announcement.to_env()
     try:
         yield
