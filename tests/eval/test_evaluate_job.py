@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -361,3 +362,37 @@ def test_the_process_share_comes_from_torchs_or_slurms_variables():
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}
     assert rank_and_world(slurm) == (5, 16, 5)
     assert rank_and_world(slurm | {"RANK": "0", "WORLD_SIZE": "2"}) == (0, 2, 0)  # a launcher's own first
+
+
+def test_launcher_settings_are_checked_before_anything_runs_and_a_dry_run_says_where_it_would(capsys):
+    from svd.launch.evaluation import check_settings, evaluate_elsewhere
+
+    for settings, message in [
+        (EvaluateSettings(launcher="k8s"), "launcher='k8s': expected one of local, slurm, ray"),
+        (EvaluateSettings(launcher="slurm", nodes=0), "nodes=0 must be ≥ 1"),
+        (
+            EvaluateSettings(launcher="ray", cpus_per_rank=-1),
+            "cpus_per_rank=-1 must be ≥ 0 (0: the cluster's)",
+        ),
+        (
+            EvaluateSettings(ranks_per_node=2),
+            "launcher=local runs this process only (nodes × ranks_per_node = 2)",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_settings(settings)
+    protocol = load_protocol("motion_adherence")
+    settings = EvaluateSettings(run="s3://b/runs/r", launcher="slurm", nodes=2, ranks_per_node=4)
+    assert evaluate_elsewhere(settings, protocol, dry_run=True) == 0
+    assert capsys.readouterr().out == (
+        "motion_adherence: checkpoint latest of s3://b/runs/r in 8 processes (2 × 4) as a Slurm job on "
+        "cluster default, 8 CPUs and one GPU each\n"
+    )
+    settings = EvaluateSettings(run="r", launcher="ray", watch=True, cluster="local_slurm", cpus_per_rank=2)
+    assert evaluate_elsewhere(settings, protocol, dry_run=True) == 0
+    assert capsys.readouterr().out == (
+        "motion_adherence: watch each checkpoint of r in 1 processes (1 × 1) as Ray tasks on cluster "
+        "local_slurm, 2 CPUs each\n"
+    )
+    assert evaluate_elsewhere(EvaluateSettings(launcher="ray", cluster="nope"), protocol, dry_run=True) == 2
+    assert capsys.readouterr().err.startswith("evaluate: cluster='nope': no ")
