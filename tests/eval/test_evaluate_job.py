@@ -285,8 +285,11 @@ def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_me
     assert merged == [2, 4, 6], lines
     assert lines[-1] == "watch: the run's last step 6 is evaluated"
     assert [line.split(":")[0] for line in lines[:3]] == [f"motion_adherence at step {s}" for s in (2, 4, 6)]
-    for step, page in zip((2, 4, 6), served, strict=True):  # the job label is the run's job_name
-        labels = f'job="video_pretrain",metric="spearman_rho",protocol="motion_adherence",step="{step}"'
+    for step, page in zip((2, 4, 6), served, strict=True):  # job and stage: the run's
+        labels = (
+            f'job="video_pretrain",metric="spearman_rho",protocol="motion_adherence",stage="video_pretrain",'
+            f'step="{step}"'
+        )
         assert f"svd_eval_metric{{{labels}}}" in page
 
 
