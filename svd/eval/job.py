@@ -122,7 +122,11 @@ class Evaluation:
 
     def done(self, step: int) -> bool:
         """Whether `step` has its metrics (or was skipped: its checkpoint was pruned before its turn)."""
-        return self._exists(join(self.folder(step), "metrics.json")) or step in self._skipped
+        return self.evaluated(step) or step in self._skipped
+
+    def evaluated(self, step: int) -> bool:
+        """Whether `step` has its merged metrics (by this process or another)."""
+        return self._exists(join(self.folder(step), "metrics.json"))
 
     def metrics(self, step: int) -> dict[str, Any]:
         """The merged metrics of `step` (its metrics.json)."""

@@ -60,6 +60,7 @@ def watch(
         serve_metrics(metrics_port, gauges.registry, what="evaluation") if metrics_port else None
     )
     merged: list[int] = []
+    observed: set[int] = set()
     final = evaluation.run_config.steps
     try:
         # Signal handlers are the main thread's; a watch in another thread stops by `stop` alone
@@ -77,9 +78,13 @@ def watch(
                         evaluation.skip(step)
                         continue
                     if metrics is not None:
-                        gauges.observe(metrics)
                         merged.append(step)
                         say(summary(metrics))
+                # Every evaluated step, whichever process merged it (or an earlier watch): each process of
+                # a watch serves every gauge, so the one endpoint a pod's PodMonitor scrapes has them all
+                for step in [s for s in saved if s not in observed and evaluation.evaluated(s)]:
+                    gauges.observe(evaluation.metrics(step))
+                    observed.add(step)
                 if evaluation.done(final):
                     say(f"watch: the run's last step {final} is evaluated")
                     break
