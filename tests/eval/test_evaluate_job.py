@@ -160,34 +160,6 @@ def test_a_merge_whose_samples_commit_another_merge_won_finishes_with_the_same_t
         job.merge(2, every)
 
 
-def test_fvd_with_a_pinned_feature_network_gives_an_interval_and_a_curve(
-    trained_run, moto_s3, s3_env, tmp_path
-):
-    network = tmp_path / "i3d.pt"
-    torch.manual_seed(0)
-    with pytest.warns(DeprecationWarning, match="torch.jit.script"):  # the format I3D ships in
-        torch.jit.script(TinyI3D()).save(str(network))
-    digest = hashlib.sha256(network.read_bytes()).hexdigest()
-    overrides = [
-        *SMALL,
-        "tasks=[]",  # i2v_holdout's sampling on a text-to-video run: what is measured is the same
-        f"feature_network={network}",
-        f"feature_sha256={digest}",
-        "counts=[2,4]",
-        "bootstrap_draws=20",
-    ]
-    metrics = evaluation(trained_run, "i2v_holdout", overrides, moto_s3).evaluate(2, progress=False)
-    values = metrics["values"]
-    low, high = values["fvd_interval_95"]
-    assert values["fvd"] >= 0
-    assert low < high
-    assert [n for n, _ in values["fvd_by_count"]] == [2, 4]
-    assert values["fvd_by_count"][-1][1] == pytest.approx(values["fvd"])  # all 4 samples
-    assert metrics["feature_network"] == {"uri": str(network), "sha256": digest}
-    fs, path = moto_s3.storage.fsspec(f"{trained_run}/eval/i2v_holdout/step-00000002")
-    assert "](fvd_by_count.png)" in fs.cat_file(f"{path}/report.md").decode()
-
-
 def test_results_of_other_settings_in_the_folder_are_refused_not_mixed(trained_run, moto_s3, s3_env):
     first = evaluation(trained_run, "motion_adherence", [*SMALL, "motion_buckets=[0,9]"], moto_s3)
     first.out = f"{trained_run}/eval/changed"
@@ -399,3 +371,41 @@ def test_launcher_settings_are_checked_before_anything_runs_and_a_dry_run_says_w
     )
     assert evaluate_elsewhere(EvaluateSettings(launcher="ray", cluster="nope"), protocol, dry_run=True) == 2
     assert capsys.readouterr().err.startswith("evaluate: cluster='nope': no ")
+
+
+@pytest.mark.slow
+def test_fvd_of_an_image_to_video_run_conditions_on_the_held_out_clips_with_an_interval_and_a_curve(
+    train_table, moto_s3, s3_env, tmp_path
+):
+    run_dir = f"{train_table['bucket']}/runs/eval-i2v"
+    settings = production_settings(
+        train_table["table"], run_dir, "stage=i2v_finetune", "data.frames=4", "train.steps=2"
+    )
+    launch_local(compose([*settings, "train.global_batch=2", "checkpoint.every=2"]))
+    network = tmp_path / "i3d.pt"
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="torch.jit.script"):  # the format I3D ships in
+        torch.jit.script(TinyI3D()).save(str(network))
+    digest = hashlib.sha256(network.read_bytes()).hexdigest()
+    overrides = [
+        *SMALL,
+        f"feature_network={network}",
+        f"feature_sha256={digest}",
+        "counts=[2,4]",
+        "bootstrap_draws=20",
+    ]
+    job = evaluation(run_dir, "i2v_holdout", overrides, moto_s3)  # the protocol's own stage
+    metrics = job.evaluate(2, progress=False)
+    values = metrics["values"]
+    low, high = values["fvd_interval_95"]
+    assert values["fvd"] >= 0
+    assert low < high
+    assert [n for n, _ in values["fvd_by_count"]] == [2, 4]
+    assert values["fvd_by_count"][-1][1] == pytest.approx(values["fvd"])  # all 4 samples
+    assert metrics["feature_network"] == {"uri": str(network), "sha256": digest}
+    folder = job.folder(2)
+    fs, path = moto_s3.storage.fsspec(folder)
+    assert "](fvd_by_count.png)" in fs.cat_file(f"{path}/report.md").decode()
+    rows = lance.dataset(f"{folder}/samples.lance", storage_options=moto_s3.storage.lance_options(folder))
+    held_out = {r["clip_id"] for r in train_table["rows"] if r["split"] == "val"}
+    assert {r["clip_id"] for r in rows.to_table().to_pylist()} == held_out  # 2 clips, each conditions twice
