@@ -8,9 +8,11 @@
     python jobs/evaluate.py compare=s3://b/runs/lvd_f,s3://b/runs/unfiltered eval=i2v_holdout  # table, plot
 
 Protocols: i2v_holdout (FVD), ucf101_zero_shot (FVD), interpolation_holdout (PSNR, SSIM), motion_adherence
-(Spearman ρ of the motion asked for and measured; no downloaded weights). Any protocol setting can be
-overridden as eval.<key>=<value>. Results go to <run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json,
-samples.lance, report.md and the sampled videos.
+(Spearman ρ of the motion asked for and measured; no downloaded weights). With eval.clip=<local folder of a
+CLIP model in the Hugging Face layout>, every protocol also reports the CLIP similarity of the frames to the
+prompt and (of an image-to-video model) to the conditioning image; without it, one line says they are
+skipped. Any protocol setting can be overridden as eval.<key>=<value>. Results go to
+<run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json, samples.lance, report.md and the sampled videos.
 
 watch=true evaluates every checkpoint of the run as it lands (poll_s=60), beside the training, until its last
 step; each metric is also a Prometheus gauge svd_eval_metric{job, protocol, metric, step} on metrics_port
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
+    if not (protocol.clip or dry_run):
+        from svd.eval.clip import SKIPPED
+
+        print(SKIPPED, flush=True)
     if settings.launcher != "local":
         return evaluate_elsewhere(settings, protocol, dry_run=dry_run)
     return evaluate_here(settings, protocol, dry_run=dry_run)

@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,8 @@ from svd.config import METRICS_PORT, ConfigError
 from svd.data.storage import Storage, join, write_whole
 from svd.data.video_io import encode_mp4
 from svd.eval.adherence import motion_score, spearman
+from svd.eval.clip import SKIPPED as CLIP_SKIPPED
+from svd.eval.clip import clip_similarities, load_clip
 from svd.eval.compare import evaluated_in
 from svd.eval.conditions import HeldOutConditions, Shard, conditions_of, shards
 from svd.eval.features import FeatureNetwork
@@ -45,6 +47,9 @@ from svd.eval.report import CONTACT_SHEET_CONDITIONS, contact_sheet, line_plot, 
 from svd.train.checkpoint import MARKER
 from svd.train.stop import StopRequest
 from svd.train.trained import RunError, committed_steps, read_run_config, trained_denoiser
+
+if TYPE_CHECKING:
+    from svd.curate.aesthetics import ClipScorer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,10 +154,11 @@ class Evaluation:
             sampler = VideoSampler(self.run_config, model, self.protocol, self.device)
             conditions = conditions_of(self.run_config, self.protocol, self.storage)
             network = self._feature_network()
+            clip = load_clip(self.protocol.clip) if self.protocol.clip else None
             for shard in tqdm(todo, desc=f"eval {self.protocol.name} step {step}", disable=not progress):
                 if stop is not None and stop.is_set():
                     return None
-                self._evaluate_shard(step, shard, conditions, sampler, network)
+                self._evaluate_shard(step, shard, conditions, sampler, network, clip)
         if self._written(step) == set(every):
             return self.merge(step, every)
         return None
@@ -166,7 +172,7 @@ class Evaluation:
         if not self._exists(uri):
             self._write(uri, json.dumps(mine, indent=2, sort_keys=True).encode())
             return
-        theirs = json.loads(self._read(uri))
+        theirs = asdict(EvalProtocol()) | json.loads(self._read(uri))  # settings added since: defaults
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         if changed:
             shown = ", ".join(f"eval.{k}={theirs.get(k)!r} there, {mine.get(k)!r} now" for k in changed[:3])
@@ -195,6 +201,7 @@ class Evaluation:
         conditions: HeldOutConditions,
         sampler: VideoSampler,
         network: FeatureNetwork | None,
+        clip: ClipScorer | None,
     ) -> None:
         p = self.protocol
         batch = conditions.batch(shard)
@@ -216,7 +223,9 @@ class Evaluation:
                     "caption": batch["caption"][j],
                     "video": name,
                 }
-                rows.append(row | self._scores(video, truth[j]))
+                rows.append(
+                    row | self._scores(video, truth[j]) | self._clip_scores(clip, video, truth[j], row)
+                )
             if network is not None:
                 generated.append(network(videos))
             if bucket == buckets[0]:
@@ -242,6 +251,16 @@ class Evaluation:
             true = truth[1:-1].transpose(0, 3, 1, 2) / 255.0
             return {"psnr": psnr(generated, true), "ssim": ssim(generated, true)}
         return {}
+
+    def _clip_scores(
+        self, clip: ClipScorer | None, video: np.ndarray, truth: np.ndarray, row: dict[str, Any]
+    ) -> dict[str, float]:
+        """Frames to the prompt, and to the conditioning image (the held-out clip's first frame) of an
+        image-to-video model."""
+        if clip is None:
+            return {}
+        image = truth[0] if self.run_config.stage.task == "image_to_video" else None
+        return clip_similarities(clip, video, caption=row["caption"], image=image)
 
     def merge(self, step: int, every: list[Shard]) -> dict[str, Any]:
         """Every shard's results into samples.lance, metrics.json and report.md (idempotent, and safe when
@@ -278,6 +297,10 @@ class Evaluation:
         else:
             values["psnr"] = float(np.mean([r["psnr"] for r in rows]))
             values["ssim"] = float(np.mean([r["ssim"] for r in rows]))
+        for name in ("clip_text", "clip_image"):
+            scored = [r[name] for r in rows if name in r]
+            if scored:
+                values[f"{name}_similarity"] = float(np.mean(scored))
         metrics = {
             "protocol": p.name,
             "metric": p.metric,
@@ -290,6 +313,7 @@ class Evaluation:
             if p.metric == "fvd"
             else None,
             "settings": {k: v for k, v in vars(p).items() if k not in ("name", "metric")},
+            "skipped": [] if p.clip else [CLIP_SKIPPED],
             "code_version": code_version(),
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }

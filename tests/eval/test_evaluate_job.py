@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import lance
+import numpy as np
 import pytest
 import torch
 
@@ -41,10 +42,12 @@ def flat(values: dict) -> dict[str, float]:
     return out
 
 
-def test_motion_adherence_samples_every_condition_at_every_bucket_and_reports_spearman(
-    trained_run, moto_s3, s3_env
+def test_motion_adherence_samples_every_condition_at_every_bucket_and_reports_spearman_and_clip(
+    trained_run, moto_s3, s3_env, tiny_clip
 ):
-    job = evaluation(trained_run, "motion_adherence", [*SMALL, "motion_buckets=[16,255]"], moto_s3)
+    overrides = [*SMALL, "motion_buckets=[16,255]", f"clip={tiny_clip}"]  # a tiny random CLIP
+    job = evaluation(trained_run, "motion_adherence", overrides, moto_s3)
+    job.out = f"{trained_run}/eval/with-clip"  # the compare test's folder has the protocol's defaults
     assert job.step() == 2
     metrics = job.evaluate(2, progress=False)
     rho = metrics["values"]["spearman_rho"]
@@ -58,6 +61,10 @@ def test_motion_adherence_samples_every_condition_at_every_bucket_and_reports_sp
         (c, b) for c in range(4) for b in (16, 255)
     ]
     assert len({r["seed"] for r in rows}) == 8  # each sample its own noise
+    # frames to each sample's caption (a text-to-video run: no conditioning image)
+    assert all(-1 <= r["clip_text"] <= 1 and "clip_image" not in r for r in rows)
+    assert metrics["values"]["clip_text_similarity"] == pytest.approx(np.mean([r["clip_text"] for r in rows]))
+    assert metrics["skipped"] == []
     fs, path = moto_s3.storage.fsspec(folder)
     assert json.loads(fs.cat_file(f"{path}/metrics.json"))["values"] == metrics["values"]
     assert all(fs.exists(f"{path}/{r['video']}") for r in rows)
@@ -211,7 +218,12 @@ def test_the_command_line_plans_evaluates_and_names_what_is_wrong(trained_run, m
     )
     done = evaluate_command(*common, f"out={trained_run}/eval/cli", env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().startswith("motion_adherence at step 2: spearman_rho ")
+    skipped, result = done.stdout.strip().splitlines()
+    assert (
+        skipped
+        == "CLIP similarity skipped: no eval.clip=<local folder of a CLIP model in the Hugging Face layout>"
+    )
+    assert result.startswith("motion_adherence at step 2: spearman_rho ")
     for args, code, message in [
         (["eval=motion_adherence"], 2, "evaluate: run=<run directory> is required (see --help)"),
         ([f"run={trained_run}", "eval=nope"], 2, "evaluate: eval='nope' is not a protocol;"),
@@ -375,7 +387,7 @@ def test_launcher_settings_are_checked_before_anything_runs_and_a_dry_run_says_w
 
 @pytest.mark.slow
 def test_fvd_of_an_image_to_video_run_conditions_on_the_held_out_clips_with_an_interval_and_a_curve(
-    train_table, moto_s3, s3_env, tmp_path
+    train_table, moto_s3, s3_env, tmp_path, tiny_clip
 ):
     run_dir = f"{train_table['bucket']}/runs/eval-i2v"
     settings = production_settings(
@@ -393,6 +405,7 @@ def test_fvd_of_an_image_to_video_run_conditions_on_the_held_out_clips_with_an_i
         f"feature_sha256={digest}",
         "counts=[2,4]",
         "bootstrap_draws=20",
+        f"clip={tiny_clip}",  # a tiny random CLIP
     ]
     job = evaluation(run_dir, "i2v_holdout", overrides, moto_s3)  # the protocol's own stage
     metrics = job.evaluate(2, progress=False)
@@ -408,4 +421,7 @@ def test_fvd_of_an_image_to_video_run_conditions_on_the_held_out_clips_with_an_i
     assert "](fvd_by_count.png)" in fs.cat_file(f"{path}/report.md").decode()
     rows = lance.dataset(f"{folder}/samples.lance", storage_options=moto_s3.storage.lance_options(folder))
     held_out = {r["clip_id"] for r in train_table["rows"] if r["split"] == "val"}
-    assert {r["clip_id"] for r in rows.to_table().to_pylist()} == held_out  # 2 clips, each conditions twice
+    samples = rows.to_table().to_pylist()
+    assert {r["clip_id"] for r in samples} == held_out  # 2 clips, each conditions twice
+    assert all(-1 <= r["clip_image"] <= 1 for r in samples)  # frames to the conditioning first frame
+    assert -1 <= values["clip_image_similarity"] <= 1
