@@ -15,8 +15,8 @@ skipped. Any protocol setting can be overridden as eval.<key>=<value>. Results g
 <run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json, samples.lance, report.md and the sampled videos.
 
 watch=true evaluates every checkpoint of the run as it lands (poll_s=60), beside the training, until its last
-step; each metric is also a Prometheus gauge svd_eval_metric{job, protocol, metric, step} on metrics_port
-(24600, or the next free port). SIGTERM or Ctrl-C stops it after the shard under way.
+step; each metric is also a Prometheus gauge svd_eval_metric{job, stage, protocol, metric, step} on
+metrics_port (24600, or the next free port). SIGTERM or Ctrl-C stops it after the shard under way.
 
 Preemptible: finished shards are kept, and the same command finishes the rest. Several processes split the
 shards between them (RANK and WORLD_SIZE as torch's launchers set them, or Slurm's SLURM_PROCID and
