@@ -6,6 +6,8 @@
 PYTHON_SYSTEM ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers of `make test` (tests/conftest.py says which tests share one); 0 runs in this process.
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
@@ -39,7 +41,7 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/unet.py

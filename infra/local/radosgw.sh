@@ -21,6 +21,15 @@ CONF="$DIR/ceph.conf"
 
 log() { echo "radosgw.sh: $*" >&2; }
 
+# A failed step names itself and shows the daemons' logs: most of them write only there, and a bare exit
+# status left callers (bench/loader.py) with an empty error.
+failed() {
+    log "failed (exit $1) at line $2: $3"
+    tail -n 20 "$DIR"/log/*.log >&2 2>/dev/null || true
+}
+set -E
+trap 'failed $? $LINENO "$BASH_COMMAND"' ERR
+
 install() {
     command -v radosgw >/dev/null && command -v ceph-osd >/dev/null && return 0
     if [ "$(id -u)" != 0 ]; then
@@ -152,10 +161,16 @@ stop() {
     rm -rf "$DIR"
 }
 
+# One start or stop at a time per state folder: test sessions run in parallel workers, and two starts at once
+# would each wipe and set up the folder. `-o`: the daemons started must not inherit (and hold) the lock.
+locked() { flock -o "$DIR.lock" "$0" "$1-locked"; }
+
 case "${1:-}" in
 install) install ;;
-start) start ;;
-stop) stop ;;
+start) locked start ;;
+stop) locked stop ;;
+start-locked) start ;;
+stop-locked) stop ;;
 env) print_env ;;
 *)
     echo "usage: $0 install|start|stop|env" >&2

@@ -43,7 +43,7 @@ from svd.train.distributed import DistEnv, init_distributed
 from svd.train.ema import EMA
 from svd.train.lease import RunDirOwner, hold_run_dir
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
-from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler
+from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler, clip_gradients
 from svd.train.resume import check_resume
 from svd.train.run_files import RunFiles
 from svd.train.stop import StopRequest
@@ -308,7 +308,7 @@ class Trainer:
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.cfg.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+        norm = clip_gradients(params, limit)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def _record(self, step: int, outcome: StepOutcome, seconds: float, result: TrainResult) -> None:
