@@ -158,7 +158,12 @@ def evaluate_on_slurm(settings: EvaluateSettings, protocol: EvalProtocol) -> int
     try:
         results: dict[int, ShareResult | str] = dict(enumerate(job.results()))
     except Exception as e:  # a task failed: its traceback is in the log folder
-        results = {0: f"{job_error(str(e))} (job {job.job_id}, logs in {settings.folder})"}
+        print(
+            f"evaluate: slurm job {job.job_id} failed: {job_error(str(e))} (logs in {settings.folder}); "
+            "rerun the same command",
+            file=sys.stderr,
+        )
+        return 1
     return report(results, settings.ranks)
 
 

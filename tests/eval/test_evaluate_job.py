@@ -425,3 +425,20 @@ def test_fvd_of_an_image_to_video_run_conditions_on_the_held_out_clips_with_an_i
     assert {r["clip_id"] for r in samples} == held_out  # 2 clips, each conditions twice
     assert all(-1 <= r["clip_image"] <= 1 for r in samples)  # frames to the conditioning first frame
     assert -1 <= values["clip_image_similarity"] <= 1
+
+
+def test_the_launchers_report_names_each_merged_result_and_each_failed_process(capsys):
+    from svd.eval.share import ShareResult
+    from svd.launch.evaluation import report
+
+    metrics = {"protocol": "motion_adherence", "step": 4, "samples": 8, "values": {"spearman_rho": 0.25}}
+    merged = ShareResult(0, steps=[4], merged=[metrics], folders={4: "s3://b/runs/r/eval/m/step-00000004"})
+    assert report({0: merged, 1: ShareResult(1, steps=[4])}, 2) == 0
+    assert capsys.readouterr().out == (
+        "motion_adherence at step 4: spearman_rho 0.25 (8 samples) → s3://b/runs/r/eval/m/step-00000004\n"
+    )
+    assert report({0: merged, 1: "RunError: run=s3://b/runs/r: no config.yaml"}, 2) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "evaluate: rank 1 of 2 failed: RunError: run=s3://b/runs/r: no config.yaml",
+        "evaluate: 1 of 2 processes failed; rerun the same command",
+    ]
