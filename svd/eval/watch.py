@@ -33,7 +33,8 @@ class EvalGauges:
         self.job, self.stage = job, stage
         self.gauge = Gauge(
             "svd_eval_metric",
-            "An evaluation metric of a checkpoint (FVD, Spearman rho, PSNR, SSIM), by protocol and step",
+            "An evaluation metric of a checkpoint (FVD, Spearman rho, PSNR, SSIM, CLIP similarity), by "
+            "protocol and step",
             ("job", "stage", "protocol", "metric", "step"),
             registry=self.registry,
         )
