@@ -447,3 +447,36 @@ def test_the_launchers_report_names_each_merged_result_and_each_failed_process(c
         "evaluate: rank 1 of 2 failed: RunError: run=s3://b/runs/r: no config.yaml",
         "evaluate: 1 of 2 processes failed; rerun the same command",
     ]
+
+
+def test_a_watch_serves_the_gauges_of_steps_another_process_merged(trained_run, moto_s3, s3_env):
+    """A watch's process that merged nothing (another rank did, or an earlier watch) still serves every
+    evaluated step: a pod's PodMonitor scrapes one endpoint of the pod."""
+    import urllib.request
+
+    from svd.data.local_s3 import free_port
+    from svd.eval.watch import EvalGauges, watch
+
+    overrides = [*SMALL, "motion_buckets=[0,255]"]
+    first = evaluation(trained_run, "motion_adherence", overrides, moto_s3)
+    first.out = f"{trained_run}/eval/merged-elsewhere"
+    rho = first.evaluate(2, progress=False)["values"]["spearman_rho"]
+
+    later = evaluation(trained_run, "motion_adherence", overrides, moto_s3)
+    later.out = first.out
+    port, served = free_port(), []
+    observe = EvalGauges.observe
+
+    def observed_and_scraped(self, metrics):
+        observe(self, metrics)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            served.append(page.read().decode())
+
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EvalGauges, "observe", observed_and_scraped)
+        assert watch(later, poll_s=0.5, metrics_port=port, say=lines.append) == []  # nothing left to merge
+    assert lines == ["watch: the run's last step 2 is evaluated"]
+    labels = 'job="video_pretrain",metric="spearman_rho",protocol="motion_adherence",stage="video_pretrain"'
+    (page,) = served
+    assert f'svd_eval_metric{{{labels},step="2"}} {rho}' in page
