@@ -5,6 +5,7 @@
     python bench/train.py --preset svd      # one GPU: the 1.5B UNet at 14×320×576, bf16, full activation
                                             # checkpointing; also prints peak memory and MFU
     python bench/train.py parallel.sharding=none    # settings for both loops, as jobs/launch.py takes them
+    python bench/train.py --profile         # also: a profiled step (profile.steps) ÷ an unprofiled one
 
 Every mode compares two loops on one process, in the same run:
 
@@ -31,6 +32,10 @@ Printed, against the bare step:
 - the production step: the trainer's step with each event spread over the interval the stage's full-size
   configuration has for it (checkpoint.every, train.val_every): the step time of a production run
   (goal ≤ 1.10).
+
+With --profile, a second trainer run traces the settled steps of its first window (`profile.steps`) and the
+benchmark prints what a traced step costs against the same run's steps outside the trace, and what those
+cost against the unprofiled run's (outside its window the profiler costs nothing: ≈ 1).
 """
 
 # No `from __future__ import annotations`: bench/gpu.py loads this file by path, without registering it as
@@ -146,7 +151,9 @@ def object_store(kind: str, folder: Path) -> Iterator[tuple[str, Any]]:
         fs.rm(bucket, recursive=True)
 
 
-def run_config(args: argparse.Namespace, shape: Shape, table: str, run_dir: str, folder: Path) -> Any:
+def run_config(
+    args: argparse.Namespace, shape: Shape, table: str, run_dir: str, folder: Path, *extra: str
+) -> Any:
     """The trainer's configuration: the stage's, sized by the preset, with every part of production on."""
     from svd.config import compose
     from svd.data.local_s3 import free_port
@@ -181,6 +188,7 @@ def run_config(args: argparse.Namespace, shape: Shape, table: str, run_dir: str,
             "gpus_per_node=1",
             *gpu,
             *args.overrides,
+            *extra,
         ]
     )
 
@@ -294,6 +302,31 @@ def costs(bare: list[float], run: TrainerRun, every: int, production: tuple[int,
     )
 
 
+def profiled_window(every: int) -> list[int]:
+    """profile.steps of the profiled run: the settled steps of window 1 (see `costs`)."""
+    return [every + SETTLED_AFTER, 2 * every - 1]
+
+
+def profile_report(profiled: TrainerRun, every: int, unprofiled_step: float) -> str:
+    """A traced step against the same run's steps outside the trace, and those against the unprofiled run's
+    (the trace's export, after its last step, is in no step's time)."""
+    windows = [
+        profiled.loop_seconds[w * every - 1 : (w + 1) * every - 1]
+        for w in range(1, len(profiled.loop_seconds) // every)
+    ]
+    traced = statistics.fmean(windows[0][SETTLED_AFTER:])
+    outside = statistics.fmean(s for window in windows[1:] for s in window[SETTLED_AFTER:])
+    first, last = profiled_window(every)
+    return "\n".join(
+        [
+            f"profiled run (profile.steps=[{first},{last}]):",
+            f"{'traced step':22s}{traced:7.3f} s/step  {traced / outside:.3f} × its steps outside the trace",
+            f"{'step outside the trace':22s}{outside:7.3f} s/step  {outside / unprofiled_step:.3f} × the "
+            "unprofiled run's step",
+        ]
+    )
+
+
 def report(title: str, c: Costs, bare_runs: tuple[float, float]) -> str:
     def row(name: str, seconds: float, unit: str, versus_bare: str) -> str:
         return f"{name:22s}{seconds:7.3f} {unit:8s}{versus_bare}"
@@ -360,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="loader workers (default: %(default)s)")
     p.add_argument("--store", choices=("radosgw", "local"), default="radosgw", help="table and run directory")
+    p.add_argument("--profile", action="store_true", help="also time a run with profile.steps on")
     p.add_argument("overrides", nargs="*", help="settings for both loops, e.g. parallel.sharding=none")
     args = p.parse_args(argv)
     for name, least in (("steps", 1), ("warmup", 0), ("windows", 2), ("checkpoint_every", SETTLED_AFTER + 1)):
@@ -388,6 +422,12 @@ def main(argv: list[str] | None = None) -> None:
         before = bare_loop(cfg, args.steps, args.warmup)
         run = trainer_loop(cfg)
         after = bare_loop(cfg, args.steps, args.warmup)
+        if args.profile:
+            window = ",".join(map(str, profiled_window(args.checkpoint_every)))
+            profiled_cfg = run_config(
+                args, shape, table, f"{base}/run-profiled", Path(tmp), f"profile.steps=[{window}]"
+            )
+            profiled = trainer_loop(profiled_cfg)
     c = costs(before + after, run, args.checkpoint_every, production_intervals())
     store = f"radosgw at {os.environ['AWS_ENDPOINT_URL_S3']}" if args.store == "radosgw" else "local files"
     size = f"{shape.frames}×{shape.height}×{shape.width}"
@@ -397,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
         f"steps, {args.steps} bare steps (after {args.warmup}) before and after; checkpoints to {store}"
     )
     print(report(title, c, (statistics.fmean(before), statistics.fmean(after))))
+    if args.profile:
+        print(profile_report(profiled, args.checkpoint_every, c.step))
     if args.preset == "svd":
         line = f"peak memory {run.peak_memory_bytes / 2**30:.1f} GiB"
         if run.flops_per_sample and run.peak_flops:

@@ -14,6 +14,9 @@ prompt and (of an image-to-video model) to the conditioning image; without it, o
 skipped. Any protocol setting can be overridden as eval.<key>=<value>. Results go to
 <run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json, samples.lance, report.md and the sampled videos.
 
+held_out=table samples every held-out clip of the table instead of the run's (its data.filter left out):
+runs trained on different filters are then sampled on the same conditions (jobs/ablate.py does this).
+
 watch=true evaluates every checkpoint of the run as it lands (poll_s=60), beside the training, until its last
 step; each metric is also a Prometheus gauge svd_eval_metric{job, stage, protocol, metric, step} on
 metrics_port (24600, or the next free port). SIGTERM or Ctrl-C stops it after the shard under way.

@@ -3,11 +3,16 @@
     python jobs/launch.py stage=video_pretrain data.table=s3://bucket/lvd/clips.lance nodes=32 gpus_per_node=8
     python jobs/launch.py stage=i2v_finetune model=tiny data.table=… gpus_per_node=2 launcher=local
     python jobs/launch.py stage=video_pretrain data.table=… --cfg        # print the resolved configuration
+    python jobs/launch.py stage=video_pretrain data.table=… nodes=32 --profile   # a few steps, traced
     python jobs/launch.py --help                                          # groups, options and settings
 
 A GPU job (launcher slurm or ray with cluster.gpus, or local where CUDA is available) is planned first
 (svd/launch/plan.py, for the GPU of `gpu=`) and refused when its peak memory per GPU does not fit, with the
 term that is too large and the settings that would fix it; `plan.check=false` skips the check.
+
+`--profile` runs the configured job (same launcher, nodes and settings) for a few steps in a run directory of
+its own, with a torch.profiler trace of steps 2-4 (or `profile.steps`), and prints the top operators and the
+share of step time spent waiting for data: a check of a configuration before a long submission.
 
 Arguments are `group=option` (a YAML file of jobs/conf/<group>/) and `key=value` overrides of any setting
 (svd/config.py says what each means). Object-storage credentials come from the AWS_* variables.
@@ -20,7 +25,7 @@ import sys
 from svd.config import GROUPS, ConfigError, RunConfig, compose, options, to_yaml
 from svd.train.stop import STOPPED_STATUS
 
-FLAGS = ("--help", "-h", "--cfg", "--dry-run")
+FLAGS = ("--help", "-h", "--cfg", "--dry-run", "--profile")
 
 
 def usage() -> str:
@@ -33,7 +38,11 @@ def usage() -> str:
         lines.append(f"  {group}: {default}" + "".join(f" | {c}" for c in choices if c != default))
     lines += ["", "settings (key=value), with their defaults before the groups apply:"]
     lines += ["  " + line for line in to_yaml(RunConfig(data=_placeholder_data())).splitlines()]
-    lines += ["", "flags: --cfg (print the resolved configuration), --dry-run (show what would start)"]
+    lines += [
+        "",
+        "flags: --cfg (print the resolved configuration), --dry-run (show what would start), "
+        "--profile (a few traced steps: top operators and data-wait share)",
+    ]
     return "\n".join(lines)
 
 
@@ -80,7 +89,11 @@ def run_command(argv: list[str]) -> int:
         print(f"launch: unknown flag {sorted(unknown)[0]}; flags are {list(FLAGS)}", file=sys.stderr)
         return 2
     try:
-        cfg = compose([a for a in argv if not a.startswith("--")], check_uris=not flags)
+        cfg = compose([a for a in argv if not a.startswith("--")], check_uris=not flags - {"--profile"})
+        if "--profile" in flags:
+            from svd.train.profiling import profile_check
+
+            cfg = profile_check(cfg)
     except ConfigError as e:
         print(f"launch: {e}", file=sys.stderr)
         return 2

@@ -159,6 +159,37 @@ class MetricsConfig:
     gpu_peak_flops: dict[str, float] = field(default_factory=dict)
 
 
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class TrackerConfig:
+    """Where the `tracking` backends write (svd/train/tracking.py). Rank 0 logs; a backend that fails is
+    counted and reported once, never a reason to stop training."""
+
+    # A local or shared folder (not an object-store URI: the clients write files): TensorBoard event files,
+    # W&B offline runs and the MLflow file store, each in a folder named by the run's tracking id
+    dir: str = "outputs/tracking/${job_name}"
+    project: str = "svd"  # the W&B project and the MLflow experiment
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) | online
+    mlflow_uri: str = ""  # a tracking server (http://host:5000); empty: a file store under tracker.dir
+    queue: int = 1000  # records waiting for the backends; past it they are dropped (and counted)
+    close_timeout_s: float = 60.0  # at the end of the run, the longest wait for records still queued
+
+
+@dataclass
+class ProfileConfig:
+    """A torch.profiler trace of chosen steps (svd/train/profiling.py); off, it costs nothing."""
+
+    steps: list[int] = field(default_factory=list)  # [first, last] step traced (1-based); empty: off
+    ranks: list[int] = field(default_factory=lambda: [0])  # the ranks that trace
+    memory: bool = False  # tensor allocations in the trace (profile_memory)
+    with_stack: bool = False  # the Python stack of each operator
+    record_shapes: bool = False  # input shapes of each operator
+    # CUDA: record the allocator's history; a snapshot is written when the trace ends and on out-of-memory
+    memory_snapshot: bool = False
+
+
 @dataclass
 class LauncherConfig:
     name: str = "local"  # local | slurm | ray
@@ -234,6 +265,10 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    # Experiment trackers rank 0 logs to: any of TRACKING_BACKENDS (model=tiny: none)
+    tracking: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def world_size(self) -> int:
@@ -364,6 +399,7 @@ AT_LEAST_ONE = (
     "train.preview_steps",
     "train.nonfinite_steps_limit",
     "parallel.ac_every",
+    "tracker.queue",
     "checkpoint.every",
     "checkpoint.keep",
     "gpu.node_gpus",
@@ -396,6 +432,7 @@ ABOVE_ZERO = (
     "gpu.intra_node_gbps",
     "gpu.inter_node_gbps",
     "plan.source_mbps",
+    "tracker.close_timeout_s",
 )
 PORTS = ("metrics.port", "launcher.master_port")  # 0: none (metrics), a free one (rendezvous)
 NOT_EMPTY = (  # names and paths that something is written under or read from
@@ -408,6 +445,8 @@ NOT_EMPTY = (  # names and paths that something is written under or read from
     "checkpoint.run_dir",
     "launcher.folder",
     "gpu.name",
+    "tracker.dir",
+    "tracker.project",
 )
 NOT_EMPTY_WHEN_SET = (  # None has a meaning (see the comments above); an empty string has none
     "model.autoencoder_path",
@@ -452,6 +491,12 @@ def _check_choices(cfg: RunConfig) -> None:
     )
     _choice("parallel.init_device", cfg.parallel.init_device, ("auto", "meta", "direct"))
     _choice("launcher.name", cfg.launcher.name, ("local", "slurm", "ray"))
+    _choice("tracker.wandb_mode", cfg.tracker.wandb_mode, ("offline", "online"))
+    tracking = list(cfg.tracking)
+    _check(
+        all(b in TRACKING_BACKENDS for b in tracking) and len(set(tracking)) == len(tracking),
+        f"tracking={tracking}: choose any of {list(TRACKING_BACKENDS)}, each once",
+    )
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -495,6 +540,24 @@ def _check_ranges(cfg: RunConfig) -> None:
     for name, peak in cfg.metrics.gpu_peak_flops.items():
         _check(peak > 0, f"metrics.gpu_peak_flops.{name}={peak} must be > 0")
     check_cluster_settings(cfg.cluster)
+    _check_profile(cfg.profile, cfg.world_size)
+    tracker_dir = cfg.tracker.dir
+    _check(
+        "://" not in tracker_dir,
+        f"tracker.dir={tracker_dir}: must be a local or shared folder (the tracking clients write files)",
+    )
+
+
+def _check_profile(profile: ProfileConfig, world_size: int) -> None:
+    steps, ranks = list(profile.steps), list(profile.ranks)
+    _check(
+        not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+        f"profile.steps={steps} must be [first, last] with 1 ≤ first ≤ last, or [] (off)",
+    )
+    _check(
+        len(ranks) >= 1 and all(0 <= r < world_size for r in ranks),
+        f"profile.ranks={ranks} must name one or more ranks in [0, {world_size - 1}]",
+    )
 
 
 def check_cluster_settings(cluster: ClusterConfig) -> None:

@@ -33,6 +33,7 @@ from svd.data.local_s3 import LocalS3, create_bucket
 from svd.data.storage import Storage, join
 from svd.data.synthetic import synthetic_corpus
 from svd.data.table import write_clip_table
+from svd.environ import scoped_environ
 
 from .settings import production_settings
 
@@ -246,7 +247,8 @@ def write_train_table(store: ObjectStore) -> dict:
             }
         )
     table = f"{bucket}/clips.lance"
-    write_clip_table(table, rows, store.storage)
+    with scoped_environ(store.env):  # a test's environment may name the other store (Storage.lance_options)
+        write_clip_table(table, rows, store.storage)
     return {"table": table, "bucket": bucket, "rows": rows}
 
 

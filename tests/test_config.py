@@ -228,6 +228,19 @@ RUN_ACCEPTS: dict[str, frozenset[str]] = {
     "plan.workspace_fraction": SWITCH,
     "plan.cuda_context_gib": SWITCH,
     "plan.source_mbps": REFUSED,
+    "tracking": frozenset({EMPTY}),  # no tracker
+    "tracker.dir": REFUSED,
+    "tracker.project": REFUSED,
+    "tracker.wandb_mode": REFUSED,
+    "tracker.mlflow_uri": NONE_LIKE,  # a file store under tracker.dir
+    "tracker.queue": REFUSED,
+    "tracker.close_timeout_s": REFUSED,
+    "profile.steps": frozenset({EMPTY}),  # no trace; steps count from 1
+    "profile.ranks": frozenset({ZERO_ITEM}),  # rank 0
+    "profile.memory": SWITCH,
+    "profile.with_stack": SWITCH,
+    "profile.record_shapes": SWITCH,
+    "profile.memory_snapshot": SWITCH,
 }
 CURATE_ACCEPTS: dict[str, frozenset[str]] = {
     "input": REFUSED,

@@ -150,9 +150,19 @@ class Storage:
         return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
 
     def lance_options(self, uri: str) -> dict[str, str]:
-        """`storage_options` for `lance.dataset` / `lance.write_dataset`."""
+        """`storage_options` for `lance.dataset` / `lance.write_dataset`.
+
+        Lance's object store takes AWS_ENDPOINT_URL_S3 from the environment over the endpoint given here
+        (object_store gives the variable the highest precedence), so where the two differ Lance would read or
+        write the table on the other store, silently. That is refused in one line instead."""
         if scheme(uri) != "s3":
             return {}
+        ambient = os.environ.get("AWS_ENDPOINT_URL_S3")
+        if ambient and self.endpoint_url and ambient.rstrip("/") != self.endpoint_url.rstrip("/"):
+            raise ValueError(
+                f"{uri}: its store is {self.endpoint_url}, but AWS_ENDPOINT_URL_S3={ambient} in this process"
+                "'s environment, which Lance would use instead: unset it or point it at the same store"
+            )
         options = {"aws_region": self.region}
         if self.access_key:
             options |= {"aws_access_key_id": self.access_key, "aws_secret_access_key": self.secret_key or ""}

@@ -19,10 +19,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,11 +45,12 @@ from svd.eval.report import CONTACT_SHEET_CONDITIONS, contact_sheet, line_plot, 
 from svd.train.checkpoint import MARKER
 from svd.train.stop import StopRequest
 from svd.train.trained import RunError, committed_steps, read_run_config, trained_denoiser
+from svd.version import code_version
 
 if TYPE_CHECKING:
     from svd.curate.aesthetics import ClipScorer
 
-ROOT = Path(__file__).resolve().parents[2]
+HELD_OUT = ("run", "table")
 
 
 @dataclass
@@ -63,6 +62,10 @@ class EvaluateSettings:
     poll_s: float = 60.0  # watch: seconds between looks for new checkpoints
     metrics_port: int = METRICS_PORT  # watch: Prometheus endpoint (or the next free port); 0: none
     compare: str = ""  # run,run,…: print and plot the protocol's evaluations of these runs instead
+    # Held-out conditions: run (the run's held-out clips, its data.filter applied) or table (every held-out
+    # clip of the table: what an ablation needs, so that models trained on different filters are sampled on
+    # the same conditions)
+    held_out: str = "run"
     # where the processes run (svd/launch/evaluation.py): local (this one, or as many as torchrun or srun
     # started: RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS), slurm (one job of nodes × ranks_per_node
     # tasks) or ray (as many Ray tasks)
@@ -97,7 +100,11 @@ class Evaluation:
         self.settings, self.protocol, self.storage = settings, protocol, storage
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")
+        if settings.held_out not in HELD_OUT:
+            raise ConfigError(f"held_out={settings.held_out!r}: choose one of {list(HELD_OUT)}")
         self.run_config = read_run_config(settings.run, storage)
+        if settings.held_out == "table":  # the filter only chooses the conditions here, never the model
+            self.run_config = replace(self.run_config, data=replace(self.run_config.data, filter=None))
         check_fits(protocol, self.run_config.stage.task, run=settings.run)
         self.out = settings.out or join(settings.run, "eval", protocol.name)
         self._skipped: set[int] = set()
@@ -381,22 +388,6 @@ class Evaluation:
     def _read(self, uri: str) -> bytes:
         fs, path = self.storage.fsspec(uri)
         return fs.cat_file(path)
-
-
-def code_version() -> str:
-    """The git commit of this checkout (with `-dirty` for local changes), or `unknown` outside git."""
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def rank_and_world(env: dict[str, str] | None = None) -> tuple[int, int, int]:

@@ -8,6 +8,8 @@
   LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that every launcher sets; collectives get a timeout, so a dead
   rank fails the job instead of hanging it. A group the launcher already created (Ray Train's, with the
   same timeout) is joined as it is.
+- NCCL's flight recorder is on: each rank keeps its last collectives in a ring and dumps them when one times
+  out, so a hang leaves evidence of which rank stopped where (`nccl_flight_recorder_env`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def device_and_backend(local_rank: int) -> tuple[torch.device, str]:
     return device, "nccl" if device.type == "cuda" else "gloo"
 
 
+# The flight recorder's settings, unless the job's environment sets them: the last 2000 collectives per rank,
+# dumped to TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (default /tmp/nccl_trace_rank_<rank>) on a timeout.
+NCCL_FLIGHT_RECORDER = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+
+
+def nccl_flight_recorder_env(backend: str, environ: dict[str, str]) -> dict[str, str]:
+    """The variables to add for `backend` (NCCL only), leaving those the environment already has."""
+    if backend != "nccl":
+        return {}
+    return {k: v for k, v in NCCL_FLIGHT_RECORDER.items() if k not in environ}
+
+
 def cpu_threads(cpus: int, local_world_size: int) -> int:
     """Intra-op threads of one CPU rank: the node's usable CPUs less one, shared by its local ranks.
 
@@ -89,6 +103,7 @@ def init_distributed(timeout_s: float) -> DistEnv:
     device, backend = device_and_backend(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        os.environ.update(nccl_flight_recorder_env(backend, dict(os.environ)))  # read when NCCL starts
     else:
         set_cpu_threads(local_world_size)
     if not dist.is_initialized():

@@ -19,6 +19,7 @@ rank and node, so Prometheus sees every rank separately however the processes ar
     metrics.observe_skipped(loader.skipped)
     metrics.observe_checkpoint(seconds)            # or observe_checkpoint_failure() when a save fails
     metrics.observe_checkpoint_committed(step)     # when the checkpoint is complete (async: later)
+    metrics.observe_tracking_failure(backend)      # rank 0's tracker (svd/train/tracking.py), from its thread
 
 prometheus_client fixes its mode when it is first imported, from PROMETHEUS_MULTIPROC_DIR. This module
 therefore imports it only inside functions, and `TrainMetrics` refuses to start if it finds the mode
@@ -361,6 +362,20 @@ class TrainMetrics:
             registry=self.registry,
         )
         self._skipped_seen: dict[str, int] = {}
+        # Experiment tracking (rank 0, svd/train/tracking.py): records a backend did not take, and records
+        # dropped because the trackers fell behind. Training never waits for them.
+        self.tracking_failures = Counter(
+            "svd_tracking_failures",
+            "Tracking records a backend (or run_dir, for the tracking state) failed to take.",
+            (*LABELS, "backend"),
+            registry=self.registry,
+        )
+        self.tracking_dropped = Counter(
+            "svd_tracking_dropped",
+            "Tracking records dropped: the queue was full.",
+            LABELS,
+            registry=self.registry,
+        ).labels(**labels)
 
     def observe_start(self, world_size: int, checkpoint_every: int, checkpoint_step: int | None) -> None:
         """The run's shape, once before the first step; `checkpoint_step` is the step resumed from."""
@@ -409,6 +424,12 @@ class TrainMetrics:
 
     def observe_nonfinite_step(self) -> None:
         self.nonfinite_steps.inc()
+
+    def observe_tracking_failure(self, backend: str) -> None:
+        self.tracking_failures.labels(**self._labels, backend=backend).inc()
+
+    def observe_tracking_dropped(self) -> None:
+        self.tracking_dropped.inc()
 
     def observe_skipped(self, totals: Mapping[str, int]) -> None:
         """Add what is new in the loader's running totals by reason (`ClipLoader.skipped`) since the last

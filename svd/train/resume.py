@@ -160,6 +160,20 @@ POLICY: dict[str, Decision] = {
     "plan.workspace_fraction": APPLIED,
     "plan.cuda_context_gib": APPLIED,
     "plan.source_mbps": APPLIED,
+    # experiment tracking continues the run's tracked run (its id is in the run directory); profiling
+    "tracking": APPLIED,
+    "tracker.dir": APPLIED,
+    "tracker.project": APPLIED,
+    "tracker.wandb_mode": APPLIED,
+    "tracker.mlflow_uri": APPLIED,
+    "tracker.queue": APPLIED,
+    "tracker.close_timeout_s": APPLIED,
+    "profile.steps": APPLIED,
+    "profile.ranks": APPLIED,
+    "profile.memory": APPLIED,
+    "profile.with_stack": APPLIED,
+    "profile.record_shapes": APPLIED,
+    "profile.memory_snapshot": APPLIED,
 }
 
 

@@ -44,10 +44,12 @@ from svd.train.ema import EMA
 from svd.train.lease import RunDirOwner, hold_run_dir
 from svd.train.metrics import MetricsConfig, ProgressLine, TrainMetrics, flops_per_sample, serve_node_metrics
 from svd.train.optim import apply_train_settings, build_optimizer, build_scheduler, clip_gradients
+from svd.train.profiling import StepProfiler
 from svd.train.resume import check_resume
 from svd.train.run_files import RunFiles
 from svd.train.stop import StopRequest
 from svd.train.task import Task, unet_config
+from svd.train.tracking import Record, Tracker
 from svd.train.validation import Previewer, Validator
 from svd.train.weights import load_initial_weights
 
@@ -125,6 +127,8 @@ class Trainer:
         self.peak_flops: float | None = None
         self.nonfinite_in_row = 0
         self.progress = ProgressLine(cfg.steps, cfg.train.log_every) if env.is_main else None
+        self.tracker: Tracker | None = None  # rank 0's, once the run directory is known to be ours
+        self.profiler = StepProfiler(cfg.profile, env, self.files, write=lambda line: print(line, flush=True))
 
     # ---- build -------------------------------------------------------------------------------------
     def _build_model(self) -> Denoiser:
@@ -248,26 +252,37 @@ class Trainer:
         server = self._start_metrics()
         if self.metrics:
             self.metrics.observe_start(self.env.world_size, cfg.checkpoint.every, checkpoint_step=resumed)
+        if self.env.is_main:
+            self.tracker = Tracker.for_run(cfg, self.files, self.loader.table_version, self.metrics)
+        if self.tracker:
+            self.tracker.log(Record("config", step))
         batches = iter(self.loader)
         try:
             while step < cfg.steps:
-                started = time.perf_counter()
-                outcome = self._step(batches)
-                step += 1
-                self._record(step, outcome, time.perf_counter() - started, result)
-                if outcome.stop or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                    result.checkpoint_blocked_seconds.append(self._save(step))
-                if outcome.stop:
-                    result.stopped = True
-                    break
-                self._validate_and_preview(step, result)
-                result.loop_seconds.append(time.perf_counter() - started)
+                with self.profiler.step(step + 1):
+                    started = time.perf_counter()
+                    outcome = self._step(batches)
+                    step += 1
+                    self._record(step, outcome, time.perf_counter() - started, result)
+                    if outcome.stop or step % cfg.checkpoint.every == 0 or step == cfg.steps:
+                        result.checkpoint_blocked_seconds.append(self._save(step))
+                    if outcome.stop:
+                        result.stopped = True
+                        break
+                    self._validate_and_preview(step, result)
+                    result.loop_seconds.append(time.perf_counter() - started)
             result.steps = step
             if cfg.stage.trainable == "lora" and not result.stopped:
                 self._save_lora()
             result.peak_memory_bytes = peak_memory(self.device)
             result.flops_per_sample, result.peak_flops = self.flops, self.peak_flops
+        except torch.OutOfMemoryError:
+            self.profiler.memory_snapshot(f"oom-step-{step + 1}")
+            raise
         finally:
+            self.profiler.close()
+            if self.tracker:
+                self.tracker.close()
             self.checkpointer.close()
             if server is not None:
                 server.close()
@@ -324,8 +339,11 @@ class Trainer:
                 step, outcome.loss, outcome.grad_norm, lr, seconds, outcome.data_wait, local
             )
             self.metrics.observe_skipped(self.loader.skipped)
+        self.profiler.observe(seconds, outcome.data_wait)
         if self.progress:
             self.progress.update(step, outcome.loss, self.cfg.train.global_batch, seconds, outcome.data_wait)
+        if self.tracker and (step % self.cfg.train.log_every == 0 or step == self.cfg.steps):
+            self.tracker.log(Record("train", step, self._train_scalars(outcome, lr, seconds)))
         if outcome.applied:
             self.nonfinite_in_row = 0
             return
@@ -347,6 +365,21 @@ class Trainer:
                 f"{step - limit}, the latest checkpoint in {self.cfg.checkpoint.run_dir} holds finite ones"
             )
 
+    def _train_scalars(self, outcome: StepOutcome, lr: float, seconds: float) -> dict[str, float]:
+        """The step's numbers as the progress line and Prometheus have them, for the experiment trackers."""
+        samples_per_s = self.cfg.train.global_batch / seconds
+        scalars = {
+            "loss": outcome.loss,
+            "grad_norm": outcome.grad_norm,
+            "lr": lr,
+            "samples_per_s": samples_per_s,
+            "data_wait_s": outcome.data_wait,
+            "skipped_samples": float(sum(self.loader.skipped.values())),
+        }
+        if self.flops and self.peak_flops:  # per device: the global rate shared by the ranks
+            scalars["mfu"] = self.flops * samples_per_s / self.env.world_size / self.peak_flops
+        return scalars
+
     def _validate_and_preview(self, step: int, result: TrainResult) -> None:
         every_val, every_preview = self.cfg.train.val_every, self.cfg.train.preview_every
         validate, preview = every_val and step % every_val == 0, every_preview and step % every_preview == 0
@@ -355,8 +388,12 @@ class Trainer:
             self.checkpointer.wait_for_staging()  # swapping the EMA in changes the weights a save may copy
         if validate and (losses := self.validator(self.model, self.ema, step)):
             result.validation.append(losses)
+            if self.tracker:
+                self.tracker.log(Record("validation", step, losses))
         if preview:
-            self.previewer(self.model, self.ema, step, self.preview_batch)
+            gif = self.previewer(self.model, self.ema, step, self.preview_batch)
+            if self.tracker and gif:
+                self.tracker.log(Record("preview", step, video=gif))
 
     def _save(self, step: int) -> float:
         """Checkpoint `step`; returns the seconds the loop was held (async: until the copy is under way)."""

@@ -115,7 +115,8 @@ class Previewer:
         )
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, ema: EMA, step: int, batch: dict[str, Any]) -> None:
+    def __call__(self, model: nn.Module, ema: EMA, step: int, batch: dict[str, Any]) -> bytes | None:
+        """The preview's GIF on the main rank (for the experiment trackers), None on the others."""
         one = {k: (v[:1] if isinstance(v, Tensor | list) else v) for k, v in batch.items()}
         latents = self.task.latents(one)
         cond, uncond = self.task.sampling_conditioning(one, latents, [self.cfg.train.seed])
@@ -126,6 +127,9 @@ class Previewer:
         if self.env.is_main:
             video = to_uint8_frames(self.task.autoencoder.decode(sample)[0].cpu())
             fps = self.cfg.data.fps
+            gif = encode_gif(video, fps)
             self.files.write(f"previews/step-{step:08d}.mp4", encode_mp4(video, fps))
-            self.files.write(f"previews/step-{step:08d}.gif", encode_gif(video, fps))
+            self.files.write(f"previews/step-{step:08d}.gif", gif)
             print(f"preview at step {step}: {self.files.uri('previews')}", flush=True)
+            return gif
+        return None

@@ -133,6 +133,23 @@ def test_fsspec_pyarrow_and_lance_see_the_same_objects(moto_s3, s3_bucket):
     assert lance.dataset(uri, storage_options=moto_s3.storage.lance_options(uri)).count_rows() == 3
 
 
+def test_lance_is_not_handed_a_store_that_the_environment_overrides(moto_s3, s3_bucket, monkeypatch):
+    """Lance takes AWS_ENDPOINT_URL_S3 over the endpoint it is given: with another store in the environment it
+    read and wrote that store (a test's moto while the table was meant for radosgw: NoSuchBucket)."""
+    uri = f"{s3_bucket}/t.lance"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_s3.storage.endpoint_url + "/")  # the same store, spelt so
+    assert moto_s3.storage.lance_options(uri)["aws_endpoint"] == moto_s3.storage.endpoint_url
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL_S3") as refused:
+        moto_s3.storage.lance_options(uri)
+    assert str(refused.value) == (
+        f"{uri}: its store is {moto_s3.storage.endpoint_url}, but AWS_ENDPOINT_URL_S3=http://127.0.0.1:1 in "
+        "this process's environment, which Lance would use instead: unset it or point it at the same store"
+    )
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    assert moto_s3.storage.lance_options(uri)["aws_endpoint"] == moto_s3.storage.endpoint_url
+
+
 def test_pyarrow_writes_and_reads_on_radosgw(radosgw):
     bucket = radosgw.new_bucket()
     table = pa.table({"x": list(range(1000))})

@@ -480,3 +480,12 @@ def test_a_watch_serves_the_gauges_of_steps_another_process_merged(trained_run, 
     labels = 'job="video_pretrain",metric="spearman_rho",protocol="motion_adherence",stage="video_pretrain"'
     (page,) = served
     assert f'svd_eval_metric{{{labels},step="2"}} {rho}' in page
+
+
+def test_an_unknown_held_out_choice_is_named_before_the_run_is_read(moto_s3):
+    with pytest.raises(ConfigError, match=r"held_out='clips': choose one of \['run', 'table'\]"):
+        Evaluation(
+            EvaluateSettings(run="s3://no-such-bucket/run", held_out="clips"),
+            load_protocol("motion_adherence"),
+            moto_s3.storage,
+        )

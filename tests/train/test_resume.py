@@ -62,8 +62,9 @@ def _other_value(value: Any, hint: str) -> Any:
         return value + 1
     if isinstance(value, str):
         return value + "-changed"
-    if isinstance(value, list):
-        return [*value, value[-1] if value else "x"]
+    if isinstance(value, list):  # an empty one gets an item of its type (profile.steps: list[int])
+        item = 1 if "int" in hint else 1.0 if "float" in hint else "x"
+        return [*value, value[-1] if value else item]
     if isinstance(value, dict):
         return value | {"changed": "1" if hint.endswith("str]") else 1.0}
     assert value is None, value
