@@ -8,20 +8,26 @@
     python jobs/evaluate.py compare=s3://b/runs/lvd_f,s3://b/runs/unfiltered eval=i2v_holdout  # table, plot
 
 Protocols: i2v_holdout (FVD), ucf101_zero_shot (FVD), interpolation_holdout (PSNR, SSIM), motion_adherence
-(Spearman ρ of the motion asked for and measured; no downloaded weights). Any protocol setting can be
-overridden as eval.<key>=<value>. Results go to <run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json,
-samples.lance, report.md and the sampled videos.
+(Spearman ρ of the motion asked for and measured; no downloaded weights). With eval.clip=<local folder of a
+CLIP model in the Hugging Face layout>, every protocol also reports the CLIP similarity of the frames to the
+prompt and (of an image-to-video model) to the conditioning image; without it, one line says they are
+skipped. Any protocol setting can be overridden as eval.<key>=<value>. Results go to
+<run>/eval/<protocol>/step-<N>/ (or out=…): metrics.json, samples.lance, report.md and the sampled videos.
 
 held_out=table samples every held-out clip of the table instead of the run's (its data.filter left out):
 runs trained on different filters are then sampled on the same conditions (jobs/ablate.py does this).
 
 watch=true evaluates every checkpoint of the run as it lands (poll_s=60), beside the training, until its last
-step; each metric is also a Prometheus gauge svd_eval_metric{job, protocol, metric, step} on metrics_port
-(24600, or the next free port). SIGTERM or Ctrl-C stops it after the shard under way.
+step; each metric is also a Prometheus gauge svd_eval_metric{job, stage, protocol, metric, step} on
+metrics_port (24600, or the next free port). SIGTERM or Ctrl-C stops it after the shard under way.
 
 Preemptible: finished shards are kept, and the same command finishes the rest. Several processes split the
 shards between them (RANK and WORLD_SIZE as torch's launchers set them, or Slurm's SLURM_PROCID and
 SLURM_NTASKS: `srun -n 8 python jobs/evaluate.py …`); the result does not depend on how many there were.
+launcher=slurm submits them as one job of nodes × ranks_per_node tasks (cluster=<site> of jobs/conf/cluster/,
+folder= for its logs, wait=false to submit only), launcher=ray runs them as Ray tasks (ray_address=, else
+$RAY_ADDRESS, else a local Ray); cpus_per_rank=0 takes the cluster's cpus_per_task. With watch=true that is a
+job beside the training's; under Slurm each task's endpoint is announced to Prometheus as training's are.
 
 Exit status: 0 evaluated (or this process's part done); 1 the run, its checkpoint, the store or the feature
 network cannot be used (one line on stderr naming it); 2 bad arguments.
@@ -30,13 +36,13 @@ network cannot be used (one line on stderr naming it); 2 bad arguments.
 from __future__ import annotations
 
 import sys
-import time
 from typing import TYPE_CHECKING
 
 from svd.config import ConfigError, parse_settings
 
 if TYPE_CHECKING:
     from svd.eval.job import EvaluateSettings
+    from svd.eval.protocol import EvalProtocol
 from svd.errors import described
 
 
@@ -68,47 +74,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
 
-    from svd.data.storage import Storage
-    from svd.eval.features import FeatureNetworkError
-    from svd.eval.job import Evaluation, rank_and_world
-    from svd.train.distributed import device_and_backend
-    from svd.train.trained import RunError
-
     if settings.compare:
         return compare(settings, protocol.name)
+    from svd.launch.evaluation import check_settings, evaluate_elsewhere
+
+    try:
+        check_settings(settings)
+    except ConfigError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    if not (protocol.clip or dry_run):
+        from svd.eval.clip import SKIPPED
+
+        print(SKIPPED, flush=True)
+    if settings.launcher != "local":
+        return evaluate_elsewhere(settings, protocol, dry_run=dry_run)
+    return evaluate_here(settings, protocol, dry_run=dry_run)
+
+
+def evaluate_here(settings: EvaluateSettings, protocol: EvalProtocol, *, dry_run: bool) -> int:
+    """This process's share (all of it, unless torchrun or srun started several: their rank variables)."""
+    from svd.data.storage import Storage
+    from svd.eval.features import FeatureNetworkError
+    from svd.eval.job import rank_and_world
+    from svd.eval.share import evaluate_share, open_evaluation
+    from svd.eval.watch import summary
+    from svd.train.trained import RunError
+
     rank, world, local_rank = rank_and_world()
     try:
-        evaluation = None
-        while evaluation is None:
-            try:
-                evaluation = Evaluation(
-                    settings,
-                    protocol,
-                    Storage.from_env(),
-                    rank=rank,
-                    world_size=world,
-                    device=device_and_backend(local_rank)[0],
-                )
-            except RunError as e:  # a watch submitted with the training may start before it
-                if not (settings.watch and "no config.yaml" in str(e)):
-                    raise
-                print(f"watch: waiting for the run to start ({e})", flush=True)
-                time.sleep(settings.poll_s)
-        if settings.watch and not dry_run:
-            from svd.eval.watch import watch
-
-            watch(evaluation, poll_s=settings.poll_s, metrics_port=settings.metrics_port)
-            return 0
-        step = evaluation.step()
-        every, todo = evaluation.plan(step)
         if dry_run:
+            evaluation = open_evaluation(
+                settings, protocol, Storage.from_env(), rank=rank, world_size=world, local_rank=local_rank
+            )
+            step = evaluation.step()
+            every, todo = evaluation.plan(step)
             print(
                 f"{protocol.name} of {settings.run} at step {step}: {protocol.samples} conditions in "
                 f"{len(every)} shards; {len(todo)} to sample on rank {rank} of {world}; "
                 f"results in {evaluation.folder(step)}"
             )
             return 0
-        metrics = evaluation.evaluate(step)
+        result = evaluate_share(settings, protocol, rank=rank, world_size=world, local_rank=local_rank)
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
@@ -118,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a store that cannot be read or written
         print(f"evaluate: {described(e)}", file=sys.stderr)
         return 1
-    if metrics is None:
-        print(f"{protocol.name} at step {step}: rank {rank}'s shards done; the last rank to finish merges")
+    if settings.watch:
+        return 0  # the watch said what it evaluated as it went
+    if not result.merged:
+        print(
+            f"{protocol.name} at step {result.steps[0]}: rank {rank}'s shards done; the last rank to finish "
+            "merges"
+        )
         return 0
-    values = ", ".join(f"{k} {v:.4g}" for k, v in metrics["values"].items() if isinstance(v, float))
-    print(
-        f"{protocol.name} at step {step}: {values} ({metrics['samples']} samples) → {evaluation.folder(step)}"
-    )
+    metrics = result.merged[0]
+    print(f"{summary(metrics)} → {result.folders[metrics['step']]}")
     return 0
 
 

@@ -253,6 +253,22 @@ def write_train_table(store: ObjectStore) -> dict:
     return {"table": table, "bucket": bucket, "rows": rows}
 
 
+@pytest.fixture(scope="session")
+def trained_run(train_table, moto_s3) -> str:
+    """A text-to-video tiny run of 2 steps with a checkpoint at step 2, for the tests of the jobs that read a
+    finished run (evaluation, locally and on every launcher): trained once per session."""
+    from svd.config import compose
+    from svd.launch.local import launch_local
+
+    run_dir = f"{train_table['bucket']}/runs/eval-trained"
+    settings = production_settings(train_table["table"], run_dir, "stage=video_pretrain", "train.steps=2")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in moto_s3.env.items():
+            patch.setenv(key, value)
+        launch_local(compose([*settings, "train.global_batch=2", "checkpoint.every=2"]))
+    return run_dir
+
+
 @pytest.fixture
 def s3_env(moto_s3, monkeypatch) -> dict[str, str]:
     """The S3 server in this process's environment (and so in every rank it starts)."""

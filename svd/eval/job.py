@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,8 @@ from svd.config import METRICS_PORT, ConfigError
 from svd.data.storage import Storage, join, write_whole
 from svd.data.video_io import encode_mp4
 from svd.eval.adherence import motion_score, spearman
+from svd.eval.clip import SKIPPED as CLIP_SKIPPED
+from svd.eval.clip import clip_similarities, load_clip
 from svd.eval.compare import evaluated_in
 from svd.eval.conditions import HeldOutConditions, Shard, conditions_of, shards
 from svd.eval.features import FeatureNetwork
@@ -44,6 +46,9 @@ from svd.train.checkpoint import MARKER
 from svd.train.stop import StopRequest
 from svd.train.trained import RunError, committed_steps, read_run_config, trained_denoiser
 from svd.version import code_version
+
+if TYPE_CHECKING:
+    from svd.curate.aesthetics import ClipScorer
 
 HELD_OUT = ("run", "table")
 
@@ -61,6 +66,21 @@ class EvaluateSettings:
     # clip of the table: what an ablation needs, so that models trained on different filters are sampled on
     # the same conditions)
     held_out: str = "run"
+    # where the processes run (svd/launch/evaluation.py): local (this one, or as many as torchrun or srun
+    # started: RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS), slurm (one job of nodes × ranks_per_node
+    # tasks) or ray (as many Ray tasks)
+    launcher: str = "local"
+    nodes: int = 1  # slurm, ray
+    ranks_per_node: int = 1  # slurm, ray: processes per node (one GPU each where the cluster has GPUs)
+    cluster: str = "default"  # slurm, ray: the site settings of jobs/conf/cluster/<name>.yaml
+    cpus_per_rank: int = 0  # slurm, ray: 0 takes the cluster's cpus_per_task
+    folder: str = "outputs/launch/evaluate"  # slurm: submitit's logs and pickles
+    wait: bool = True  # slurm: stay until the job ends and report its result (ray always waits)
+    ray_address: str = ""  # ray: the cluster; empty: $RAY_ADDRESS, else a local Ray on this host
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.ranks_per_node
 
 
 class Evaluation:
@@ -114,7 +134,15 @@ class Evaluation:
 
     def done(self, step: int) -> bool:
         """Whether `step` has its metrics (or was skipped: its checkpoint was pruned before its turn)."""
-        return self._exists(join(self.folder(step), "metrics.json")) or step in self._skipped
+        return self.evaluated(step) or step in self._skipped
+
+    def evaluated(self, step: int) -> bool:
+        """Whether `step` has its merged metrics (by this process or another)."""
+        return self._exists(join(self.folder(step), "metrics.json"))
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The merged metrics of `step` (its metrics.json)."""
+        return json.loads(self._read(join(self.folder(step), "metrics.json")))
 
     def skip(self, step: int) -> None:
         self._skipped.add(step)
@@ -133,10 +161,11 @@ class Evaluation:
             sampler = VideoSampler(self.run_config, model, self.protocol, self.device)
             conditions = conditions_of(self.run_config, self.protocol, self.storage)
             network = self._feature_network()
+            clip = load_clip(self.protocol.clip) if self.protocol.clip else None
             for shard in tqdm(todo, desc=f"eval {self.protocol.name} step {step}", disable=not progress):
                 if stop is not None and stop.is_set():
                     return None
-                self._evaluate_shard(step, shard, conditions, sampler, network)
+                self._evaluate_shard(step, shard, conditions, sampler, network, clip)
         if self._written(step) == set(every):
             return self.merge(step, every)
         return None
@@ -150,7 +179,7 @@ class Evaluation:
         if not self._exists(uri):
             self._write(uri, json.dumps(mine, indent=2, sort_keys=True).encode())
             return
-        theirs = json.loads(self._read(uri))
+        theirs = asdict(EvalProtocol()) | json.loads(self._read(uri))  # settings added since: defaults
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         if changed:
             shown = ", ".join(f"eval.{k}={theirs.get(k)!r} there, {mine.get(k)!r} now" for k in changed[:3])
@@ -179,6 +208,7 @@ class Evaluation:
         conditions: HeldOutConditions,
         sampler: VideoSampler,
         network: FeatureNetwork | None,
+        clip: ClipScorer | None,
     ) -> None:
         p = self.protocol
         batch = conditions.batch(shard)
@@ -200,7 +230,9 @@ class Evaluation:
                     "caption": batch["caption"][j],
                     "video": name,
                 }
-                rows.append(row | self._scores(video, truth[j]))
+                rows.append(
+                    row | self._scores(video, truth[j]) | self._clip_scores(clip, video, truth[j], row)
+                )
             if network is not None:
                 generated.append(network(videos))
             if bucket == buckets[0]:
@@ -227,10 +259,19 @@ class Evaluation:
             return {"psnr": psnr(generated, true), "ssim": ssim(generated, true)}
         return {}
 
-    def merge(self, step: int, every: list[Shard]) -> dict[str, Any]:
-        """Every shard's results into samples.lance, metrics.json and report.md (idempotent)."""
-        import lance
+    def _clip_scores(
+        self, clip: ClipScorer | None, video: np.ndarray, truth: np.ndarray, row: dict[str, Any]
+    ) -> dict[str, float]:
+        """Frames to the prompt, and to the conditioning image (the held-out clip's first frame) of an
+        image-to-video model."""
+        if clip is None:
+            return {}
+        image = truth[0] if self.run_config.stage.task == "image_to_video" else None
+        return clip_similarities(clip, video, caption=row["caption"], image=image)
 
+    def merge(self, step: int, every: list[Shard]) -> dict[str, Any]:
+        """Every shard's results into samples.lance, metrics.json and report.md (idempotent, and safe when
+        several processes merge at once)."""
         p = self.protocol
         rows, generated, reference, samples_shown, references_shown = [], [], [], [], []
         for shard in every:
@@ -263,6 +304,10 @@ class Evaluation:
         else:
             values["psnr"] = float(np.mean([r["psnr"] for r in rows]))
             values["ssim"] = float(np.mean([r["ssim"] for r in rows]))
+        for name in ("clip_text", "clip_image"):
+            scored = [r[name] for r in rows if name in r]
+            if scored:
+                values[f"{name}_similarity"] = float(np.mean(scored))
         metrics = {
             "protocol": p.name,
             "metric": p.metric,
@@ -275,17 +320,12 @@ class Evaluation:
             if p.metric == "fvd"
             else None,
             "settings": {k: v for k, v in vars(p).items() if k not in ("name", "metric")},
+            "skipped": [] if p.clip else [CLIP_SKIPPED],
             "code_version": code_version(),
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         folder = self.folder(step)
-        table_uri = join(folder, "samples.lance")
-        lance.write_dataset(
-            pa.Table.from_pylist(rows),
-            table_uri,
-            mode="overwrite",
-            storage_options=self.storage.lance_options(table_uri),
-        )
+        self._write_samples(join(folder, "samples.lance"), rows)
         self._write(join(folder, "metrics.json"), json.dumps(metrics, indent=2).encode())
         pictures = []
         if samples_shown:
@@ -300,6 +340,25 @@ class Evaluation:
             pictures.append((f"{name} at every evaluated step", f"{name}_by_step.png"))
         self._write(join(folder, "report.md"), report(metrics, pictures).encode())
         return metrics
+
+    def _write_samples(self, uri: str, rows: list[dict[str, Any]]) -> None:
+        """samples.lance, safe when two processes merge at once (the last two ranks can both find every shard
+        written): they merge the same shards into the same rows, so a commit that another merge won (Lance:
+        "Dataset already exists", or a conflicting overwrite) leaves the table as this one would have written
+        it, which is checked, not assumed."""
+        import lance
+
+        table = pa.Table.from_pylist(rows)
+        options = self.storage.lance_options(uri)
+        try:
+            lance.write_dataset(table, uri, mode="overwrite", storage_options=options)
+        except Exception:  # whatever Lance raises for a lost commit: re-raised unless the table is these rows
+            try:
+                written = lance.dataset(uri, storage_options=options).to_table()
+            except Exception:  # no table to compare (the error was not a lost commit)
+                written = None
+            if written is None or written.to_pylist() != table.to_pylist():
+                raise
 
     def _by_step(self, step: int, values: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
         """Each scalar metric at every step evaluated so far into this folder, this one included."""

@@ -47,6 +47,9 @@ class EvalProtocol:
     feature_size: int = 224
     counts: list[int] = field(default_factory=list)  # FVD against these sample counts too (≤ samples)
     bootstrap_draws: int = 200
+    # a local folder of a CLIP model (Hugging Face layout): CLIP similarity of the frames to the prompt and to
+    # the conditioning image (svd/eval/clip.py); empty: those metrics are skipped, in one line
+    clip: str = ""
 
 
 def protocols() -> list[str]:

@@ -77,6 +77,7 @@ def report(metrics: dict[str, Any], pictures: list[tuple[str, str]]) -> str:
         "|---|---|",
     ]
     lines += [f"| {key} | {json.dumps(value)} |" for key, value in metrics["values"].items()]
+    lines += ["", *(f"- {line}" for line in metrics.get("skipped", []))] if metrics.get("skipped") else []
     for caption, name in pictures:
         lines += ["", f"## {caption}", "", f"![{caption}]({name})"]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ VALUE_SETS = {
     "32 nodes, Kueue": example("video-pretrain-32-nodes.yaml"),
     "4 nodes, Volcano": example("video-pretrain-volcano.yaml"),
     "curation on CPU": example("curate-cpu.yaml"),
+    "evaluation watch": example("evaluate-watch.yaml"),
     "no monitoring, no secret": TABLE | {"metrics": {"podMonitor": {"enabled": False}}},
 }
 
@@ -379,10 +380,49 @@ def test_the_curation_entrypoint_parses_with_curate_py(chart) -> None:
     assert (cfg.workers, cfg.min_clip_s) == (8, 2.0)
 
 
+def test_an_evaluation_release_runs_jobs_evaluate_on_ray_and_is_scraped_like_training(chart) -> None:
+    rendered = render(chart, example("evaluate-watch.yaml"))
+    assert set(rendered) == {"rayjob.yaml", "podmonitor.yaml", "NOTES.txt"}  # no run configuration
+    rayjob = rendered["rayjob.yaml"][0]
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/evaluate.py"]
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "jobs" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    settings, protocol, dry_run = evaluate.parse(argv[2:])
+    from svd.launch.evaluation import check_settings
+
+    check_settings(settings)
+    assert (settings.launcher, settings.run, settings.watch, settings.poll_s) == (
+        "ray",
+        "s3://runs/runs/video-pretrain",
+        True,
+        300.0,
+    )
+    # one process per GPU of each of the 2 pods, the pod's CPUs shared among them
+    assert (settings.nodes, settings.ranks_per_node, settings.cpus_per_rank) == (2, 2, 8)
+    assert (protocol.name, protocol.samples, dry_run) == ("motion_adherence", 256, False)
+    assert settings.metrics_port == METRICS_PORT
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["groupName"], group["replicas"]) == ("gpu-workers", 2)
+    (container,) = group["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["svd-metrics"] == METRICS_PORT
+    endpoints = rendered["podmonitor.yaml"][0]["spec"]["podMetricsEndpoints"]
+    assert [(e["port"], e.get("honorLabels", False)) for e in endpoints] == [
+        ("svd-metrics", True),
+        ("metrics", False),
+    ]
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (TABLE | {"job": "serve"}, "at '/job': value must be one of 'train', 'curate'"),
+        (TABLE | {"job": "serve"}, "at '/job': value must be one of 'train', 'curate', 'evaluate'"),
+        (
+            {"job": "evaluate", "evaluate": {"run": "s3://b/runs/r"}},
+            "at '/evaluate/protocol': '' does not match pattern",
+        ),
         ({"job": "train"}, "at '/train/config': missing property 'data'"),
         (TABLE | {"train": TABLE["train"] | {"nodes": 0}}, "at '/train/nodes': minimum: got 0, want 1"),
         (TABLE | {"workers": {"gpus": 0}}, "at '/workers/gpus': minimum: got 0, want 1"),
@@ -418,6 +458,7 @@ def test_the_curation_entrypoint_parses_with_curate_py(chart) -> None:
     ],
     ids=[
         "job",
+        "evaluation protocol",
         "table",
         "nodes",
         "gpus",

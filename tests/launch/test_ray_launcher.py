@@ -387,3 +387,35 @@ def test_ray_ranks_save_the_step_under_way_when_a_pod_is_evicted_and_on_ray_job_
     assert list(losses) == list(range(1, 13))  # every step trained once
     assert losses == pytest.approx(never_stopped.losses(), abs=2e-4)  # as printed, to 4 decimals
     radosgw.assert_same_weights(run_dir, never_stopped.run_dir)
+
+
+EVAL_SMALL = ["samples=4", "shard_size=2", "frames=4", "fps=4", "sampler_steps=2", "motion_buckets=[0,255]"]
+
+
+@pytest.mark.slow
+def test_an_evaluation_in_two_ray_tasks_gives_the_one_process_result(
+    ray_head, trained_run, moto_s3, s3_env, capsys
+):
+    from svd.eval.job import EvaluateSettings, Evaluation
+    from svd.eval.protocol import load_protocol
+    from svd.launch.evaluation import evaluate_elsewhere
+
+    protocol = load_protocol("motion_adherence", EVAL_SMALL)
+    one = Evaluation(
+        EvaluateSettings(run=trained_run, out=f"{trained_run}/eval/one"), protocol, moto_s3.storage
+    )
+    expected = one.evaluate(2, progress=False)["values"]
+
+    settings = EvaluateSettings(
+        run=trained_run, out=f"{trained_run}/eval/ray", launcher="ray", ranks_per_node=2, cpus_per_rank=1
+    )
+    assert evaluate_elsewhere(settings, protocol) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ray: 2 evaluation processes (1 CPUs each) on a local Ray on this host"
+    merged = [line for line in lines[1:] if line.startswith("motion_adherence at step 2: spearman_rho ")]
+    assert merged, lines  # by whichever task wrote the last shard (or both, merging at once)
+    assert all(line.endswith(f"(8 samples) → {trained_run}/eval/ray/step-00000002") for line in merged)
+    fs, path = moto_s3.storage.fsspec(f"{trained_run}/eval/ray/step-00000002/metrics.json")
+    values = json.loads(fs.cat_file(path))["values"]
+    assert values["spearman_rho"] == pytest.approx(expected["spearman_rho"], rel=1e-6)
+    assert values["motion_by_bucket"] == pytest.approx(expected["motion_by_bucket"], rel=1e-6)

@@ -388,3 +388,77 @@ def test_each_node_announces_the_port_its_endpoint_serves_to_prometheus_while_th
         assert server.port != port
         assert lines == [f"metrics: port {port} is taken; serving on {server.port}"]
     assert not target.exists()
+
+
+@pytest.mark.slow
+def test_a_watch_as_a_slurm_job_of_two_tasks_evaluates_the_run_and_announces_its_endpoints(
+    slurm_cluster, trained_run, moto_s3, job_env, tmp_path, monkeypatch, capsys
+):
+    """`jobs/evaluate.py launcher=slurm watch=true` beside a (here finished) run: one task per node, the
+    one-process metrics, and each task's endpoint announced to Prometheus (file_sd) while it watches."""
+    import threading
+    import urllib.request
+
+    from svd.eval.job import EvaluateSettings, Evaluation
+    from svd.eval.protocol import load_protocol
+    from svd.launch.evaluation import evaluate_elsewhere
+
+    protocol = load_protocol(
+        "motion_adherence",
+        ["samples=4", "shard_size=2", "frames=4", "fps=4", "sampler_steps=2", "motion_buckets=[0,255]"],
+    )
+    one = EvaluateSettings(run=trained_run, out=f"{trained_run}/eval/one-for-slurm")
+    expected = Evaluation(one, protocol, moto_s3.storage).evaluate(2, progress=False)["values"]
+
+    targets = tmp_path / "targets"
+    monkeypatch.setenv(TARGETS_DIR_ENV, str(targets))  # Slurm passes the submitter's environment on
+    settings = EvaluateSettings(
+        run=trained_run,
+        out=f"{trained_run}/eval/slurm",
+        watch=True,
+        poll_s=0.5,
+        metrics_port=free_port(),
+        launcher="slurm",
+        nodes=2,
+        cluster="local_slurm",
+        folder=str(tmp_path / "submitit"),
+    )
+    status: list[int] = []
+    submitter = threading.Thread(target=lambda: status.append(evaluate_elsewhere(settings, protocol)))
+    submitter.start()
+    announced: dict[str, list] = {}
+    while submitter.is_alive():  # scrape each announcement while its task watches
+        for path in targets.glob("*.json") if targets.exists() else []:
+            try:
+                (target,) = json.loads(path.read_text())
+                port = target["targets"][0].rsplit(":", 1)[1]
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                    served = page.read().decode()
+            except (OSError, ValueError):  # the task ended meanwhile
+                continue
+            announced.setdefault(path.name, [target, served])
+        time.sleep(0.1)
+    submitter.join()
+
+    assert status == [0]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("slurm job ")
+    assert lines[0].endswith(f"2 processes, logs in {tmp_path}/submitit")
+    assert any(line.startswith("motion_adherence at step 2: spearman_rho ") for line in lines[1:]), lines
+    fs, path = moto_s3.storage.fsspec(f"{trained_run}/eval/slurm/step-00000002/metrics.json")
+    values = json.loads(fs.cat_file(path))["values"]
+    assert values["spearman_rho"] == pytest.approx(expected["spearman_rho"], rel=1e-6)
+    assert values["motion_by_bucket"] == pytest.approx(expected["motion_by_bucket"], rel=1e-6)
+    job_id = lines[0].split()[2].rstrip(":")
+    assert sorted(announced) == [f"eval-motion_adherence-{job_id}-{rank}.json" for rank in (0, 1)]
+    for rank, (target, served) in enumerate(
+        announced[f"eval-motion_adherence-{job_id}-{r}.json"] for r in (0, 1)
+    ):
+        assert target["labels"] == {
+            "job": "eval-motion_adherence",
+            "slurm_job_id": job_id,
+            "node": ("n1", "n2")[rank],
+            "eval_rank": str(rank),
+        }
+        assert "# TYPE svd_eval_metric gauge" in served
+    assert not list(targets.glob("*.json"))  # each announcement went with its watch

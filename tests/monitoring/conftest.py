@@ -149,10 +149,11 @@ def graph_panels(dashboard: dict) -> list[dict]:
 
 def dashboard_queries(dashboard: dict, job: str, stage: str) -> dict[str, str]:
     """Each panel target's PromQL as Prometheus would receive it from Grafana: the run and stage chosen, the
-    other variables on "All" (their allValue `.*`), `$__rate_interval` a window that spans several scrapes.
+    other variables on "All" (their allValue `.*`), `$__rate_interval` a window that spans several scrapes,
+    `$__range` the dashboard's hour.
     Keyed by `panel title / refId`."""
     values = {f"${v['name']}": v["allValue"] for v in dashboard["templating"]["list"] if "allValue" in v}
-    values |= {"$__rate_interval": "1m", "$job": job, "$stage": stage}
+    values |= {"$__rate_interval": "1m", "$__range": "1h", "$job": job, "$stage": stage}
     pattern = re.compile("|".join(re.escape(k) for k in sorted(values, key=len, reverse=True)))
     return {
         f"{panel['title']} / {target['refId']}": pattern.sub(lambda m: values[m[0]], target["expr"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from svd.eval.watch import EvalGauges
 from svd.train.metrics import MetricsConfig, TrainMetrics
 
 from .conftest import DASHBOARD, RULES, alert_rules, graph_panels
@@ -28,6 +29,7 @@ PANELS = (  # what the dashboard must show
     "Checkpoint save time",
     "Peak memory per rank",
     "Rank liveness",
+    "Evaluation metrics by checkpoint",
 )
 GPU_PANELS = {  # the GPU health row: dcgm-exporter's series of the run's pods (recorded in svd.rules.yml)
     "GPU utilisation and SM activity": {"svd:gpu_utilization:ratio", "svd:gpu_sm_active:ratio"},
@@ -46,7 +48,8 @@ def dashboard() -> dict:
 
 
 def exported_names() -> set[str]:
-    """Every sample name TrainMetrics exports, observed once with everything switched on."""
+    """Every sample name TrainMetrics exports, observed once with everything switched on, and the evaluation
+    watch's gauge."""
     metrics = TrainMetrics(
         MetricsConfig(port=0, gpu="H100"), job="j", stage="s", rank=0, node="n", flops_per_sample=1e9
     )
@@ -55,7 +58,10 @@ def exported_names() -> set[str]:
     metrics.observe_skipped({"corrupt": 1})
     metrics.observe_checkpoint(1.0)
     metrics.observe_checkpoint_committed(1)
-    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    gauges = EvalGauges("j", "s")
+    gauges.observe({"protocol": "motion_adherence", "step": 1, "values": {"spearman_rho": 0.5}})
+    registries = (metrics.registry, gauges.registry)
+    return {sample.name for r in registries for family in r.collect() for sample in family.samples}
 
 
 def test_the_dashboard_matches_the_schema(dashboard: dict) -> None:

@@ -1,7 +1,9 @@
 """A real training run (2 ranks, the tiny model, a clip table with one damaged video on the S3 server),
 scraped by a real Prometheus through file-based discovery with the target labels the chart's PodMonitor gives
 a worker pod (namespace, pod, container, endpoint): its series carry the labels they carry on Kubernetes, and
-every dashboard query and alert expression evaluates against them. Beside it, as on Kubernetes: Ray's own
+every dashboard query and alert expression evaluates against them. Beside it, as on Kubernetes: the watch
+that evaluates the run's checkpoints as they land (jobs/evaluate.py watch=true; its own endpoint, its pod's
+target labels); Ray's own
 metrics port, that of a real Ray head on 127.0.0.1 (ray[default]'s metrics agent, as in the image); and
 dcgm-exporter's endpoint, a recorded sample (tests/monitoring/data/) served by a small file server, since CI
 has no GPU."""
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +31,7 @@ from svd.data.synthetic import synthetic_corpus
 from svd.data.table import write_clip_table
 from svd.launch import ray as ray_launcher
 from svd.train.file_sd import write_target
+from svd.train.stop import StopRequest
 
 from .conftest import (
     DASHBOARD,
@@ -46,6 +50,7 @@ pytestmark = pytest.mark.slow  # the run trains ~30 s before Prometheus holds wh
 JOB, STAGE = "monitored-run", "video_pretrain"
 NAMESPACE, POD = "ml", "monitored-run-gpu-workers-w1"  # the pod the recorded dcgm-exporter sample names
 POD_TARGET = {"namespace": NAMESPACE, "pod": POD, "container": "ray-worker"}  # what the PodMonitor adds
+EVAL_POD_TARGET = POD_TARGET | {"pod": "monitored-run-eval-workers-w1"}  # the watch's RayJob's worker pod
 DATA = Path(__file__).with_name("data")
 CHECKPOINT_EVERY = 3
 RAY_CPUS = 1  # the Ray head's logical CPUs: its ray_resources say so
@@ -195,6 +200,18 @@ def run(
     )
     labels = {"job": JOB, **POD_TARGET, "endpoint": "svd-metrics"}
     target = write_target(JOB, "127.0.0.1", port, labels, prometheus.targets_dir)
+    eval_port, stop_watch = free_port(), StopRequest()
+    watcher = threading.Thread(
+        target=watch_the_run,
+        args=(f"{damaged_table}/runs/{JOB}", eval_port, stop_watch, moto_s3),
+        daemon=True,
+    )
+    watcher.start()
+    # The watch is a release of its own (its `up` says so); its series keep the run's job (honorLabels)
+    eval_labels = {"job": f"{JOB}-eval", **EVAL_POD_TARGET, "endpoint": "svd-metrics"}
+    eval_target = write_target(f"{JOB}-eval", "127.0.0.1", eval_port, eval_labels, prometheus.targets_dir)
+
+    checkpoint_late = next(r["expr"] for r in alert_rules() if r.get("alert") == "SVDCheckpointLate")
 
     def ready() -> bool:
         if process.poll() is not None:
@@ -208,17 +225,60 @@ def run(
         scrapes = prometheus.query(f'min(count_over_time(svd_step{{job="{JOB}"}}[1m])) >= 5')
         gpus = prometheus.query(f'svd:gpu_utilization:ratio{{job="{JOB}"}}')
         ray_memory = prometheus.query(f'ray_node_mem_used{{job="{JOB}"}}')
-        return bool(saves and committed and skipped and scrapes and gpus and ray_memory)
+        evaluated = prometheus.query(f'svd_eval_metric{{job="{JOB}"}}')
+        assert watcher.is_alive(), "the evaluation watch ended (its error is above)"
+        # The watch evaluates on the training's two cores here (on a cluster it has nodes of its own), which
+        # can hold up the commit of a due checkpoint for a while: the run is ready once it has caught up
+        late = prometheus.query(checkpoint_late)
+        ready = saves and committed and skipped and scrapes and gpus and ray_memory and evaluated
+        return bool(ready and not late)
 
-    what = f"two committed checkpoints, a skipped clip, 5 scrapes, the GPUs of {JOB} and Ray's node metrics"
+    what = (
+        f"two committed checkpoints, a skipped clip, 5 scrapes, the GPUs of {JOB}, Ray's node metrics and an "
+        "evaluated checkpoint, with no checkpoint late"
+    )
     try:
         # over 2 min at a load of 25 on 2 cores (150 s timed out there): the loader's workers start slowly
         wait_until(ready, 300, f"{what} (Ray's: ray[default] installed? its metrics agent exports them)")
         yield {"port": port, "node": socket.gethostname(), "ray": ray_node}
     finally:
         target.unlink(missing_ok=True)
+        eval_target.unlink(missing_ok=True)
+        stop_watch.set()
+        watcher.join(timeout=120)
         stop_group(process)
         log.close()
+
+
+def watch_the_run(run_dir: str, port: int, stop: StopRequest, store) -> None:
+    """`jobs/evaluate.py watch=true` on the run (motion adherence of 2 prompts, in this process): once a
+    checkpoint is committed, the watch evaluates what is committed at its first look, serves the gauges, and
+    looks again only after an hour (each evaluation takes CPU from the training the fixture waits for)."""
+    from svd.eval.job import EvaluateSettings
+    from svd.eval.protocol import load_protocol
+    from svd.eval.share import open_evaluation
+    from svd.eval.watch import watch
+    from svd.train.trained import committed_steps
+
+    small = ["samples=2", "shard_size=2", "frames=4", "fps=4", "sampler_steps=2", "motion_buckets=[0,255]"]
+    # the run's table has no held-out split: prompts, and the table's clips as the references
+    prompts = f"{run_dir}/eval-prompts.txt"
+    fs, path = store.storage.fsspec(prompts)
+    fs.pipe_file(path, b"a red ball rolls\na boat on a lake\n")
+    small += [
+        "conditions=prompts",
+        f"prompts={prompts}",
+        f"references={run_dir.split('/runs/')[0]}/clips.lance",
+    ]
+    settings = EvaluateSettings(run=run_dir, watch=True, poll_s=1.0, metrics_port=port)
+    evaluation = open_evaluation(
+        settings, load_protocol("motion_adherence", small), store.storage, rank=0, world_size=1, local_rank=0
+    )
+    while not committed_steps(run_dir, store.storage):
+        if stop.is_set():
+            return
+        time.sleep(1.0)
+    watch(evaluation, poll_s=3600, metrics_port=port, stop=stop, say=lambda line: None)
 
 
 def stop_group(process: subprocess.Popen) -> None:

@@ -71,6 +71,10 @@ annotations:
 {{- define "svd.entrypoint" -}}
 {{- if eq .Values.job "train" -}}
 python jobs/launch.py launcher=ray stage={{ .Values.train.stage }} model={{ .Values.train.model }} cluster=release nodes={{ .Values.train.nodes }} gpus_per_node={{ .Values.workers.gpus }}
+{{- else if eq .Values.job "evaluate" -}}
+{{- $ranks := max 1 (int .Values.workers.gpus) -}}
+python jobs/evaluate.py launcher=ray run={{ .Values.evaluate.run }} eval={{ .Values.evaluate.protocol }} watch={{ .Values.evaluate.watch }} nodes={{ .Values.evaluate.workers }} ranks_per_node={{ $ranks }} cpus_per_rank={{ max 1 (div (int .Values.workers.cpu) $ranks) }} metrics_port={{ .Values.metrics.port }}
+{{- range $key, $value := .Values.evaluate.settings }} {{ $key }}={{ $value }}{{ end }}
 {{- else -}}
 python jobs/curate.py launcher=ray shards={{ .Values.curate.shards }} input={{ .Values.curate.input }} output={{ .Values.curate.output }}
 {{- range $key, $value := .Values.curate.settings }} {{ $key }}={{ $value }}{{ end }}
