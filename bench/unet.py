@@ -120,9 +120,9 @@ def main() -> None:
         f"latent {args.height}×{args.width}, context tokens {args.context_tokens}, threads {args.threads}"
     )
     for name in models:
-        print(f"{name:>10}: fwd+bwd median {median[name] * 1e3:8.1f} ms   peak memory {peak[name]:8.1f} MiB")
-    print(f"time ratio ours/diffusers:   {median['ours'] / median['diffusers']:.3f}")
-    print(f"memory ratio ours/diffusers: {peak['ours'] / peak['diffusers']:.3f}")
+        print(f"{name:>10}: fwd+bwd median {median[name] * 1e3:10.3f} ms   peak memory {peak[name]:8.1f} MiB")
+    print(f"time ratio ours/diffusers:   {median['ours'] / median['diffusers']:.4g}")
+    print(f"memory ratio ours/diffusers: {peak['ours'] / peak['diffusers']:.4g}")
 
 
 if __name__ == "__main__":

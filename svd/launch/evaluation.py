@@ -99,18 +99,14 @@ def announced_watch(settings: EvaluateSettings, protocol: EvalProtocol, rank: in
     if not (settings.watch and settings.metrics_port and "SLURM_JOB_ID" in os.environ):
         yield
         return
-    from svd.train.file_sd import ANNOUNCE_ENV, Announcement, targets_dir
+    from svd.train.file_sd import Announcement, targets_dir
 
     job_id, node = os.environ["SLURM_JOB_ID"], os.environ.get("SLURMD_NODENAME", "localhost")
     job = f"eval-{protocol.name}"
     labels = {"job": job, "slurm_job_id": job_id, "node": node, "eval_rank": str(rank)}
     announcement = Announcement(f"{job}-{job_id}-{rank}", node, labels, str(targets_dir()))
-    os.environ[ANNOUNCE_ENV] = announcement.to_env()
-    try:
+    with announcement.requested():
         yield
-    finally:
-        del os.environ[ANNOUNCE_ENV]
-        announcement.remove()
 
 
 def report(results: dict[int, ShareResult | str], ranks: int) -> int:

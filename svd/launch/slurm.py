@@ -292,7 +292,7 @@ def node_metrics(cfg: RunConfig) -> Iterator[None]:
     if not cfg.metrics.port:
         yield
         return
-    from svd.train.file_sd import ANNOUNCE_ENV, Announcement, targets_dir
+    from svd.train.file_sd import Announcement, targets_dir
     from svd.train.metrics import ENV_DIR, MetricsConfig
 
     job_id, restarts = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -305,12 +305,8 @@ def node_metrics(cfg: RunConfig) -> Iterator[None]:
     node = os.environ["SLURMD_NODENAME"]
     labels = {"job": cfg.job_name, "slurm_job_id": job_id, "node": node}
     announcement = Announcement(f"{cfg.job_name}-{job_id}-{node}", node, labels, str(targets_dir()))
-    os.environ[ANNOUNCE_ENV] = announcement.to_env()
-    try:
+    with announcement.requested():
         yield
-    finally:
-        del os.environ[ANNOUNCE_ENV]
-        announcement.remove()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +61,17 @@ class Announcement:
 
     def remove(self) -> None:
         remove_target(self.name, Path(self.directory))
+
+    @contextmanager
+    def requested(self) -> Iterator[None]:
+        """Inside the block, the endpoint this process serves announces itself (`announce_from_env`); after
+        it, the announcement is gone, so Prometheus stops scraping an endpoint that ended."""
+        os.environ[ANNOUNCE_ENV] = self.to_env()
+        try:
+            yield
+        finally:
+            del os.environ[ANNOUNCE_ENV]
+            self.remove()
 
 
 def announce_from_env(port: int) -> Path | None:
