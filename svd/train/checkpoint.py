@@ -381,11 +381,17 @@ def read_full_state(uri: str, prefix: str, storage: Storage | None = None) -> di
     return {key.removeprefix(f"{prefix}."): tensor for key, tensor in state.items()}
 
 
-def read_part(folder: str, name: str, storage: Storage | None = None) -> dict[str, Any]:
-    """A tensor-free part (`"data"`: the loader state and lineage) of a step folder, in this process."""
+def read_part(
+    folder: str, name: str, storage: Storage | None = None, *, missing_ok: bool = False
+) -> dict[str, Any]:
+    """A tensor-free part (`"data"`: the loader state and lineage) of a step folder, in this process.
+    `missing_ok`: {} for a folder without it, as a checkpoint of weights alone (written by an importer or by
+    hand: `stage.init_from` takes those too)."""
     fs, path = (storage or Storage.from_env()).fsspec(folder)
     reader = _open_reader(fs, path, folder)
     if name not in reader.read_metadata().state_dict_metadata:
+        if missing_ok:
+            return {}
         raise CheckpointError(f"{folder} has no part {name!r}")
     state: dict[str, Any] = {name: ""}
     _load(state, reader, folder, no_dist=True)

@@ -283,11 +283,14 @@ class Trainer:
         return {"uri": uri, "folder": decided_by_rank0(folder)}
 
     def _lineage_of(self, init_from: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The lineage of the checkpoint this stage starts from (None for diffusers weights, or none)."""
+        """The lineage of the checkpoint this stage starts from (None for diffusers weights, or a checkpoint
+        of weights alone)."""
         folder = (init_from or {}).get("folder")
         if folder is None:
             return None
-        return decided_by_rank0(lambda: read_part(folder, "data", self.storage).get("lineage"))
+        return decided_by_rank0(
+            lambda: read_part(folder, "data", self.storage, missing_ok=True).get("lineage")
+        )
 
     def _carry_exclusion(self, earlier: dict[str, Any] | None) -> None:
         if self.exclude or (carried := lineage.exclusion_in_force(earlier)) is None:
