@@ -6,7 +6,9 @@
 PYTHON_SYSTEM ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-# pytest-xdist workers of `make test` (tests/conftest.py says which tests share one); 0 runs in this process.
+# `make test` runs the suite in pytest-xdist workers: much of its time is spent waiting (timeouts, signals,
+# schedulers, scrapes), and the other worker's tests use it. A file's tests run in one worker, in order, so
+# that its module fixtures (a trained run, a curated table) are built once. 0 runs in this process.
 TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
@@ -41,7 +43,7 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/unet.py

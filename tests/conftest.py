@@ -39,25 +39,6 @@ from .settings import production_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# `make test` runs the suite in two pytest-xdist workers (`--dist loadgroup`): much of the suite's time is
-# spent waiting (timeouts, signals, schedulers, scrapes), and the other worker's tests use it. A file's tests
-# run in one worker, in order, so that its module-scoped fixtures (a trained run, a curated table) are built
-# once. The files below also share a machine-wide resource with each other, so each group runs in one
-# worker: the session's Slurm cluster (two workers would each start one on the nodes n1 and n2), and Ray (a
-# local head of 3 CPUs in the test process; two at once would oversubscribe the machine's 2 cores).
-WORKER_GROUPS = {
-    "launch/test_slurm_launcher.py": "slurm",
-    "launch/test_slurm_cluster.py": "slurm",
-    "launch/test_ray_launcher.py": "ray",
-    "monitoring/test_scrape.py": "ray",
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        file = Path(item.fspath).relative_to(ROOT / "tests").as_posix()
-        item.add_marker(pytest.mark.xdist_group(WORKER_GROUPS.get(file, file)))
-
 
 @dataclass(frozen=True)
 class ObjectStore:
