@@ -50,6 +50,7 @@ from svd.curate.ledger import (
 from svd.curate.motion import measure_motion
 from svd.curate.ocr import LearnedTextDetector, MorphologicalTextDetector, TextDetector, text_area
 from svd.curate.probe import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, RejectionError, VideoInfo, probe
+from svd.curate.provenance import record_curation
 from svd.curate.scan import grab_frames, scan
 from svd.data.storage import Storage, canonical_uri, scheme
 from svd.data.table import to_arrow
@@ -362,6 +363,7 @@ def run(cfg: CurateConfig, *, progress: bool = True) -> RunSummary:
     if not todo:
         return summary
     stages = Stages.build(cfg)  # here first: a stage that cannot load fails once, before any pool starts
+    record_curation(cfg.output, cfg, storage)  # how its clips are made, before the first of them
     results = _results(cfg, todo, stages if cfg.workers == 0 else None)
     del stages  # with workers, each builds its own: this copy would only hold memory
     optional = ["latents"] if cfg.latents else []

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import lance
@@ -18,10 +22,12 @@ from svd.curate import pipeline
 from svd.curate.config import CurateConfig
 from svd.curate.ledger import log_uri
 from svd.curate.pipeline import list_inputs, run, shard_of
+from svd.curate.provenance import CURATION_KEY, curation_record, sha256_of
 from svd.data.buckets import Bucket
 from svd.data.loader import ClipLoader, LoaderConfig
 from svd.data.synthetic import moving_square
 from svd.data.video_io import encode_mp4
+from svd.version import code_version
 
 from .conftest import FPS, shots_video
 
@@ -96,6 +102,16 @@ def test_raw_videos_become_scored_clips(raw, moto_s3, tiny_clip, aesthetic_head,
         assert all(c["aesthetic_score"] is not None and c["clip_score"] is not None for c in clips)
     table = lance.dataset(output, storage_options=moto_s3.storage.lance_options(output))
     assert summary.tag in table.tags.list()
+    curation = json.loads(table.schema.metadata[CURATION_KEY.encode()])  # a checkpoint's lineage reads it
+    assert curation["models_sha256"] == {
+        "clip_model": sha256_of(tiny_clip),
+        "aesthetic_head": hashlib.sha256(Path(aesthetic_head[0]).read_bytes()).hexdigest(),
+    }
+    assert curation["config"]["clip_model"] == tiny_clip
+    assert curation["config_sha256"] == curation_record(cfg, moto_s3.storage)["config_sha256"]
+    assert curation["recipe"] is None
+    assert curation["code_version"] == code_version()
+    assert 0 <= time.time() - datetime.fromisoformat(curation["written_at"]).timestamp() < 600
     log = table_rows(log_uri(output), moto_s3.storage, ["video_uri", "status"])
     assert Counter(r["status"] for r in log) == summary.status
 

@@ -3,14 +3,20 @@ force changes; replacements from every rank are kept in one sorted order, the sa
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from types import SimpleNamespace
 
 import lance
 import pyarrow as pa
 
+from svd.curate.config import CurateConfig
+from svd.curate.provenance import curation_record, record_curation
 from svd.data.buckets import Bucket
 from svd.data.exclusion import Exclusion
 from svd.data.loader import LoaderState
+from svd.data.storage import Storage
+from svd.data.table import to_arrow
 from svd.train import lineage
 
 
@@ -78,4 +84,30 @@ def test_the_curation_provenance_a_table_carries_is_recorded(tmp_path):
     assert lineage.curation_provenance(dataset) == {
         "svd.curation": {"recipe": "lvd_f", "config_sha256": "ab"},
         "svd.note": "not json",
+    }
+
+
+def test_the_curation_a_curated_table_records_is_what_the_lineage_records(tmp_path):
+    """What curation writes (svd.curate.provenance), read back as a checkpoint's lineage reads it."""
+    (tmp_path / "ocr.pt").write_bytes(b"weights")
+    (tmp_path / "captioner").mkdir()
+    (tmp_path / "captioner" / "model.safetensors").write_bytes(b"caption weights")
+    uri = str(tmp_path / "clips.lance")
+    lance.write_dataset(to_arrow([]), uri)
+    cfg = CurateConfig(input="raw/", output=uri, text_detector=str(tmp_path / "ocr.pt"), recipe="lvd_f.yaml")
+    cfg.captioner = str(tmp_path / "captioner")
+    record_curation(uri, cfg, Storage.from_env({}))
+    found = lineage.curation_provenance(lance.dataset(uri))
+    assert list(found) == ["svd.curation"]  # the schema version is left out
+    recorded = found["svd.curation"]
+    assert recorded["recipe"] == "lvd_f.yaml"
+    assert recorded["models_sha256"]["text_detector"] == hashlib.sha256(b"weights").hexdigest()
+    assert set(recorded["models_sha256"]) == {"text_detector", "captioner"}  # no latents: no encoder
+    assert recorded["config"]["text_detector"] == cfg.text_detector
+    # every shard of one curation has the same hash; another setting changes it
+    shard = curation_record(dataclasses.replace(cfg, shard="1/4", workers=8), Storage.from_env({}))
+    other = curation_record(dataclasses.replace(cfg, min_clip_s=3.0), Storage.from_env({}))
+    assert shard["config_sha256"] == recorded["config_sha256"] != other["config_sha256"]
+    assert {k: v for k, v in shard.items() if k != "written_at"} == {
+        k: v for k, v in recorded.items() if k != "written_at"
     }
