@@ -39,6 +39,7 @@ from svd.eval.conditions import HeldOutConditions, Shard, conditions_of, shards
 from svd.eval.features import FeatureNetwork
 from svd.eval.frechet import FeatureStats, bootstrap_interval, distance_by_count, frechet_distance
 from svd.eval.generate import VideoSampler, condition_seed
+from svd.eval.lpips import MIN_SIDE as LPIPS_MIN_SIDE
 from svd.eval.lpips import SKIPPED as LPIPS_SKIPPED
 from svd.eval.lpips import Lpips
 from svd.eval.protocol import EvalProtocol, check_fits
@@ -195,6 +196,12 @@ class Evaluation:
         p = self.protocol
         if p.metric != "interpolation" or not p.lpips:
             return None
+        side = min(p.height or self.run_config.data.height, p.width or self.run_config.data.width)
+        if side < LPIPS_MIN_SIDE:
+            raise ConfigError(
+                f"eval.lpips: LPIPS's AlexNet needs frames of at least {LPIPS_MIN_SIDE} px a side, "
+                f"these have {side} (set eval.height and eval.width)"
+            )
         return Lpips.load(p.lpips, sha256=p.lpips_sha256)
 
     def _feature_network(self) -> FeatureNetwork | None:

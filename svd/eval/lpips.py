@@ -6,7 +6,7 @@ positions and summed over layers.
 Computed here rather than with the `lpips` package: that package builds its backbone with torchvision, which
 this project does not install, and would download the ImageNet weights (no network on the cluster). The
 weights are the user's, from a local folder (`eval.lpips=`): `alexnet.pth`, torchvision's ImageNet AlexNet
-state dict (`alexnet-owt-7be5be79.pth`), pinned by `eval.lpipssha256_of` as the I3D file is, and `lin.pth`,
+state dict (`alexnet-owt-7be5be79.pth`), pinned by `eval.lpips_sha256` as the I3D file is, and `lin.pth`,
 the `lpips` package's `weights/v0.1/alex.pth` (the linear layers). Without a folder LPIPS is skipped, and the
 evaluation says so in one line (`SKIPPED`).
 """
@@ -69,7 +69,7 @@ class Lpips:
                 raise ConfigError(f"eval.lpips={folder}: no {path.name} there (see the README: Evaluation)")
         digest = sha256_of(str(backbone))
         if digest != sha256.lower():
-            raise ConfigError(f"{backbone} has sha256 {digest}, eval.lpipssha256_of pins {sha256}")
+            raise ConfigError(f"{backbone} has sha256 {digest}, eval.lpips_sha256 pins {sha256}")
         state = torch.load(backbone, map_location="cpu", weights_only=True)
         features = alexnet_features()
         features.load_state_dict(
