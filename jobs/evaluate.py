@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
-    if not (protocol.clip or dry_run):
-        from svd.eval.clip import SKIPPED
+    if not dry_run:
+        from svd.eval.job import skipped
 
-        print(SKIPPED, flush=True)
+        for line in skipped(protocol):
+            print(line, flush=True)
     if settings.launcher != "local":
         return evaluate_elsewhere(settings, protocol, dry_run=dry_run)
     return evaluate_here(settings, protocol, dry_run=dry_run)

@@ -56,7 +56,7 @@ class FeatureNetwork:
         storage = storage or Storage.from_env()
         try:
             path = storage.local_copy(uri, cache_dir)
-            digest = _sha256(path)
+            digest = sha256_of(path)
         except OSError as e:
             raise FeatureNetworkError(f"cannot read the feature network {uri}: {e}") from e
         if digest != sha256.lower():
@@ -95,7 +95,7 @@ class FeatureNetwork:
         return frames.reshape(n, t, 3, self.size, self.size).permute(0, 2, 1, 3, 4).contiguous()
 
 
-def _sha256(path: str) -> str:
+def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

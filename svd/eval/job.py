@@ -39,6 +39,9 @@ from svd.eval.conditions import HeldOutConditions, Shard, conditions_of, shards
 from svd.eval.features import FeatureNetwork
 from svd.eval.frechet import FeatureStats, bootstrap_interval, distance_by_count, frechet_distance
 from svd.eval.generate import VideoSampler, condition_seed
+from svd.eval.lpips import MIN_SIDE as LPIPS_MIN_SIDE
+from svd.eval.lpips import SKIPPED as LPIPS_SKIPPED
+from svd.eval.lpips import Lpips
 from svd.eval.protocol import EvalProtocol, check_fits
 from svd.eval.quality import psnr, ssim
 from svd.eval.report import CONTACT_SHEET_CONDITIONS, contact_sheet, line_plot, report, thumbnail
@@ -162,10 +165,11 @@ class Evaluation:
             conditions = conditions_of(self.run_config, self.protocol, self.storage)
             network = self._feature_network()
             clip = load_clip(self.protocol.clip) if self.protocol.clip else None
+            lpips = self._lpips_scorer()
             for shard in tqdm(todo, desc=f"eval {self.protocol.name} step {step}", disable=not progress):
                 if stop is not None and stop.is_set():
                     return None
-                self._evaluate_shard(step, shard, conditions, sampler, network, clip)
+                self._evaluate_shard(step, shard, conditions, sampler, network, clip, lpips)
         if self._written(step) == set(every):
             return self.merge(step, every)
         return None
@@ -188,6 +192,18 @@ class Evaluation:
                 "give another out=, or remove that folder"
             )
 
+    def _lpips_scorer(self) -> Lpips | None:
+        p = self.protocol
+        if p.metric != "interpolation" or not p.lpips:
+            return None
+        side = min(p.height or self.run_config.data.height, p.width or self.run_config.data.width)
+        if side < LPIPS_MIN_SIDE:
+            raise ConfigError(
+                f"eval.lpips: LPIPS's AlexNet needs frames of at least {LPIPS_MIN_SIDE} px a side, "
+                f"these have {side} (set eval.height and eval.width)"
+            )
+        return Lpips.load(p.lpips, sha256=p.lpips_sha256)
+
     def _feature_network(self) -> FeatureNetwork | None:
         p = self.protocol
         if p.metric != "fvd":
@@ -209,6 +225,7 @@ class Evaluation:
         sampler: VideoSampler,
         network: FeatureNetwork | None,
         clip: ClipScorer | None,
+        lpips: Lpips | None,
     ) -> None:
         p = self.protocol
         batch = conditions.batch(shard)
@@ -231,7 +248,7 @@ class Evaluation:
                     "video": name,
                 }
                 rows.append(
-                    row | self._scores(video, truth[j]) | self._clip_scores(clip, video, truth[j], row)
+                    row | self._scores(video, truth[j], lpips) | self._clip_scores(clip, video, truth[j], row)
                 )
             if network is not None:
                 generated.append(network(videos))
@@ -249,14 +266,15 @@ class Evaluation:
         np.savez(buffer, **arrays)
         self._write(self._shard_uri(step, shard), buffer.getvalue())  # last: the shard is done
 
-    def _scores(self, video: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    def _scores(self, video: np.ndarray, truth: np.ndarray, lpips: Lpips | None) -> dict[str, float]:
         p = self.protocol
         if p.metric == "motion_adherence":
             return {"motion_score": motion_score(video, p.fps)}
         if p.metric == "interpolation":  # the frames between the two given ones
             generated = video[1:-1].transpose(0, 3, 1, 2) / 255.0
             true = truth[1:-1].transpose(0, 3, 1, 2) / 255.0
-            return {"psnr": psnr(generated, true), "ssim": ssim(generated, true)}
+            scores = {"psnr": psnr(generated, true), "ssim": ssim(generated, true)}
+            return scores | ({"lpips": lpips(generated, true)} if lpips else {})
         return {}
 
     def _clip_scores(
@@ -304,6 +322,8 @@ class Evaluation:
         else:
             values["psnr"] = float(np.mean([r["psnr"] for r in rows]))
             values["ssim"] = float(np.mean([r["ssim"] for r in rows]))
+            if p.lpips:
+                values["lpips"] = float(np.mean([r["lpips"] for r in rows]))
         for name in ("clip_text", "clip_image"):
             scored = [r[name] for r in rows if name in r]
             if scored:
@@ -320,7 +340,7 @@ class Evaluation:
             if p.metric == "fvd"
             else None,
             "settings": {k: v for k, v in vars(p).items() if k not in ("name", "metric")},
-            "skipped": [] if p.clip else [CLIP_SKIPPED],
+            "skipped": skipped(p),
             "code_version": code_version(),
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -402,3 +422,9 @@ def rank_and_world(env: dict[str, str] | None = None) -> tuple[int, int, int]:
         if rank in env and world in env:
             return int(env[rank]), int(env[world]), int(env.get(local, 0))
     return 0, 1, 0
+
+
+def skipped(p: EvalProtocol) -> list[str]:
+    """A line for each metric of the protocol left out for want of weights."""
+    lines = [] if p.clip else [CLIP_SKIPPED]
+    return lines + ([LPIPS_SKIPPED] if p.metric == "interpolation" and not p.lpips else [])

@@ -4,7 +4,8 @@
 - `i2v_holdout`: first frames of the run's held-out clips as conditions, their clips as references; FVD.
 - `ucf101_zero_shot`: the paper's zero-shot FVD (class-name prompts, 16 frames, CFG 7, 2048 videos); the
   prompts file and a reference clip table of UCF-101 are the user's.
-- `interpolation_holdout`: the first and last frames of held-out clips; PSNR and SSIM of the frames between.
+- `interpolation_holdout`: the first and last frames of held-out clips; PSNR, SSIM (and LPIPS
+  where weights are given) of the frames between.
 - `motion_adherence`: every condition sampled at several `motion_bucket_id` values; the optical-flow motion
   measured on the samples against the value asked for (Spearman ρ). Needs no downloaded weights.
 
@@ -50,6 +51,10 @@ class EvalProtocol:
     # a local folder of a CLIP model (Hugging Face layout): CLIP similarity of the frames to the prompt and to
     # the conditioning image (svd/eval/clip.py); empty: those metrics are skipped, in one line
     clip: str = ""
+    # interpolation: a local folder with alexnet.pth and lin.pth (svd/eval/lpips.py): LPIPS of the generated
+    # frames; empty: skipped, in one line. The backbone file's sha256 is pinned: another file is refused
+    lpips: str = ""
+    lpips_sha256: str = ""
 
 
 def protocols() -> list[str]:
@@ -102,6 +107,8 @@ def check_protocol(p: EvalProtocol) -> None:
         problems.append(f"eval.counts={p.counts} must be ≥ 2 (counts above eval.samples are left out)")
     if p.bootstrap_draws < 10:
         problems.append(f"eval.bootstrap_draws={p.bootstrap_draws} must be ≥ 10")
+    if p.lpips and not p.lpips_sha256:
+        problems.append(f"eval.lpips={p.lpips} needs eval.lpips_sha256=<sha256 of its alexnet.pth>")
     if problems:
         raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 

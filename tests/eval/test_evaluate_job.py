@@ -17,6 +17,7 @@ import torch
 
 from svd.config import ConfigError, compose
 from svd.eval.job import EvaluateSettings, Evaluation
+from svd.eval.lpips import SKIPPED as LPIPS_SKIPPED
 from svd.eval.protocol import load_protocol
 from svd.launch.local import launch_local
 
@@ -284,7 +285,7 @@ def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_me
 
 @pytest.mark.slow
 def test_interpolation_is_measured_on_the_generated_frames_between_the_given_ones(
-    train_table, moto_s3, s3_env
+    train_table, moto_s3, s3_env, tiny_lpips
 ):
     run_dir = f"{train_table['bucket']}/runs/eval-interpolated"
     settings = production_settings(
@@ -294,9 +295,25 @@ def test_interpolation_is_measured_on_the_generated_frames_between_the_given_one
     job = evaluation(
         run_dir, "interpolation_holdout", ["samples=2", "shard_size=2", "sampler_steps=2"], moto_s3
     )
-    values = job.evaluate(2, progress=False)["values"]
+    metrics = job.evaluate(2, progress=False)
+    values = metrics["values"]
     assert 0 < values["psnr"] < 100  # generated frames, not the given ones (identical frames: infinite)
     assert -1 <= values["ssim"] < 1
+    assert "lpips" not in values
+    assert LPIPS_SKIPPED in metrics["skipped"]
+    folder, sha256 = tiny_lpips  # a random AlexNet; its 16-px frames are too small for AlexNet: 32 px here
+    small = ["samples=2", "shard_size=2", "sampler_steps=2", f"lpips={folder}", f"lpips_sha256={sha256}"]
+    refused = evaluation(run_dir, "interpolation_holdout", small, moto_s3)
+    refused.out = f"{run_dir}/eval/lpips-refused"
+    with pytest.raises(ConfigError, match=r"eval.lpips: LPIPS's AlexNet needs frames of at least 31 px"):
+        refused.evaluate(2, progress=False)
+    job = evaluation(run_dir, "interpolation_holdout", [*small, "height=32", "width=32"], moto_s3)
+    job.out = f"{run_dir}/eval/with-lpips"
+    metrics = job.evaluate(2, progress=False)
+    assert metrics["values"]["lpips"] > 0  # generated frames, not the given ones (identical frames: 0)
+    assert LPIPS_SKIPPED not in metrics["skipped"]
+    fs, path = moto_s3.storage.fsspec(job.folder(2))
+    assert json.loads(fs.cat_file(f"{path}/metrics.json"))["values"]["lpips"] == metrics["values"]["lpips"]
 
 
 def test_compare_prints_and_plots_each_runs_evaluations_of_a_protocol(trained_run, moto_s3, s3_env, tmp_path):
