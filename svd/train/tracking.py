@@ -258,9 +258,10 @@ class Tracker:
             self._warn(line)
 
 
-def tracked_run(cfg: RunConfig, id: str, table_version: int | None, part: str = "") -> TrackedRun:
+def tracked_run(cfg: RunConfig, run_id: str, table_version: int | None, part: str = "") -> TrackedRun:
+    """What the backends are told of tracked run `run_id`, by training or (`part`) by another writer."""
     return TrackedRun(
-        id=id,
+        id=run_id,
         name=cfg.job_name,
         project=cfg.tracker.project,
         dir=Path(cfg.tracker.dir).resolve(),
