@@ -45,6 +45,7 @@ from svd.eval.lpips import Lpips
 from svd.eval.protocol import EvalProtocol, check_fits
 from svd.eval.quality import psnr, ssim
 from svd.eval.report import CONTACT_SHEET_CONDITIONS, contact_sheet, line_plot, report, thumbnail
+from svd.eval.tracking import track_evaluation
 from svd.train.checkpoint import MARKER
 from svd.train.stop import StopRequest
 from svd.train.trained import RunError, committed_steps, read_run_config, trained_denoiser
@@ -171,7 +172,9 @@ class Evaluation:
                     return None
                 self._evaluate_shard(step, shard, conditions, sampler, network, clip, lpips)
         if self._written(step) == set(every):
-            return self.merge(step, every)
+            metrics = self.merge(step, every)
+            track_evaluation(self.run_config, self.settings.run, self.out, self.storage, metrics)
+            return metrics
         return None
 
     def _claim_folder(self, step: int) -> None:

@@ -72,6 +72,10 @@ class TrackedRun:
     config: dict[str, Any]  # the resolved config, flattened to dotted keys
     config_yaml: str
     tags: dict[str, str]  # lineage
+    # What this writer logs of the run: "" for training; another process's part (the evaluation's
+    # "eval-<protocol>", svd/eval/tracking.py) joins the run without changing its status or tags, in a
+    # TensorBoard folder of its own and, on W&B, a run of its own in the training run's group
+    part: str = ""
 
 
 class Backend(Protocol):
@@ -153,21 +157,7 @@ class Tracker:
         except Exception as e:  # storage trouble: training goes on, untracked
             _warn(f"tracking: off for this run, {files.uri(STATE_FILE)} cannot be read or written ({e})")
             return None
-        run = TrackedRun(
-            id=state["id"],
-            name=cfg.job_name,
-            project=cfg.tracker.project,
-            dir=Path(cfg.tracker.dir).resolve(),
-            config=flat_config(cfg),
-            config_yaml=to_yaml(cfg),
-            tags={
-                "table": cfg.data.table,
-                "table_version": str(table_version),
-                "code_version": code_version(),
-                "stage": cfg.stage.name,
-                "run_dir": cfg.checkpoint.run_dir,
-            },
-        )
+        run = tracked_run(cfg, state["id"], table_version)
 
         def save_logged(logged: dict[str, dict[str, int]]) -> None:
             files.write(STATE_FILE, json.dumps({"id": run.id, "logged": logged}))
@@ -268,6 +258,26 @@ class Tracker:
             self._warn(line)
 
 
+def tracked_run(cfg: RunConfig, run_id: str, table_version: int | None, part: str = "") -> TrackedRun:
+    """What the backends are told of tracked run `run_id`, by training or (`part`) by another writer."""
+    return TrackedRun(
+        id=run_id,
+        name=cfg.job_name,
+        project=cfg.tracker.project,
+        dir=Path(cfg.tracker.dir).resolve(),
+        config=flat_config(cfg),
+        config_yaml=to_yaml(cfg),
+        tags={
+            "table": cfg.data.table,
+            "table_version": str(table_version),
+            "code_version": code_version(),
+            "stage": cfg.stage.name,
+            "run_dir": cfg.checkpoint.run_dir,
+        },
+        part=part,
+    )
+
+
 def first_line(error: Exception) -> str:
     """The error in one line; for a client that is not installed, how to install it."""
     text = str(error).strip()
@@ -298,7 +308,10 @@ class TensorBoardBackend:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run = run
-        self.writer = SummaryWriter(log_dir=str(run.dir / "tensorboard" / run.id))
+        # TensorBoard reads a folder's event files one after another, never going back to an earlier one:
+        # two processes writing one folder would hide the rest of the first one's records
+        folder = run.dir / "tensorboard" / run.id
+        self.writer = SummaryWriter(log_dir=str(folder / run.part if run.part else folder))
 
     def log(self, record: Record) -> None:
         if record.kind == "config":
@@ -353,12 +366,15 @@ class WandbBackend:
 
         run.dir.mkdir(parents=True, exist_ok=True)
         self.run = run
+        # W&B takes one writer per run, whose steps only increase: another part is a run of its own, grouped
+        # with the training run (an evaluation logs steps that training has passed)
         self.wandb_run = wandb.init(
             mode=self.mode,
             dir=str(run.dir),
-            id=run.id,
+            id=f"{run.id}-{run.part}" if run.part else run.id,
+            group=run.id if run.part else None,
             project=run.project,
-            name=run.name,
+            name=f"{run.name}-{run.part}" if run.part else run.name,
             config=run.config,
             tags=[f"{k}={v}"[:64] for k, v in run.tags.items()],
             resume="allow",
@@ -406,11 +422,13 @@ class MlflowBackend:
         found = self.client.search_runs([experiment_id], f"tags.`{self.ID_TAG}` = '{run.id}'", max_results=1)
         if found:
             self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = self.client.create_run(
                 experiment_id, run_name=run.id, tags={self.ID_TAG: run.id}
             ).info.run_id
+        if run.part:  # training's run: its status and lineage are training's to set
+            return
+        self.client.update_run(self.run_id, status="RUNNING")
         for key, value in run.tags.items():
             self.client.set_tag(self.run_id, f"svd.{key}", value)
 
@@ -433,7 +451,7 @@ class MlflowBackend:
             self.client.log_artifact(self.run_id, str(write_preview(self.run, record)), "previews")
 
     def close(self) -> None:
-        if self.client is not None:
+        if self.client is not None and not self.run.part:
             self.client.set_terminated(self.run_id)
 
 
