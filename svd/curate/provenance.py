@@ -3,8 +3,8 @@ on it can record that (svd.train.lineage.curation_provenance reads every `svd.*`
 
 Written once per run, before its first video: a run that crashes has still said how its clips were made.
 A schema-metadata update is its own Lance transaction and rebases over concurrent merge-inserts (and they
-over it), so shards committing at once lose nothing; with shards of different settings, the last one to
-start is what the table says.
+over it); two concurrent metadata updates conflict, and the later one tries again. So shards committing at
+once lose nothing; with shards of different settings, the last one to start is what the table says.
 """
 
 from __future__ import annotations
@@ -69,14 +69,21 @@ def _file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def record_curation(table_uri: str, cfg: CurateConfig, storage: Storage) -> None:
-    """Sets `svd.curation` on the table (which exists: check_output created it)."""
-    table = open_dataset(table_uri, storage)
-    if table is None:
-        raise TableWriteError(f"{table_uri} vanished before its curation settings could be recorded")
+def record_curation(table_uri: str, cfg: CurateConfig, storage: Storage, attempts: int = 5) -> None:
+    """Sets `svd.curation` on the table (which exists: check_output created it). Two shards starting at once
+    both set it, and Lance refuses the second of two concurrent metadata updates instead of rebasing it: that
+    one tries again on the table's new version, as `merge_rows` does."""
     record = json.dumps(curation_record(cfg, storage), sort_keys=True)
-    try:
-        table.update_schema_metadata({CURATION_KEY: record})
-    except (ValueError, OSError) as e:
-        problem = str(e).splitlines()[0][:300]
-        raise TableWriteError(f"cannot record curation settings on {table_uri}: {problem}") from None
+    for _ in range(attempts):
+        table = open_dataset(table_uri, storage)
+        if table is None:
+            raise TableWriteError(f"{table_uri} vanished before its curation settings could be recorded")
+        try:
+            table.update_schema_metadata({CURATION_KEY: record})
+            return
+        except (ValueError, OSError) as e:
+            error = e
+            if "ncompatible transaction" not in str(e):
+                break
+    problem = str(error).splitlines()[0][:300]
+    raise TableWriteError(f"cannot record curation settings on {table_uri}: {problem}") from None
