@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import lance
@@ -16,9 +17,11 @@ import pytest
 import torch
 
 from svd.config import ConfigError, compose
+from svd.data.local_s3 import free_port
 from svd.eval.job import EvaluateSettings, Evaluation
 from svd.eval.lpips import SKIPPED as LPIPS_SKIPPED
 from svd.eval.protocol import load_protocol
+from svd.eval.watch import EvalGauges, watch
 from svd.launch.local import launch_local
 
 from ..settings import production_settings
@@ -242,23 +245,9 @@ def test_the_command_line_plans_evaluates_and_names_what_is_wrong(trained_run, m
         assert failed.stderr.startswith(message), failed.stderr
 
 
-@pytest.mark.slow
-def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_metric(
-    train_table, moto_s3, s3_env, launched, production
-):
-    """Training (6 steps, a checkpoint every 2) and the watch side by side, as a second job would run it."""
-    import os
-    import urllib.request
-
-    from svd.data.local_s3 import free_port
-    from svd.eval.watch import EvalGauges, watch
-
-    env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = launched(production(train_table, "eval-watched", "train.steps=6", "checkpoint.every=2"), env)
-    run.wait_for(r"step 1/6 ")
-    job = evaluation(
-        f"{train_table['bucket']}/runs/eval-watched", "motion_adherence", [*SMALL, "samples=2"], moto_s3
-    )
+def scraped_watch(job: Evaluation) -> tuple[list[int], list[str], list[str]]:
+    """`watch(job)` with its endpoint on a free port: (the steps it merged, the lines it said, the page its
+    endpoint served right after each step's gauges were set)."""
     port, served = free_port(), []
     observe = EvalGauges.observe
 
@@ -271,6 +260,23 @@ def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_me
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EvalGauges, "observe", observed_and_scraped)
         merged = watch(job, poll_s=0.5, metrics_port=port, say=lines.append)
+    return merged, lines, served
+
+
+@pytest.mark.slow
+def test_watch_evaluates_each_checkpoint_as_training_saves_it_and_serves_each_metric(
+    train_table, moto_s3, s3_env, launched, production
+):
+    """Training (6 steps, a checkpoint every 2) and the watch side by side, as a second job would run it."""
+    import os
+
+    env = os.environ | moto_s3.env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = launched(production(train_table, "eval-watched", "train.steps=6", "checkpoint.every=2"), env)
+    run.wait_for(r"step 1/6 ")
+    job = evaluation(
+        f"{train_table['bucket']}/runs/eval-watched", "motion_adherence", [*SMALL, "samples=2"], moto_s3
+    )
+    merged, lines, served = scraped_watch(job)
     assert run.finish() == 0, run.output()
     assert merged == [2, 4, 6], lines
     assert lines[-1] == "watch: the run's last step 6 is evaluated"
@@ -469,10 +475,6 @@ def test_the_launchers_report_names_each_merged_result_and_each_failed_process(c
 def test_a_watch_serves_the_gauges_of_steps_another_process_merged(trained_run, moto_s3, s3_env):
     """A watch's process that merged nothing (another rank did, or an earlier watch) still serves every
     evaluated step: a pod's PodMonitor scrapes one endpoint of the pod."""
-    import urllib.request
-
-    from svd.data.local_s3 import free_port
-    from svd.eval.watch import EvalGauges, watch
 
     overrides = [*SMALL, "motion_buckets=[0,255]"]
     first = evaluation(trained_run, "motion_adherence", overrides, moto_s3)
@@ -481,18 +483,8 @@ def test_a_watch_serves_the_gauges_of_steps_another_process_merged(trained_run, 
 
     later = evaluation(trained_run, "motion_adherence", overrides, moto_s3)
     later.out = first.out
-    port, served = free_port(), []
-    observe = EvalGauges.observe
-
-    def observed_and_scraped(self, metrics):
-        observe(self, metrics)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
-            served.append(page.read().decode())
-
-    lines: list[str] = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(EvalGauges, "observe", observed_and_scraped)
-        assert watch(later, poll_s=0.5, metrics_port=port, say=lines.append) == []  # nothing left to merge
+    merged, lines, served = scraped_watch(later)
+    assert merged == []  # nothing left to merge
     assert lines == ["watch: the run's last step 2 is evaluated"]
     labels = 'job="video_pretrain",metric="spearman_rho",protocol="motion_adherence",stage="video_pretrain"'
     (page,) = served
